@@ -1,0 +1,3 @@
+"""dgemma: a fast, exact engine for DiffusionGemma block-diffusion language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,119 @@
+"""Attention over the shared KV cache, and the per-forward description of which keys each query sees.
+
+Encoder and decoder run the same code; they differ only in the `AttentionBatch` they are given:
+the encoder's queries are causal (and windowed on sliding layers), the decoder's canvas queries see the
+cached prefix (its last W-1 positions on sliding layers) plus the whole canvas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dgemma.config import FULL, SLIDING, AttentionSpec
+from dgemma.model.kv_cache import KVCache
+from dgemma.model.layers import RMSNorm, apply_rope, rms_norm
+
+
+@dataclass
+class AttentionBatch:
+    """Where a forward's tokens sit in the cache and what they may attend to."""
+
+    rows: torch.Tensor  # [B] cache row of each batch row
+    positions: torch.Tensor  # [B, T] absolute position of each token (drives RoPE)
+    write_slots: torch.Tensor  # [B, T] cache slot each token's K/V goes to (the trash slot for padding)
+    kv_len: int  # cache slots [0, kv_len) are read
+    masks: dict[str, torch.Tensor]  # layer type -> [B, 1, T, kv_len] bool, True = may attend
+    all_rows: bool  # rows == arange(cache.rows): read the cache in place instead of gathering rows
+
+    @staticmethod
+    def _build(rows, positions, write_slots, key_start_sliding, key_end, kv_len, cache_rows) -> "AttentionBatch":
+        slots = torch.arange(kv_len, device=positions.device)  # [S]
+        below_end = slots < key_end[..., None]  # [B, T, S]
+        masks = {
+            FULL: below_end[:, None],
+            SLIDING: (below_end & (slots >= key_start_sliding[..., None]))[:, None],
+        }
+        all_rows = rows == list(range(cache_rows))
+        rows_t = torch.tensor(rows, device=positions.device)
+        return AttentionBatch(rows_t, positions, write_slots, kv_len, masks, all_rows)
+
+    @classmethod
+    def for_encoder(
+        cls, rows: list[int], prefix_lens: list[int], new_lens: list[int], sliding_window: int, cache: KVCache
+    ) -> "AttentionBatch":
+        """Causal chunk: row b appends new_lens[b] tokens after its prefix_lens[b] cached ones (right-padded)."""
+        device = cache.keys[0].device
+        width = max(new_lens)
+        prefix = torch.tensor(prefix_lens, device=device)[:, None]  # [B, 1]
+        offsets = torch.arange(width, device=device)[None, :]  # [1, T]
+        positions = prefix + offsets  # [B, T]
+        valid = offsets < torch.tensor(new_lens, device=device)[:, None]
+        write_slots = torch.where(valid, positions, torch.full_like(positions, cache.trash_slot))
+        kv_len = max(p + n for p, n in zip(prefix_lens, new_lens))
+        return cls._build(rows, positions, write_slots, positions - sliding_window + 1, positions + 1, kv_len, cache.rows)
+
+    @classmethod
+    def for_decoder(
+        cls, rows: list[int], prefix_lens: list[int], canvas_length: int, sliding_window: int, cache: KVCache
+    ) -> "AttentionBatch":
+        """Bidirectional canvas after each row's prefix: sliding layers see the last W-1 cached positions."""
+        device = cache.keys[0].device
+        prefix = torch.tensor(prefix_lens, device=device)[:, None]  # [B, 1]
+        positions = prefix + torch.arange(canvas_length, device=device)[None, :]  # [B, C]
+        key_end = (prefix + canvas_length).expand_as(positions)
+        key_start = (prefix - (sliding_window - 1)).expand_as(positions)
+        kv_len = max(prefix_lens) + canvas_length
+        return cls._build(rows, positions, positions, key_start, key_end, kv_len, cache.rows)
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, spec: AttentionSpec, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.spec = spec
+        self.eps = eps
+        self.q_proj = nn.Linear(hidden_size, num_heads * spec.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, spec.num_kv_heads * spec.head_dim, bias=False)
+        # Full layers use the raw key projection as values ("k-as-v").
+        self.v_proj = nn.Linear(hidden_size, spec.num_kv_heads * spec.head_dim, bias=False) if spec.has_v_proj else None
+        self.o_proj = nn.Linear(num_heads * spec.head_dim, hidden_size, bias=False)
+        self.q_norm = RMSNorm(spec.head_dim, eps)
+        self.k_norm = RMSNorm(spec.head_dim, eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, H]
+        cos: torch.Tensor,  # [B, T, D]
+        sin: torch.Tensor,  # [B, T, D]
+        batch: AttentionBatch,
+        mask: torch.Tensor,  # [B, 1, T, S]
+        cache: KVCache,
+        layer: int,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        d = self.spec.head_dim
+        q = apply_rope(self.q_norm(self.q_proj(x).view(b, t, self.num_heads, d)), cos, sin)  # [B, T, Hq, D]
+        k_raw = self.k_proj(x).view(b, t, self.spec.num_kv_heads, d)  # [B, T, Hkv, D]
+        v_raw = self.v_proj(x).view(b, t, self.spec.num_kv_heads, d) if self.v_proj is not None else k_raw
+        k = apply_rope(self.k_norm(k_raw), cos, sin)
+        v = rms_norm(v_raw, None, self.eps)
+
+        keys, values = cache.keys[layer], cache.values[layer]  # [rows, capacity + 1, Hkv, D]
+        keys[batch.rows[:, None], batch.write_slots] = k
+        values[batch.rows[:, None], batch.write_slots] = v
+        if batch.all_rows:
+            keys, values = keys[:, : batch.kv_len], values[:, : batch.kv_len]
+        else:
+            keys = keys.index_select(0, batch.rows)[:, : batch.kv_len]
+            values = values.index_select(0, batch.rows)[:, : batch.kv_len]
+
+        # Gemma 4 attention has scale 1.0: q and k are RMS-normalised instead of scaled by 1/sqrt(d).
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+            attn_mask=mask, scale=1.0, enable_gqa=True,
+        )  # [B, Hq, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * d))

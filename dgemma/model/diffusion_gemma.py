@@ -1,0 +1,146 @@
+"""The DiffusionGemma text model: one stack of weights run two ways.
+
+`encode` is the causal encoder: it appends the K/V of new tokens (prompt, or a committed canvas) to the cache.
+`decode` is the bidirectional decoder: it denoises a canvas that reads the cached prefix, and returns logits.
+The only weights that differ between the two are the per-layer `layer_scalar`s; the decoder alone has the
+self-conditioning block.
+
+Parameter names equal the checkpoint's `model.decoder.*` names (minus that prefix), so loading is a rename-free
+assignment; the encoder's own scalars live in `encoder_layer_scalars`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dgemma.config import FULL, SLIDING, ModelConfig
+from dgemma.model.attention import Attention, AttentionBatch
+from dgemma.model.kv_cache import KVCache
+from dgemma.model.layers import GatedMLP, RMSNorm, rms_norm, rope_cos_sin, rope_inv_freq
+from dgemma.model.moe import Experts, Router
+
+
+class Layer(nn.Module):
+    def __init__(self, config: ModelConfig, index: int):
+        super().__init__()
+        h, eps = config.hidden_size, config.rms_norm_eps
+        self.index = index
+        self.kind = config.layer_types[index]
+        self.self_attn = Attention(h, config.num_attention_heads, config.attention(index), eps)
+        self.mlp = GatedMLP(h, config.intermediate_size)
+        self.router = Router(h, config.num_experts, config.top_k_experts, eps)
+        self.experts = Experts(config.num_experts, h, config.moe_intermediate_size)
+        self.input_layernorm = RMSNorm(h, eps)
+        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm = RMSNorm(h, eps)
+        self.post_feedforward_layernorm_1 = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm_2 = RMSNorm(h, eps)
+        self.post_feedforward_layernorm_2 = RMSNorm(h, eps)
+        self.post_feedforward_layernorm = RMSNorm(h, eps)
+        self.layer_scalar = nn.Parameter(torch.ones(1))  # the decoder's; the encoder's is kept by the model
+
+    def forward(self, x, cos, sin, batch: AttentionBatch, cache: KVCache, scalar: torch.Tensor) -> torch.Tensor:
+        # x: [B, T, H]
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, batch, batch.masks[self.kind], cache, self.index)
+        h = x + self.post_attention_layernorm(attn)
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
+        flat = h.reshape(-1, h.shape[-1])  # [B*T, H]
+        weights, experts = self.router(flat)  # routed on the raw residual
+        routed = self.experts(self.pre_feedforward_layernorm_2(flat), weights, experts).view_as(h)
+        mixed = dense + self.post_feedforward_layernorm_2(routed)
+        return (h + self.post_feedforward_layernorm(mixed)) * scalar
+
+
+class SelfConditioning(nn.Module):
+    """Mixes the previous step's soft prediction into the canvas embeddings."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.eps = config.rms_norm_eps
+        self.pre_norm = RMSNorm(config.hidden_size, self.eps)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, embeds: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:  # both [B, C, H]
+        normed = self.pre_norm(soft)
+        signal = self.down_proj(nn.functional.gelu(self.gate_proj(normed), approximate="tanh") * self.up_proj(normed))
+        return rms_norm(embeds + signal, None, self.eps)
+
+
+class DiffusionGemma(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Layer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(config)
+        self.encoder_layer_scalars = nn.Parameter(torch.ones(config.num_layers))
+        self.embed_scale = math.sqrt(config.hidden_size)
+        self.reset_buffers(None)
+
+    def reset_buffers(self, device: torch.device | None) -> None:
+        """(Re)compute the RoPE tables: needed after building on the meta device and loading weights."""
+        self.register_buffer("inv_freq_sliding", rope_inv_freq(self.config.sliding).to(device), persistent=False)
+        self.register_buffer("inv_freq_full", rope_inv_freq(self.config.full).to(device), persistent=False)
+
+    # ------------------------------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids: [B, T] -> [B, T, H]. The sqrt(H) scale is rounded to the weight dtype first (53.0 in bf16)."""
+        scale = torch.tensor(self.embed_scale, dtype=self.dtype, device=ids.device)
+        return self.embed_tokens(ids) * scale
+
+    def _run_layers(self, x: torch.Tensor, batch: AttentionBatch, cache: KVCache, decoder: bool) -> torch.Tensor:
+        rope = {
+            SLIDING: rope_cos_sin(batch.positions, self.inv_freq_sliding, x.dtype),
+            FULL: rope_cos_sin(batch.positions, self.inv_freq_full, x.dtype),
+        }
+        for i, layer in enumerate(self.layers):
+            scalar = layer.layer_scalar if decoder else self.encoder_layer_scalars[i : i + 1]
+            cos, sin = rope[layer.kind]
+            x = layer(x, cos, sin, batch, cache, scalar)
+        return x
+
+    def encode(self, ids: torch.Tensor, batch: AttentionBatch, cache: KVCache) -> torch.Tensor:
+        """Causal encoder over ids [B, T]: writes their K/V into the cache; returns final hidden states [B, T, H]."""
+        return self.norm(self._run_layers(self.embed(ids), batch, cache, decoder=False))
+
+    def decode(
+        self,
+        canvas: torch.Tensor,  # [B, C] token ids
+        batch: AttentionBatch,
+        cache: KVCache,
+        soft: torch.Tensor | None = None,  # [B, C, H] self-conditioning input from `soft_embedding`; None = zeros
+    ) -> torch.Tensor:
+        """One denoising forward: returns softcapped float32 logits [B, C, V]."""
+        embeds = self.embed(canvas)  # [B, C, H]
+        x = self.self_conditioning(embeds, torch.zeros_like(embeds) if soft is None else soft)
+        hidden = self.norm(self._run_layers(x, batch, cache, decoder=True))
+        return self.logits(hidden)
+
+    def soft_embedding(self, scaled_logits: torch.Tensor) -> torch.Tensor:
+        """Self-conditioning input for the next step: softmax(z) @ E * sqrt(H). [B, C, V] -> [B, C, H].
+
+        Computed once when the step ends and kept instead of the logits: H floats per position, not V.
+        The logits are rounded to the weight dtype first, as the reference does.
+        """
+        probs = torch.softmax(scaled_logits.to(self.dtype), dim=-1, dtype=torch.float32).to(self.dtype)
+        return (probs @ self.embed_tokens.weight) * torch.tensor(self.embed_scale, dtype=self.dtype)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied LM head with final softcapping: hidden [..., H] -> float32 logits [..., V]."""
+        logits = (hidden @ self.embed_tokens.weight.T).float()
+        cap = self.config.final_logit_softcapping
+        return cap * torch.tanh(logits / cap) if cap else logits

@@ -1,0 +1,73 @@
+"""Small building blocks: RMSNorm, the gated GELU MLP and rotary position embeddings."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dgemma.config import AttentionSpec
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm in float32, scaled by the plain weight (not 1 + weight), cast back to the input dtype."""
+    x32 = x.float()
+    # pow(-0.5) rather than rsqrt: it is what the reference computes, so float32 results agree bit for bit.
+    out = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        out = out * weight.float()
+    return out.type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, with_weight: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_weight else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class GatedMLP(nn.Module):
+    """down(gelu_tanh(gate(x)) * up(x)): the dense MLP of every layer and the self-conditioning MLP."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., H]
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+def rope_inv_freq(spec: AttentionSpec) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] for one layer type.
+
+    Proportional RoPE rotates only the first `partial_rotary_factor` of the frequency pairs, with exponents
+    divided by the full head_dim (not the rotated width); the other pairs get frequency 0, i.e. no rotation.
+    For the default RoPE (factor 1) both rules give the usual theta^(-2i/d).
+    """
+    half = spec.head_dim // 2
+    rotated = int(spec.partial_rotary_factor * spec.head_dim // 2)
+    exponents = torch.arange(0, 2 * rotated, 2, dtype=torch.int64).float() / spec.head_dim
+    inv_freq = torch.zeros(half, dtype=torch.float32)
+    inv_freq[:rotated] = 1.0 / (spec.rope_theta**exponents)
+    return inv_freq
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [B, T, head_dim] for positions [B, T], computed in float32 then cast to the activation dtype."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)  # [B, T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split rotation. x: [B, T, heads, D]; cos, sin: [B, T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]

@@ -1,0 +1,70 @@
+"""Mixture of experts: the router and the routed experts of every layer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dgemma.model.layers import rms_norm
+
+
+class Router(nn.Module):
+    """Top-K routing on the raw residual: softmax over all experts, renormalised top-K, per-expert scale."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, eps: float):
+        super().__init__()
+        self.top_k = top_k
+        self.eps = eps
+        self.inv_sqrt_hidden = hidden_size**-0.5
+        self.proj = nn.Linear(hidden_size, num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(num_experts))
+
+    def forward(self, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """residual: [N, H] -> weights [N, K] float32, expert ids [N, K]."""
+        z = rms_norm(residual, None, self.eps) * self.scale * self.inv_sqrt_hidden
+        probs = torch.softmax(self.proj(z), dim=-1, dtype=torch.float32)  # [N, E]
+        weights, experts = torch.topk(probs, k=self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.per_expert_scale[experts], experts
+
+
+def experts_loop(
+    x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    """Routed experts, one matmul pair per expert that received tokens.
+
+    x: [N, H]; weights, experts: [N, K]; gate_up: [E, 2I, H]; down: [E, H, I] -> [N, H].
+    Tokens are sorted by expert so each expert's weights are read once per call. This is the portable
+    path (CPU, and any GPU); the grouped-GEMM path replaces it where available.
+    """
+    n_tokens, k = experts.shape
+    flat = experts.reshape(-1)  # [N*K]
+    order = torch.argsort(flat, stable=True)  # assignments grouped by expert
+    token_of = order // k  # [N*K] token index of each sorted assignment
+    counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
+    xs = x[token_of]  # [N*K, H]
+    out = torch.empty_like(xs)
+    start = 0
+    for e, count in enumerate(counts):
+        if count == 0:
+            continue
+        end = start + count
+        gate, up = F.linear(xs[start:end], gate_up[e]).chunk(2, dim=-1)  # [n, I] each
+        out[start:end] = F.linear(F.gelu(gate, approximate="tanh") * up, down[e])
+        start = end
+    # The weight product is float32 (as in the reference), then summed per token in the activation dtype.
+    weighted = (out * weights.reshape(-1)[order, None]).to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, token_of, weighted)
+
+
+class Experts(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, moe_intermediate_size: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * moe_intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, moe_intermediate_size))
+        self.impl = experts_loop  # swapped for a grouped-GEMM kernel on GPUs that have one
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        return self.impl(x, weights, experts, self.gate_up_proj, self.down_proj)
