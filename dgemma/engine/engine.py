@@ -198,6 +198,7 @@ class Engine:
         reason = None
         if eos is not None and eos <= room:
             new, reason = tokens[:eos], "stop"
+            r.stop_token = tokens[eos]
         elif len(tokens) >= room:
             new, reason = tokens[:room], "length"
         else:

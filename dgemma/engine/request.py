@@ -49,6 +49,7 @@ class Request:
     pending_ids: list[int] = field(default_factory=list)  # tokens to encode before the next canvas
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "abort"
+    stop_token: int | None = None  # the EOS id that ended the output, if one did (not part of output_ids)
     stats: RequestStats = field(default_factory=RequestStats)
 
     # Denoising state of the current canvas (tensors on the model's device).
