@@ -279,12 +279,14 @@ class Tokenizer:
                 raise CheckpointError(f"{config_file}: {key!r} is missing")
         decoder = config.get("added_tokens_decoder") or {}
         try:
-            extra_special = frozenset(int(i) for i, entry in decoder.items() if isinstance(entry, dict) and entry.get("special"))
+            extra_special = frozenset(
+                int(i) for i, entry in decoder.items() if isinstance(entry, dict) and entry.get("special")
+            )
         except (AttributeError, ValueError):
-            raise CheckpointError(f"{config_file}: 'added_tokens_decoder' must map token ids to token entries") from None
+            raise CheckpointError(f"{config_file}: 'added_tokens_decoder' must map token ids to entries") from None
         for key, token in tokens.items():
             if token is not None and backend.token_to_id(token) is None:
-                raise CheckpointError(f"{config_file}: {key} {token!r} is not in the vocabulary of {tokenizer_file.name}")
+                raise CheckpointError(f"{config_file}: {key} {token!r} is not in {tokenizer_file.name}'s vocabulary")
         template_file = directory / "chat_template.jinja"
         if template_file.is_file():
             try:
@@ -294,7 +296,9 @@ class Tokenizer:
         else:
             template_file = config_file
             template = _config_template(config, config_file)
-        return cls(backend, **tokens, chat_template=template, extra_special_ids=extra_special, source=str(template_file))
+        return cls(
+            backend, **tokens, chat_template=template, extra_special_ids=extra_special, source=str(template_file)
+        )
 
     # ---------------------------------------------------------------- ids and text
 

@@ -44,6 +44,10 @@ WEATHER = {
 }
 
 
+def call_of(name: str, arguments: dict) -> dict:
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
 def render(**variables) -> str:
     return compile_chat_template(default_chat_template()).render(bos_token="<bos>", **variables)
 
@@ -285,7 +289,7 @@ def test_tool_call_is_written_exactly_as_the_template_writes_it(arguments):
     prompt = render(
         messages=[
             {"role": "user", "content": "go"},
-            {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": arguments}}]},
+            {"role": "assistant", "tool_calls": [call_of("f", arguments)]},
         ]
     )
     assert prompt == f"<bos><|turn>user\ngo<turn|>\n<|turn>model\n{format_tool_call('f', arguments)}<|tool_response>"
@@ -315,7 +319,7 @@ def test_rendered_tool_call_parses_back_to_the_same_arguments(arguments):
     prompt = render(
         messages=[
             {"role": "user", "content": "go"},
-            {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": arguments}}]},
+            {"role": "assistant", "tool_calls": [call_of("f", arguments)]},
         ]
     )
     model_part = prompt.split("<|turn>model\n", 1)[1]

@@ -115,7 +115,11 @@ def write_tokenizer_files(
         "unk_token": UNK_TOKEN,
         "added_tokens_decoder": added_tokens_decoder,
         # transformers counts only these (plus bos/eos/pad/unk) in all_special_ids.
-        "extra_special_tokens": [t["content"] for t in added_tokens_decoder.values() if t["special"] and t["content"] not in SPECIAL_TOKENS[:4]],
+        "extra_special_tokens": [
+            entry["content"]
+            for entry in added_tokens_decoder.values()
+            if entry["special"] and entry["content"] not in (PAD_TOKEN, EOS_TOKEN, BOS_TOKEN, UNK_TOKEN)
+        ],
         "model_max_length": model_max_length,
         "clean_up_tokenization_spaces": False,  # decode must give back the exact text
         "padding_side": "left",
@@ -139,7 +143,8 @@ Water boils at 100 degrees Celsius at sea level; it freezes at 0 degrees.
 Thank you! You're welcome. I don't know, but I'll check and get back to you.
 She said: "Let's meet at 10:30 on Monday, 3 March 2025." He replied, 'Sounds good.'
 Weather report: sunny, 21°C, light wind from the north-west. Tomorrow: rain (80%).
-Multilingual text: café, naïve, résumé, Straße, Ελληνικά, русский, 日本語, 中文, 한국어, emoji 🙂🚀.
+Multilingual text: café, naïve, résumé, Straße, Ελληνικά, русский,
+日本語, 中文, 한국어, emoji 🙂🚀.
 """
 
 _CODE = '''\
@@ -202,14 +207,23 @@ def _chat_examples() -> list[str]:
             },
         },
     }
-    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}}
+    arguments = {"city": "Paris", "days": 2}
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
     conversations = [
-        dict(messages=[{"role": "user", "content": "What is 12 + 30?"}, {"role": "assistant", "content": "12 + 30 = 42."}]),
+        dict(
+            messages=[
+                {"role": "user", "content": "What is 12 + 30?"},
+                {"role": "assistant", "content": "12 + 30 = 42."},
+            ]
+        ),
         dict(
             messages=[
                 {"role": "system", "content": "You are a helpful assistant."},
                 {"role": "user", "content": "Write a haiku about autumn."},
-                {"role": "assistant", "content": "Red leaves drift and fall,\ncool wind hums through empty trees,\nthe year breathes slowly."},
+                {
+                    "role": "assistant",
+                    "content": "Red leaves drift and fall,\ncool wind hums in the trees,\nthe year breathes slow.",
+                },
                 {"role": "user", "content": "Thanks! Now one about winter."},
             ],
             add_generation_prompt=True,
@@ -217,17 +231,20 @@ def _chat_examples() -> list[str]:
         dict(
             messages=[
                 {"role": "user", "content": "What's the weather in Paris?"},
-                {"role": "assistant", "content": None, "tool_calls": [call], "reasoning_content": "I should call the tool."},
-                {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": "sunny, 21 degrees"},
+                {"role": "assistant", "content": None, "tool_calls": [call], "reasoning_content": "Call the tool."},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 degrees"},
                 {"role": "assistant", "content": "It is sunny and 21 degrees in Paris."},
             ],
             tools=[weather_tool],
         ),
         dict(messages=[{"role": "user", "content": "Is 17 prime?"}], enable_thinking=True, add_generation_prompt=True),
     ]
-    texts = [template.render(bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, **conversation) for conversation in conversations]
+    texts = [template.render(bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, **chat) for chat in conversations]
     # A model's thinking output, as it would be generated after the prompt.
-    texts.append("<|channel>thought\nThe user asks whether 17 is prime. 17 has no divisors but 1 and 17.<channel|>Yes, 17 is prime.<turn|>")
+    texts.append(
+        "<|channel>thought\nThe user asks whether 17 is prime. 17 has no divisors but 1 and 17.<channel|>"
+        "Yes, 17 is prime.<turn|>"
+    )
     return texts
 
 
