@@ -64,7 +64,7 @@ def test_renoising_touches_exactly_the_rejected_positions():
     canvas_before = torch.randint(0, v, (b, c))
     sampler = EntropyBoundSampler()
     gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
-    result = sampler.step(logits, torch.tensor([0.5, 0.5]), [False, False], torch.tensor([0.3, 0.3]), gens)
+    result = sampler.step(logits.clone(), torch.tensor([0.5, 0.5]), [False, False], torch.tensor([0.3, 0.3]), gens)
     # Replay the same draws: per row multinomial then randint, from the row's own generator.
     replay = [torch.Generator().manual_seed(s) for s in (1, 2)]
     probs = torch.softmax(logits / 0.5, dim=-1)
@@ -80,7 +80,7 @@ def test_renoising_touches_exactly_the_rejected_positions():
 
 def test_greedy_rows_accept_the_argmax():
     logits = torch.randn(1, 16, 20) * 3
-    result = EntropyBoundSampler().step(logits, torch.tensor([0.6]), [True], torch.tensor([1.0]),
+    result = EntropyBoundSampler().step(logits.clone(), torch.tensor([0.6]), [True], torch.tensor([1.0]),
                                         [torch.Generator().manual_seed(0)])
     assert torch.equal(result.canvas[0][result.accepted[0]], logits.argmax(-1)[0][result.accepted[0]])
 
@@ -91,12 +91,13 @@ def test_temperature_schedule_runs_from_t_max_to_t_min():
     assert [params.temperature_at(n) for n in (4, 3, 2, 1)] == pytest.approx([0.8, 0.7, 0.6, 0.5])
 
 
-def test_scaled_logits_are_logits_over_the_step_temperature():
+def test_self_conditioning_sees_logits_over_the_step_temperature():
     logits = torch.randn(2, 4, 7)
-    result = EntropyBoundSampler().step(logits, torch.tensor([0.5, 0.8]), [False, False], torch.tensor([0.1, 0.1]),
-                                        [torch.Generator().manual_seed(0)] * 2)
-    assert torch.allclose(result.scaled_logits[0], logits[0] / 0.5)
-    assert torch.allclose(result.scaled_logits[1], logits[1] / 0.8)
+    seen = []
+    EntropyBoundSampler().step(logits.clone(), torch.tensor([0.5, 0.8]), [False, False], torch.tensor([0.1, 0.1]),
+                               [torch.Generator().manual_seed(0)] * 2, soft_embedding=lambda z: seen.append(z.clone()) or z)
+    assert torch.allclose(seen[0], logits[0] / 0.5)
+    assert torch.allclose(seen[1], logits[1] / 0.8)
 
 
 def test_stopping_needs_both_a_stable_argmax_and_low_mean_entropy():

@@ -87,6 +87,7 @@ class Engine:
 
     def _encode(self, works: list[EncodeWork]) -> None:
         device = self.model.device
+        works = sorted(works, key=lambda w: w.request.row)
         width = max(w.num_tokens for w in works)
         ids = torch.full((len(works), width), self.model_config.pad_token_id, dtype=torch.long)
         for i, w in enumerate(works):
@@ -126,6 +127,7 @@ class Engine:
 
     def _denoise(self, requests: list[Request]) -> list[RequestOutput]:
         start = time.perf_counter()
+        requests = sorted(requests, key=lambda r: r.row)  # contiguous rows are read in place, without a gather
         canvas = torch.stack([r.canvas for r in requests])  # [B, C]
         soft = None
         if any(r.soft is not None for r in requests):
@@ -151,10 +153,10 @@ class Engine:
         )
         bound = torch.tensor([r.params.entropy_bound for r in requests], device=device)
         result = self.sampler.step(
-            logits, temperature, [r.params.temperature == 0 for r in requests], bound, [r.generator for r in requests]
+            logits, temperature, [r.params.temperature == 0 for r in requests], bound, [r.generator for r in requests],
+            soft_embedding=self.model.soft_embedding,
         )
         del logits
-        next_soft = self.model.soft_embedding(result.scaled_logits)  # [B, C, H]
         never = torch.zeros((), dtype=torch.bool, device=device)
         stop = torch.stack([
             stable_and_confident(r.history, result.argmax[i], result.mean_entropy[i],
@@ -178,7 +180,7 @@ class Engine:
                 outputs.append(self._commit(r, argmax.tolist() if draft is None else draft, now))
             else:
                 r.canvas = result.canvas[i]
-                r.soft = next_soft[i]
+                r.soft = result.soft[i]
                 outputs.append(RequestOutput(r.request_id, [], draft, False, None, r))
         self.last_step.decode_batch = len(requests)
         self.last_step.decode_ms = elapsed_ms

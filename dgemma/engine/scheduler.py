@@ -96,7 +96,9 @@ class Scheduler:
         if request.request_id in self._ids:
             raise RequestError(f"request id {request.request_id!r} is already in use")
         self.check_fits(len(request.prompt_ids), request.params.max_new_tokens)
-        if len(self.waiting) >= self.config.max_queue_len and not self.free_rows:
+        # Free rows are taken only at the next schedule(): a burst added between two steps may fill them, then
+        # the queue, and no more.
+        if len(self.waiting) >= self.config.max_queue_len + len(self.free_rows):
             raise QueueFull(
                 f"server busy: {len(self.running)} requests running and {len(self.waiting)} waiting "
                 f"(max_num_seqs={self.config.max_num_seqs}, max_queue_len={self.config.max_queue_len}); retry later"

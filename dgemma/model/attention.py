@@ -25,21 +25,25 @@ class AttentionBatch:
     rows: torch.Tensor  # [B] cache row of each batch row
     positions: torch.Tensor  # [B, T] absolute position of each token (drives RoPE)
     write_slots: torch.Tensor  # [B, T] cache slot each token's K/V goes to (the trash slot for padding)
-    kv_len: int  # cache slots [0, kv_len) are read
-    masks: dict[str, torch.Tensor]  # layer type -> [B, 1, T, kv_len] bool, True = may attend
-    all_rows: bool  # rows == arange(cache.rows): read the cache in place instead of gathering rows
+    kv_len: int  # cache slots [kv_start[type], kv_len) are read
+    kv_start: dict[str, int]  # layer type -> first slot any query may see (sliding layers skip the far past)
+    masks: dict[str, torch.Tensor]  # layer type -> [B, 1, T, kv_len - kv_start] bool, True = may attend
+    row_range: tuple[int, int] | None  # rows are the contiguous range [a, b): read the cache in place, no gather
 
     @staticmethod
-    def _build(rows, positions, write_slots, key_start_sliding, key_end, kv_len, cache_rows) -> "AttentionBatch":
-        slots = torch.arange(kv_len, device=positions.device)  # [S]
-        below_end = slots < key_end[..., None]  # [B, T, S]
+    def _build(rows, positions, write_slots, key_start_sliding, key_end, kv_len, sliding_start, cache_rows):
+        device = positions.device
+        sliding_start = max(0, sliding_start)
+        full_slots = torch.arange(kv_len, device=device)  # [S]
+        sliding_slots = full_slots[sliding_start:]
         masks = {
-            FULL: below_end[:, None],
-            SLIDING: (below_end & (slots >= key_start_sliding[..., None]))[:, None],
+            FULL: (full_slots < key_end[..., None])[:, None],  # [B, 1, T, S]
+            SLIDING: ((sliding_slots < key_end[..., None]) & (sliding_slots >= key_start_sliding[..., None]))[:, None],
         }
-        all_rows = rows == list(range(cache_rows))
-        rows_t = torch.tensor(rows, device=positions.device)
-        return AttentionBatch(rows_t, positions, write_slots, kv_len, masks, all_rows)
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+        row_range = (rows[0], rows[0] + len(rows)) if contiguous else None
+        rows_t = torch.tensor(rows, device=device)
+        return AttentionBatch(rows_t, positions, write_slots, kv_len, {FULL: 0, SLIDING: sliding_start}, masks, row_range)
 
     @classmethod
     def for_encoder(
@@ -54,7 +58,8 @@ class AttentionBatch:
         valid = offsets < torch.tensor(new_lens, device=device)[:, None]
         write_slots = torch.where(valid, positions, torch.full_like(positions, cache.trash_slot))
         kv_len = max(p + n for p, n in zip(prefix_lens, new_lens))
-        return cls._build(rows, positions, write_slots, positions - sliding_window + 1, positions + 1, kv_len, cache.rows)
+        return cls._build(rows, positions, write_slots, positions - sliding_window + 1, positions + 1, kv_len,
+                          min(prefix_lens) - sliding_window + 1, cache.rows)
 
     @classmethod
     def for_decoder(
@@ -67,7 +72,8 @@ class AttentionBatch:
         key_end = (prefix + canvas_length).expand_as(positions)
         key_start = (prefix - (sliding_window - 1)).expand_as(positions)
         kv_len = max(prefix_lens) + canvas_length
-        return cls._build(rows, positions, positions, key_start, key_end, kv_len, cache.rows)
+        return cls._build(rows, positions, positions, key_start, key_end, kv_len,
+                          min(prefix_lens) - (sliding_window - 1), cache.rows)
 
 
 class Attention(nn.Module):
@@ -90,7 +96,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,  # [B, T, D]
         sin: torch.Tensor,  # [B, T, D]
         batch: AttentionBatch,
-        mask: torch.Tensor,  # [B, 1, T, S]
+        kind: str,  # layer type: selects the mask and the slots read
         cache: KVCache,
         layer: int,
     ) -> torch.Tensor:
@@ -105,15 +111,17 @@ class Attention(nn.Module):
         keys, values = cache.keys[layer], cache.values[layer]  # [rows, capacity + 1, Hkv, D]
         keys[batch.rows[:, None], batch.write_slots] = k
         values[batch.rows[:, None], batch.write_slots] = v
-        if batch.all_rows:
-            keys, values = keys[:, : batch.kv_len], values[:, : batch.kv_len]
+        start = batch.kv_start[kind]
+        if batch.row_range is not None:
+            first, last = batch.row_range
+            keys, values = keys[first:last, start : batch.kv_len], values[first:last, start : batch.kv_len]
         else:
-            keys = keys.index_select(0, batch.rows)[:, : batch.kv_len]
-            values = values.index_select(0, batch.rows)[:, : batch.kv_len]
+            keys = keys.index_select(0, batch.rows)[:, start : batch.kv_len]
+            values = values.index_select(0, batch.rows)[:, start : batch.kv_len]
 
         # Gemma 4 attention has scale 1.0: q and k are RMS-normalised instead of scaled by 1/sqrt(d).
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=mask, scale=1.0, enable_gqa=True,
+            attn_mask=batch.masks[kind], scale=1.0, enable_gqa=True,
         )  # [B, Hq, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * d))

@@ -44,7 +44,7 @@ class Layer(nn.Module):
 
     def forward(self, x, cos, sin, batch: AttentionBatch, cache: KVCache, scalar: torch.Tensor) -> torch.Tensor:
         # x: [B, T, H]
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, batch, batch.masks[self.kind], cache, self.index)
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, batch, self.kind, cache, self.index)
         h = x + self.post_attention_layernorm(attn)
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
         flat = h.reshape(-1, h.shape[-1])  # [B*T, H]
@@ -131,7 +131,7 @@ class DiffusionGemma(nn.Module):
         return self.logits(hidden)
 
     def soft_embedding(self, scaled_logits: torch.Tensor) -> torch.Tensor:
-        """Self-conditioning input for the next step: softmax(z) @ E * sqrt(H). [B, C, V] -> [B, C, H].
+        """Self-conditioning input for the next step: softmax(z) @ E * sqrt(H). [..., C, V] -> [..., C, H].
 
         Computed once when the step ends and kept instead of the logits: H floats per position, not V.
         The logits are rounded to the weight dtype first, as the reference does.

@@ -8,6 +8,7 @@ the Hugging Face reference token for token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,39 +40,56 @@ def initial_canvas(vocab_size: int, canvas_length: int, generator: torch.Generat
 class StepResult:
     canvas: torch.Tensor  # [B, C] next canvas: accepted samples, fresh noise elsewhere
     argmax: torch.Tensor  # [B, C] argmax of this step's scaled logits (what a commit would keep)
-    scaled_logits: torch.Tensor  # [B, C, V] float32 z = logits / T (self-conditions the next step)
     mean_entropy: torch.Tensor  # [B] mean over the canvas of the entropy of softmax(z)
     accepted: torch.Tensor  # [B, C] bool
+    soft: torch.Tensor | None  # [B, C, H] self-conditioning input for the next step, if asked for
 
 
 class EntropyBoundSampler:
-    """Per-row knobs arrive as tensors so requests with different settings share one batched step."""
+    """Per-row knobs arrive as tensors so requests with different settings share one batched step.
+
+    Rows are processed one at a time, and the logits are scaled in place: besides the [B, C, V] logits the step
+    holds a few [C, V] temporaries, never a second batch-sized vocabulary tensor.
+    """
 
     def step(
         self,
-        logits: torch.Tensor,  # [B, C, V] float32
+        logits: torch.Tensor,  # [B, C, V] float32; consumed (scaled in place)
         temperature: torch.Tensor,  # [B] schedule temperature of each row at this step
         greedy: list[bool],  # rows that take the argmax instead of a sample
         bound: torch.Tensor,  # [B] entropy bound of each row
         generators: list[torch.Generator],
+        soft_embedding: Callable[[torch.Tensor], torch.Tensor] | None = None,  # z [C, V] -> [C, H]
     ) -> StepResult:
         b, c, v = logits.shape
-        z = logits / temperature[:, None, None]
-        probs = torch.softmax(z, dim=-1, dtype=torch.float32)
-        argmax = z.argmax(dim=-1)
-        rows_sampled, rows_noise = [], []
+        canvas, argmax, entropy, soft = [], [], [], []
         for row in range(b):
             gen = generators[row]
+            z = logits[row].div_(temperature[row])  # [C, V]
+            best = z.argmax(dim=-1)  # [C]
             if greedy[row]:
-                rows_sampled.append(argmax[row])
+                sampled = best
             else:
-                rows_sampled.append(torch.multinomial(probs[row], 1, generator=gen).squeeze(-1))
-            rows_noise.append(torch.randint(0, v, (1, c), generator=gen, device=logits.device)[0])
-        sampled, noise = torch.stack(rows_sampled), torch.stack(rows_noise)  # [B, C] each
-        entropy = token_entropy(z)  # [B, C]
-        accepted = entropy_bound_accept(entropy, bound)
-        canvas = torch.where(accepted, sampled, noise)
-        return StepResult(canvas, argmax, z, entropy.mean(dim=-1), accepted)
+                probs = torch.softmax(z, dim=-1, dtype=torch.float32)
+                sampled = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+                del probs
+            noise = torch.randint(0, v, (1, c), generator=gen, device=logits.device)[0]
+            canvas.append((sampled, noise))
+            argmax.append(best)
+            entropy.append(token_entropy(z))
+            if soft_embedding is not None:
+                soft.append(soft_embedding(z))
+        entropy_t = torch.stack(entropy)  # [B, C]
+        accepted = entropy_bound_accept(entropy_t, bound)
+        sampled_t = torch.stack([s for s, _ in canvas])
+        noise_t = torch.stack([n for _, n in canvas])
+        return StepResult(
+            canvas=torch.where(accepted, sampled_t, noise_t),
+            argmax=torch.stack(argmax),
+            mean_entropy=entropy_t.mean(dim=-1),
+            accepted=accepted,
+            soft=torch.stack(soft) if soft else None,
+        )
 
 
 def stable_and_confident(
