@@ -190,6 +190,7 @@ class Engine:
         """Keep the argmax canvas: cut at the first EOS or at max_new_tokens, then finish or queue its encoding."""
         params = r.params
         r.stats.forwards_per_canvas.append(r.canvas_forwards)
+        r.stats.commit_s.append(now)
         if r.stats.first_canvas_s is None:
             r.stats.first_canvas_s = now
         self.last_step.committed_canvases += 1

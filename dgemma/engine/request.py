@@ -26,6 +26,7 @@ class RequestStats:
     encode_ms: float = 0.0  # encoder time of the steps that encoded committed canvases
     denoise_ms: float = 0.0  # decoder + sampler time of the steps this request took part in
     first_canvas_s: float | None = None  # when the first canvas was committed
+    commit_s: list[float] = field(default_factory=list)  # when each canvas was committed
     finish_s: float | None = None
     forwards_per_canvas: list[int] = field(default_factory=list)
 

@@ -1,0 +1,205 @@
+"""What `dgemma bench` measures. Each function returns plain numbers; the CLI prints and saves them.
+
+Protocol of the concurrency runs (vLLM's, by default): random prompts of `prompt_len` tokens, `output_len` output
+tokens with EOS ignored, a fixed number of denoising steps per canvas with adaptive stopping off (random weights
+never become confident, which would otherwise make the work depend on the seed), all requests submitted at once
+and served `concurrency` at a time.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dgemma.engine.engine import Engine
+from dgemma.engine.request import Request
+from dgemma.engine.scheduler import SchedulerConfig
+from dgemma.model.attention import AttentionBatch
+from dgemma.model.diffusion_gemma import DiffusionGemma
+from dgemma.model.kv_cache import KVCache
+from dgemma.sampling.entropy_bound import EntropyBoundSampler
+from dgemma.sampling.params import SamplingParams
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_ms(fn, device: torch.device, warmup: int = 2, repeats: int = 5) -> float:
+    """Median wall time of fn() in ms, the device drained before and after each call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth, counting bytes read plus bytes written (GB/s)."""
+    if device.type != "cuda":
+        nbytes = 1 << 27
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = timed_ms(lambda: dst.copy_(src), device, warmup=3, repeats=10)
+    return 2 * nbytes / (ms / 1e3) / 1e9
+
+
+def weight_bytes(model: DiffusionGemma) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n, length), generator=gen).tolist()
+
+
+@torch.no_grad()
+def decoder_step_ms(model: DiffusionGemma, batch: int, prefix_len: int, repeats: int = 5,
+                    forward_only: bool = False) -> float:
+    """One whole denoising step (decoder forward, sampler, self-conditioning input) for `batch` canvases;
+    with `forward_only`, the decoder forward alone (what the reference's step time measures)."""
+    device, cfg = model.device, model.config
+    cache = KVCache(cfg, batch, prefix_len + cfg.canvas_length, model.dtype, device)
+    rows = list(range(batch))
+    ids = torch.randint(3, cfg.vocab_size, (batch, prefix_len), device=device)
+    model.encode(ids, AttentionBatch.for_encoder(rows, [0] * batch, [prefix_len] * batch, cfg.sliding_window, cache), cache)
+    canvas = torch.randint(0, cfg.vocab_size, (batch, cfg.canvas_length), device=device)
+    soft = torch.zeros(batch, cfg.canvas_length, cfg.hidden_size, dtype=model.dtype, device=device)
+    attn = AttentionBatch.for_decoder(rows, [prefix_len] * batch, cfg.canvas_length, cfg.sliding_window, cache)
+    sampler = EntropyBoundSampler()
+    gens = [torch.Generator(device=device).manual_seed(i) for i in range(batch)]
+    temperature = torch.full((batch,), 0.6, device=device)
+    bound = torch.full((batch,), 0.1, device=device)
+
+    def step():
+        logits = model.decode(canvas, attn, cache, soft)
+        if forward_only:
+            logits.sum().item()
+            return
+        result = sampler.step(logits, temperature, [False] * batch, bound, gens, soft_embedding=model.soft_embedding)
+        result.mean_entropy.tolist()  # the engine's one host sync per step
+
+    return timed_ms(step, device, repeats=repeats)
+
+
+@torch.no_grad()
+def prefill_ms(model: DiffusionGemma, length: int, chunk: int = 8192, repeats: int = 3) -> float:
+    """Encoder time for one prompt of `length` tokens, encoded in chunks of at most `chunk` (as the engine does)."""
+    device, cfg = model.device, model.config
+    cache = KVCache(cfg, 1, length + cfg.canvas_length, model.dtype, device)
+    ids = torch.randint(3, cfg.vocab_size, (1, length), device=device)
+
+    def run():
+        for start in range(0, length, chunk):
+            n = min(chunk, length - start)
+            batch = AttentionBatch.for_encoder([0], [start], [n], cfg.sliding_window, cache)
+            model.encode(ids[:, start : start + n], batch, cache)
+
+    return timed_ms(run, device, warmup=1, repeats=repeats)
+
+
+@dataclass
+class ConcurrencyResult:
+    concurrency: int
+    requests: int
+    output_tokens: int
+    wall_s: float
+    output_tok_s: float  # output tokens over wall time, prefill included
+    decode_tok_s: float  # canvas tokens over the time between two canvases of a request (mean over requests)
+    ttfc_ms_p50: float  # time to the first committed canvas
+    ttfc_ms_p99: float
+    latency_ms_p50: float
+    latency_ms_p99: float
+    mean_decode_batch: float
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+@torch.no_grad()
+def run_concurrency(
+    model: DiffusionGemma, concurrency: int, requests: int, prompt_len: int, output_len: int, steps: int,
+    seed: int = 0, max_prefill_tokens: int = 8192,
+) -> ConcurrencyResult:
+    cfg = model.config
+    canvases = -(-output_len // cfg.canvas_length)
+    engine = Engine(model, SchedulerConfig(
+        max_num_seqs=concurrency, max_queue_len=requests, max_prefill_tokens=max_prefill_tokens,
+        max_model_len=prompt_len + canvases * cfg.canvas_length, canvas_length=cfg.canvas_length,
+    ))
+    params = SamplingParams(max_new_tokens=output_len, max_denoising_steps=steps, ignore_eos=True,
+                            adaptive_stopping=False)
+    prompts = random_prompts(requests, prompt_len, cfg.vocab_size, seed)
+    sync(model.device)
+    start = time.perf_counter()
+    reqs = []
+    for i, p in enumerate(prompts):
+        r = Request(str(i), p, params.with_overrides(seed=seed + i))
+        r.stats.arrival_s = start
+        engine.add_request(r)
+        reqs.append(r)
+    batches = []
+    while engine.has_work:
+        engine.step()
+        if engine.last_step.decode_batch:
+            batches.append(engine.last_step.decode_batch)
+    wall = time.perf_counter() - start
+    tokens = sum(len(r.output_ids) for r in reqs)
+    decode_speeds = []
+    for r in reqs:
+        commits = r.stats.commit_s
+        if len(commits) >= 2:
+            gaps = [b - a for a, b in zip(commits, commits[1:])]
+            decode_speeds.append(cfg.canvas_length / statistics.mean(gaps))
+    ttfc = [(r.stats.first_canvas_s - r.stats.arrival_s) * 1e3 for r in reqs]
+    latency = [(r.stats.finish_s - r.stats.arrival_s) * 1e3 for r in reqs]
+    return ConcurrencyResult(
+        concurrency=concurrency, requests=requests, output_tokens=tokens, wall_s=wall, output_tok_s=tokens / wall,
+        decode_tok_s=statistics.mean(decode_speeds) if decode_speeds else float("nan"),
+        ttfc_ms_p50=percentile(ttfc, 0.5), ttfc_ms_p99=percentile(ttfc, 0.99),
+        latency_ms_p50=percentile(latency, 0.5), latency_ms_p99=percentile(latency, 0.99),
+        mean_decode_batch=statistics.mean(batches) if batches else 0.0,
+    )
+
+
+@torch.no_grad()
+def reference_generate_tok_s(reference, prompt_len: int, output_len: int, steps: int, vocab: int, seed: int = 0) -> dict:
+    """The transformers reference, eager, on the same weights: one request, the same protocol."""
+    device = next(p.device for p in reference.parameters() if not p.is_meta)
+    ids = torch.tensor(random_prompts(1, prompt_len, vocab, seed), device=device)
+    kwargs = dict(max_new_tokens=output_len, max_denoising_steps=steps, t_min=0.4, t_max=0.8,
+                  stability_threshold=1, confidence_threshold=1e-30, eos_token_id=None)  # never stops early
+    reference.generate(ids, **dict(kwargs, max_new_tokens=min(output_len, 2 * reference.config.canvas_length)))
+    sync(device)
+    start = time.perf_counter()
+    out = reference.generate(ids, **kwargs)
+    sync(device)
+    wall = time.perf_counter() - start
+    tokens = out.sequences.shape[1] - prompt_len
+    return {"output_tokens": int(tokens), "wall_s": wall, "output_tok_s": tokens / wall}
+
+
+@torch.no_grad()
+def reference_decoder_step_ms(reference, prefix_len: int, vocab: int, repeats: int = 5) -> float:
+    from transformers.cache_utils import DynamicCache
+
+    device = next(p.device for p in reference.parameters() if not p.is_meta)
+    ids = torch.randint(3, vocab, (1, prefix_len), device=device)
+    cache = DynamicCache(config=reference.config.get_text_config())
+    reference.model.encoder(input_ids=ids, past_key_values=cache)
+    canvas = torch.randint(0, vocab, (1, reference.config.canvas_length), device=device)
+    return timed_ms(lambda: reference(decoder_input_ids=canvas, past_key_values=cache).logits.sum().item(),
+                    device, repeats=repeats)

@@ -1,0 +1,90 @@
+"""Autoregressive decoding with the encoder: the encoder is a complete Gemma 4 causal LM.
+
+Same weights, same kernels and the same KV cache as block diffusion, one token per forward, so diffusion and
+token-by-token decoding can be compared on identical hardware, weights and code (`dgemma bench --mode ar`).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dgemma.model.attention import AttentionBatch
+from dgemma.model.diffusion_gemma import DiffusionGemma
+from dgemma.model.kv_cache import KVCache
+
+
+@dataclass
+class ARResult:
+    token_ids: list[int]
+    finish_reason: str  # "stop" or "length"
+    prefill_ms: float
+    decode_ms: float  # time of the token-by-token part
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.token_ids) / (self.decode_ms / 1e3) if self.decode_ms else 0.0
+
+
+@torch.no_grad()
+def generate_ar(
+    model: DiffusionGemma,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,  # 0: greedy
+    seed: int | None = None,
+    eos_token_ids: tuple[int, ...] = (),
+    ignore_eos: bool = False,
+) -> list[ARResult]:
+    """Decode every prompt token by token; rows that hit EOS stop being reported (they keep their cache row)."""
+    device = model.device
+    b = len(prompts)
+    lengths = [len(p) for p in prompts]
+    cache = KVCache(model.config, b, max(lengths) + max_new_tokens, model.dtype, device)
+    rows = list(range(b))
+    gen = torch.Generator(device=device).manual_seed(seed if seed is not None else secrets.randbits(63))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    start = time.perf_counter()
+    ids = torch.full((b, max(lengths)), model.config.pad_token_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p)
+    batch = AttentionBatch.for_encoder(rows, [0] * b, lengths, model.config.sliding_window, cache)
+    hidden = model.encode(ids.to(device), batch, cache)  # [B, T, H]
+    last = hidden[torch.arange(b, device=device), torch.tensor(lengths, device=device) - 1]  # [B, H]
+    next_token = _pick(model.logits(last), temperature, gen)  # [B]
+    sync()
+    prefill_ms = (time.perf_counter() - start) * 1e3
+
+    outputs: list[list[int]] = [[] for _ in range(b)]
+    done = [False] * b
+    reasons = ["length"] * b
+    start = time.perf_counter()
+    for step in range(max_new_tokens):
+        tokens = next_token.tolist()
+        for i, t in enumerate(tokens):
+            if done[i]:
+                continue
+            if not ignore_eos and t in eos_token_ids:
+                done[i], reasons[i] = True, "stop"
+            else:
+                outputs[i].append(t)
+        if all(done) or step == max_new_tokens - 1:
+            break
+        prefix = [n + step for n in lengths]
+        batch = AttentionBatch.for_encoder(rows, prefix, [1] * b, model.config.sliding_window, cache)
+        hidden = model.encode(next_token[:, None], batch, cache)  # [B, 1, H]
+        next_token = _pick(model.logits(hidden[:, 0]), temperature, gen)
+    sync()
+    decode_ms = (time.perf_counter() - start) * 1e3
+    return [ARResult(outputs[i], reasons[i], prefill_ms, decode_ms) for i in range(b)]
+
+
+def _pick(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> torch.Tensor:
+    """logits [B, V] float32 -> next token [B]."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=gen).squeeze(-1)

@@ -1,0 +1,351 @@
+"""Training data as token ids: render `tasks.Example`s through the chat template, then batch them for the objective.
+
+One example becomes `prompt_ids` (exactly what `LLM.chat` feeds the model: the template's generation prompt) and
+`response_ids` (what the model must write, ending with its stop token). The response is the target assistant turn
+rendered by the same template, so thinking, tool calls and tool answers are written in the released format:
+
+    text answer      ...<|turn>model\\n | 134<turn|>
+    thinking         ...<|turn>model\\n | <|channel>thought\\nreasoning\\n<channel|>134<turn|>
+    tool call        ...<|turn>model\\n | <|tool_call>call:get_time{city:<|"|>Oslo<|"|>}<tool_call|><|tool_response>
+    after a tool     ...<tool_response|> | It is 12:30 in Oslo.<turn|>
+
+The template drops earlier thoughts from history, so a thinking target is written here with the template's own
+channel markup rather than cut out of a rendering.
+
+Canvas alignment: generation starts its first canvas right after the prompt and commits whole canvases, so block k
+of a response covers response tokens [k*C, (k+1)*C) and is denoised after the prompt plus k full canvases. A block
+that runs past the stop token is filled with <pad>, which the model learns to predict (its canvases then become
+confident and stop early instead of leaving noise after the answer).
+
+A pre-tokenized corpus is one flat int32 tensor plus offsets, so millions of examples cost a few hundred MB and
+batches are cut from it without Python objects per token.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from dgemma.chat_format import CHANNEL_END, CHANNEL_START, THOUGHT_HEADER, TURN_END
+from dgemma.errors import ConfigError
+from dgemma.tokenizer import Tokenizer
+from dgemma.train.tasks import FAMILIES, Example, generate_examples
+
+IGNORE = -100  # target id that cross-entropy skips
+
+
+# --------------------------------------------------------------------------------------------------
+# One example -> (prompt ids, response ids)
+# --------------------------------------------------------------------------------------------------
+
+
+def response_text(tokenizer: Tokenizer, example: Example) -> tuple[str, str]:
+    """(prompt text, response text) of an example, both rendered by the tokenizer's chat template."""
+    prompt = tokenizer.render_chat(
+        example.prompt_messages, example.tools, add_generation_prompt=True, enable_thinking=example.enable_thinking
+    )
+    target = example.target
+    reasoning = target.get("reasoning_content")
+    if reasoning is not None and example.enable_thinking and not target.get("tool_calls"):
+        # The template keeps no thought of a final answer in history: write the channel the way it renders one.
+        return prompt, f"{CHANNEL_START}{THOUGHT_HEADER}{reasoning}\n{CHANNEL_END}{target.get('content') or ''}{TURN_END}"
+    full = tokenizer.render_chat(
+        example.messages, example.tools, add_generation_prompt=False, enable_thinking=example.enable_thinking
+    )
+    if not full.startswith(prompt):
+        raise ConfigError(
+            f"{example.family} example: the rendered conversation does not extend its rendered prompt; "
+            "the chat template must render history the way it renders the generation prompt"
+        )
+    response = full[len(prompt):]
+    if response.endswith(TURN_END + "\n"):
+        response = response[:-1]  # the newline after <turn|> is never generated: <turn|> stops the row
+    return prompt, response
+
+
+def encode_example(tokenizer: Tokenizer, example: Example) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids). Encoded separately, exactly as generation sees them."""
+    prompt, response = response_text(tokenizer, example)
+    return tokenizer.encode(prompt), tokenizer.encode(response)
+
+
+# --------------------------------------------------------------------------------------------------
+# A pre-tokenized corpus
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Corpus:
+    """Tokenized examples: example i is tokens[starts[i] : starts[i] + lengths[i]], its prompt the first
+    prompt_lens[i] of them and its response the rest."""
+
+    tokens: torch.Tensor  # [total] int32
+    starts: torch.Tensor  # [N] int64
+    lengths: torch.Tensor  # [N] int64 prompt + response
+    prompt_lens: torch.Tensor  # [N] int64
+    families: torch.Tensor  # [N] int64 index into `family_names`
+    family_names: list[str]
+
+    def __len__(self) -> int:
+        return int(self.lengths.shape[0])
+
+    def example(self, i: int) -> tuple[list[int], int]:
+        """(all ids, prompt length) of example i."""
+        start, length = int(self.starts[i]), int(self.lengths[i])
+        return self.tokens[start : start + length].tolist(), int(self.prompt_lens[i])
+
+    @staticmethod
+    def concat(parts: Sequence["Corpus"]) -> "Corpus":
+        names = parts[0].family_names
+        offsets, total = [], 0
+        for part in parts:
+            if part.family_names != names:
+                raise ValueError("corpora with different family tables cannot be joined")
+            offsets.append(total)
+            total += int(part.tokens.shape[0])
+        return Corpus(
+            tokens=torch.cat([p.tokens for p in parts]),
+            starts=torch.cat([p.starts + off for p, off in zip(parts, offsets)]),
+            lengths=torch.cat([p.lengths for p in parts]),
+            prompt_lens=torch.cat([p.prompt_lens for p in parts]),
+            families=torch.cat([p.families for p in parts]),
+            family_names=list(names),
+        )
+
+
+def tokenize_examples(tokenizer: Tokenizer, examples: Sequence[Example], max_length: int | None = None) -> Corpus:
+    """Encode examples into a Corpus; examples longer than `max_length` tokens are dropped."""
+    names = list(FAMILIES)
+    flat: list[int] = []
+    starts, lengths, prompt_lens, families = [], [], [], []
+    for example in examples:
+        prompt, response = encode_example(tokenizer, example)
+        if max_length is not None and len(prompt) + len(response) > max_length:
+            continue
+        starts.append(len(flat))
+        flat.extend(prompt)
+        flat.extend(response)
+        lengths.append(len(prompt) + len(response))
+        prompt_lens.append(len(prompt))
+        families.append(names.index(example.family))
+    return Corpus(
+        tokens=torch.tensor(flat, dtype=torch.int32),
+        starts=torch.tensor(starts, dtype=torch.int64),
+        lengths=torch.tensor(lengths, dtype=torch.int64),
+        prompt_lens=torch.tensor(prompt_lens, dtype=torch.int64),
+        families=torch.tensor(families, dtype=torch.int64),
+        family_names=names,
+    )
+
+
+# Worker state for `build_corpus`: the tokenizer is built once per process, not once per chunk.
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    torch.set_num_threads(1)
+    _WORKER["tokenizer"] = Tokenizer.from_dir(tokenizer_dir)
+
+
+def _chunk(job: tuple) -> Corpus:
+    seed, n, families, weights, max_length = job
+    examples = generate_examples(seed, n, families, weights)
+    return tokenize_examples(_WORKER["tokenizer"], examples, max_length)
+
+
+def chunk_seed(seed: int, index: int) -> int:
+    """The generator seed of chunk `index`: chunks are independent streams, so any worker may make any chunk."""
+    return seed * 1_000_003 + index
+
+
+def build_corpus(
+    tokenizer_dir: str,
+    seed: int,
+    n: int,
+    families: list[str] | None = None,
+    weights: dict[str, float] | None = None,
+    max_length: int | None = None,
+    workers: int = 1,
+    chunk_size: int = 4096,
+) -> Corpus:
+    """Generate and tokenize `n` training examples (deterministic for `seed`, whatever `workers` is)."""
+    if n <= 0:
+        raise ConfigError(f"the number of training examples must be positive, got {n}")
+    jobs = [
+        (chunk_seed(seed, i), min(chunk_size, n - i * chunk_size), families, weights, max_length)
+        for i in range(math.ceil(n / chunk_size))
+    ]
+    if workers <= 1 or len(jobs) == 1:
+        _init_worker(tokenizer_dir)
+        threads = torch.get_num_threads()
+        parts = [_chunk(job) for job in jobs]
+        torch.set_num_threads(threads)
+    else:
+        context = multiprocessing.get_context("spawn")  # fork after CUDA or OpenMP init is unsafe
+        with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer_dir,)) as pool:
+            parts = pool.map(_chunk, jobs, chunksize=1)
+    corpus = Corpus.concat(parts)
+    if len(corpus) == 0:
+        raise ConfigError(f"every generated example is longer than max_length={max_length} tokens")
+    return corpus
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainBatch:
+    """What the objective needs for one step; every row is one example."""
+
+    input_ids: torch.Tensor  # [B, T] clean prompt + response, right-padded with <pad>
+    lengths: list[int]  # [B] real tokens per row
+    ar_targets: torch.Tensor  # [B, T] next token where it is a response token, IGNORE elsewhere
+    prefix_lens: list[int]  # [B] P: the prompt plus the canvases before the corrupted block
+    canvas: torch.Tensor  # [B, C] the clean block: response tokens [P - prompt, P - prompt + C), then <pad>
+    canvas_real: torch.Tensor  # [B, C] bool: a response token (not <pad> filler)
+    families: torch.Tensor  # [B] family index
+
+    def to(self, device: torch.device) -> "TrainBatch":
+        move = dict(device=device, non_blocking=True)
+        return TrainBatch(
+            self.input_ids.to(**move), self.lengths, self.ar_targets.to(**move), self.prefix_lens,
+            self.canvas.to(**move), self.canvas_real.to(**move), self.families.to(**move),
+        )
+
+    @property
+    def encoder_tokens(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def canvas_tokens(self) -> int:
+        return self.canvas.numel()
+
+
+def canvas_block(prompt_len: int, length: int, canvas_length: int, block: int) -> tuple[int, int]:
+    """(prefix length P, real tokens in the block) of response block `block`."""
+    response = length - prompt_len
+    blocks = math.ceil(response / canvas_length)
+    if not 0 <= block < blocks:
+        raise ValueError(f"block {block} outside the {blocks} blocks of a {response}-token response")
+    start = block * canvas_length
+    return prompt_len + start, min(canvas_length, response - start)
+
+
+def collate(
+    rows: Sequence[tuple[list[int], int]], canvas_length: int, pad_id: int, rng: random.Random,
+    families: Sequence[int] | None = None,
+) -> TrainBatch:
+    """Batch (ids, prompt length) rows; each row's corrupted block is drawn uniformly from its response's blocks."""
+    b, width = len(rows), max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    ar_targets = torch.full((b, width), IGNORE, dtype=torch.long)
+    canvas = torch.full((b, canvas_length), pad_id, dtype=torch.long)
+    canvas_real = torch.zeros((b, canvas_length), dtype=torch.bool)
+    prefix_lens = []
+    for i, (ids, prompt_len) in enumerate(rows):
+        if not 0 < prompt_len < len(ids):
+            raise ValueError(f"row {i}: prompt of {prompt_len} tokens in a {len(ids)}-token example (empty response?)")
+        row = torch.tensor(ids, dtype=torch.long)
+        input_ids[i, : len(ids)] = row
+        ar_targets[i, prompt_len - 1 : len(ids) - 1] = row[prompt_len:]  # position p predicts token p + 1
+        blocks = math.ceil((len(ids) - prompt_len) / canvas_length)
+        prefix, real = canvas_block(prompt_len, len(ids), canvas_length, rng.randrange(blocks))
+        canvas[i, :real] = row[prefix : prefix + real]
+        canvas_real[i, :real] = True
+        prefix_lens.append(prefix)
+    family_t = torch.tensor(list(families) if families is not None else [0] * b, dtype=torch.long)
+    return TrainBatch(input_ids, [len(ids) for ids, _ in rows], ar_targets, prefix_lens, canvas, canvas_real, family_t)
+
+
+class BatchSampler:
+    """Endless batches from a corpus: shuffled every epoch, grouped by length to keep padding low.
+
+    Each group of `pool_batches` batches is drawn at random, sorted by length and cut into batches, whose order is
+    then shuffled: rows of a batch have similar lengths, batches of a pool arrive in random order. All randomness
+    comes from one `random.Random`, so `state()` / `load_state()` resume the exact stream.
+    """
+
+    def __init__(self, corpus: Corpus, batch_size: int, canvas_length: int, pad_id: int, seed: int,
+                 pool_batches: int = 16):
+        if batch_size <= 0:
+            raise ConfigError(f"batch_size must be positive, got {batch_size}")
+        if len(corpus) < batch_size:
+            raise ConfigError(f"the corpus has {len(corpus)} examples, fewer than one batch of {batch_size}")
+        self.corpus = corpus
+        self.batch_size = batch_size
+        self.canvas_length = canvas_length
+        self.pad_id = pad_id
+        self.pool_batches = pool_batches
+        self.rng = random.Random(seed)
+        self.epoch = 0
+        self._order: list[int] = []
+        self._pending: list[list[int]] = []  # batches (lists of example indices) of the current pool
+        self._cursor = 0  # next position in _order
+
+    def state(self) -> dict:
+        return {"rng": self.rng.getstate(), "epoch": self.epoch, "order": list(self._order),
+                "pending": [list(b) for b in self._pending], "cursor": self._cursor}
+
+    def load_state(self, state: dict) -> None:
+        self.rng.setstate(state["rng"])
+        self.epoch, self._cursor = state["epoch"], state["cursor"]
+        self._order = list(state["order"])
+        self._pending = [list(b) for b in state["pending"]]
+
+    def _refill(self) -> None:
+        if self._cursor + self.batch_size > len(self._order):
+            self._order = list(range(len(self.corpus)))
+            self.rng.shuffle(self._order)
+            self._cursor = 0
+            self.epoch += 1
+        take = min(self.pool_batches * self.batch_size, (len(self._order) - self._cursor) // self.batch_size
+                   * self.batch_size)
+        pool = self._order[self._cursor : self._cursor + take]
+        self._cursor += take
+        lengths = self.corpus.lengths
+        pool.sort(key=lambda i: int(lengths[i]))
+        batches = [pool[k : k + self.batch_size] for k in range(0, take, self.batch_size)]
+        self.rng.shuffle(batches)
+        self._pending = batches
+
+    def next_indices(self) -> list[int]:
+        if not self._pending:
+            self._refill()
+        return self._pending.pop()
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        return self
+
+    def __next__(self) -> TrainBatch:
+        indices = self.next_indices()
+        rows = [self.corpus.example(i) for i in indices]
+        return collate(rows, self.canvas_length, self.pad_id, self.rng, [int(self.corpus.families[i]) for i in indices])
+
+
+# --------------------------------------------------------------------------------------------------
+# The tokenizer of a new model
+# --------------------------------------------------------------------------------------------------
+
+
+def chat_renderer() -> Tokenizer:
+    """A Tokenizer used only to render chats with the packaged template (its byte-level vocabulary is a stub)."""
+    from dgemma.chat_format import default_chat_template
+    from dgemma.checkpoint.tokenizer_builder import (BOS_TOKEN, EOS_TOKEN, MIN_VOCAB_SIZE, PAD_TOKEN, UNK_TOKEN,
+                                                     build_tokenizer)
+
+    return Tokenizer(build_tokenizer([], MIN_VOCAB_SIZE), BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, UNK_TOKEN,
+                     default_chat_template())
+
+
+def tokenizer_corpus(seed: int, n: int, families: list[str] | None = None,
+                     weights: dict[str, float] | None = None) -> list[str]:
+    """Rendered training conversations (prompt and target turn, as `response_text` writes them) for the BPE."""
+    renderer = chat_renderer()
+    return ["".join(response_text(renderer, example)) for example in generate_examples(seed, n, families, weights)]

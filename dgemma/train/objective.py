@@ -1,0 +1,137 @@
+"""The block-diffusion training objective: an autoregressive loss on the encoder plus a denoising loss on the decoder.
+
+For a batch of clean sequences (prompt + response) and one canvas-aligned block per row:
+
+1. Encoder: the clean sequence runs through the causal encoder, which writes its K/V into a cache. Its final hidden
+   states, through the tied LM head, predict each next response token (cross-entropy, weight `ar_loss_weight`).
+   The encoder is causal, so the cache slots before the block are exactly the cache of the clean prefix that
+   generation would have built.
+2. Corruption: t ~ U(min_noise, 1) per row; each canvas token becomes a uniform random token with probability t
+   (uniform noise over the whole vocabulary, as the sampler draws it; there is no mask token).
+3. Decoder: the noisy canvas is denoised at positions [P, P + C) reading the prefix from the cache; cross-entropy
+   against the clean block at every canvas position (the <pad> filler after the answer included).
+4. Self-conditioning, two-pass: for a random half of the rows the decoder first runs without gradient; its
+   logits, divided by a temperature drawn from the sampler's schedule range (the sampler self-conditions on
+   temperature-scaled logits), become the soft input of the graded pass. The other rows get a zero signal, which
+   is what the first denoising step of generation sees.
+
+Autograd and the cache: the model writes K/V into cache tensors in place. The encoder writes its own cache; each
+decoder pass gets a clone (the decoder overwrites the slots after the prefix with the canvas, and an in-place
+write into a tensor autograd saved would fail). Gradients flow from the decoder through the cache into the encoder,
+as in one forward of the reference model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dgemma.errors import ConfigError
+from dgemma.model.attention import AttentionBatch
+from dgemma.model.diffusion_gemma import DiffusionGemma
+from dgemma.model.kv_cache import KVCache
+from dgemma.train.dataset import IGNORE, TrainBatch
+
+
+@dataclass
+class ObjectiveConfig:
+    ar_loss_weight: float = 1.0  # weight of the encoder's next-token loss (0 turns it off)
+    min_noise: float = 0.001  # t ~ U(min_noise, 1): the corruption probability of a row
+    self_cond_prob: float = 0.5  # share of rows trained with a first, gradient-free self-conditioning pass
+    self_cond_t_min: float = 0.4  # the first pass's logits are divided by T ~ U(t_min, t_max) ...
+    self_cond_t_max: float = 0.8  # ... the range of the sampler's temperature schedule
+    weight_by_t: bool = False  # weight each row's denoising loss by 1/t (the ELBO weighting)
+
+    def validate(self) -> "ObjectiveConfig":
+        if not (self.ar_loss_weight >= 0 and math.isfinite(self.ar_loss_weight)):
+            raise ConfigError(f"ar_loss_weight must be a finite number >= 0, got {self.ar_loss_weight!r}")
+        if not 0 < self.min_noise < 1:
+            raise ConfigError(f"min_noise must be in (0, 1), got {self.min_noise!r}")
+        if not 0 <= self.self_cond_prob <= 1:
+            raise ConfigError(f"self_cond_prob must be in [0, 1], got {self.self_cond_prob!r}")
+        if not 0 < self.self_cond_t_min <= self.self_cond_t_max:
+            raise ConfigError(
+                f"self-conditioning temperatures need 0 < t_min <= t_max, got {self.self_cond_t_min!r}, "
+                f"{self.self_cond_t_max!r}"
+            )
+        return self
+
+
+@dataclass
+class LossParts:
+    loss: torch.Tensor  # scalar: diffusion + ar_loss_weight * ar, what backward() runs on
+    diffusion: torch.Tensor  # scalar: mean cross-entropy over canvas positions
+    ar: torch.Tensor  # scalar: mean next-token cross-entropy over response tokens (0 when off)
+    canvas_accuracy: torch.Tensor  # scalar: argmax == clean token, over real (non-filler) canvas tokens
+    noise: torch.Tensor  # [B] t of each row
+
+
+def corrupt(canvas: torch.Tensor, t: torch.Tensor, vocab_size: int, generator: torch.Generator | None = None
+            ) -> torch.Tensor:
+    """Replace each token of canvas [B, C] with a uniform random id with probability t [B]. -> [B, C]"""
+    flip = torch.rand(canvas.shape, device=canvas.device, generator=generator) < t[:, None]
+    noise = torch.randint(0, vocab_size, canvas.shape, device=canvas.device, generator=generator)
+    return torch.where(flip, noise, canvas)
+
+
+def clone_cache(cache: KVCache, detach: bool) -> KVCache:
+    """A copy of the cache whose tensors can be written without touching tensors autograd saved."""
+    out = copy.copy(cache)
+    out.keys = [(k.detach() if detach else k).clone() for k in cache.keys]
+    out.values = [(v.detach() if detach else v).clone() for v in cache.values]
+    return out
+
+
+def block_diffusion_loss(
+    model: DiffusionGemma, batch: TrainBatch, config: ObjectiveConfig, generator: torch.Generator | None = None
+) -> LossParts:
+    """The training loss of one batch (see the module docstring). Runs under the caller's autocast, if any."""
+    cfg = model.config
+    ids = batch.input_ids  # [B, T]
+    b, t_len = ids.shape
+    c = cfg.canvas_length
+    device = ids.device
+    rows = list(range(b))
+
+    # 1. Encoder over the clean sequences; the cache's dtype is the residual stream's (the weights', fp32 master).
+    cache = KVCache(cfg, b, t_len + c, model.dtype, device)
+    hidden = model.encode(ids, AttentionBatch.for_encoder(rows, [0] * b, batch.lengths, cfg.sliding_window, cache),
+                          cache)  # [B, T, H]
+    if config.ar_loss_weight > 0:
+        scored = batch.ar_targets != IGNORE  # [B, T]
+        ar_logits = model.logits(hidden[scored])  # [N, V] float32: only response positions reach the LM head
+        ar = F.cross_entropy(ar_logits, batch.ar_targets[scored])
+    else:
+        ar = torch.zeros((), device=device)
+
+    # 2. Corrupt one block per row.
+    noise = config.min_noise + (1 - config.min_noise) * torch.rand(b, device=device, generator=generator)  # [B]
+    noisy = corrupt(batch.canvas, noise, cfg.vocab_size, generator)  # [B, C]
+    dec = AttentionBatch.for_decoder(rows, batch.prefix_lens, c, cfg.sliding_window, cache)
+
+    # 3. Self-conditioning input from a gradient-free first pass, for a random subset of rows.
+    soft = None
+    if config.self_cond_prob > 0:
+        chosen = torch.rand(b, device=device, generator=generator) < config.self_cond_prob  # [B]
+        with torch.no_grad():
+            first = model.decode(noisy, dec, clone_cache(cache, detach=True))  # [B, C, V] float32
+            lo, hi = config.self_cond_t_min, config.self_cond_t_max
+            temperature = lo + (hi - lo) * torch.rand(b, device=device, generator=generator)  # [B]
+            soft = model.soft_embedding(first / temperature[:, None, None])  # [B, C, H]
+            soft = soft * chosen[:, None, None].to(soft.dtype)  # zero signal = "first step" for the other rows
+
+    # 4. The graded denoising pass.
+    logits = model.decode(noisy, dec, clone_cache(cache, detach=False), soft)  # [B, C, V] float32
+    ce = F.cross_entropy(logits.reshape(b * c, -1), batch.canvas.reshape(-1), reduction="none").view(b, c)
+    if config.weight_by_t:
+        ce = ce / noise[:, None]
+    diffusion = ce.mean()
+    with torch.no_grad():
+        real = batch.canvas_real
+        hits = (logits.argmax(-1) == batch.canvas) & real
+        accuracy = hits.sum() / real.sum().clamp(min=1)
+    return LossParts(diffusion + config.ar_loss_weight * ar, diffusion.detach(), ar.detach(), accuracy, noise)
