@@ -35,25 +35,48 @@ def run(model, prompt, canvas, soft_logits):
     return cache, logits.float().cpu()
 
 
-def compare(config, scale, prompt_len, bf16_rel_tol=3e-2):
-    cpu = build_random_model(config, "float32", "cpu", seed=1, scale=scale)
+def reference_logits(model, prompt, canvas, soft_logits):
+    """The transformers reference on the same weight tensors (shared, not copied)."""
+    from transformers.cache_utils import DynamicCache
+
+    from dgemma.bench.reference import reference_sharing_weights
+
+    ref = reference_sharing_weights(model)
+    device = model.device
+    with torch.no_grad():
+        cache = DynamicCache(config=ref.config.get_text_config())
+        ref.model.encoder(input_ids=prompt.to(device), past_key_values=cache)
+        return ref(decoder_input_ids=canvas.to(device), past_key_values=cache,
+                   self_conditioning_logits=soft_logits.to(device, model.dtype)).logits.float().cpu()
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def compare(config, scale, prompt_len, bf16_abs_tol=None):
+    """Our GPU logits vs CPU float32. bf16 must be no less accurate than the reference's own bf16 run on the
+    same GPU (random models can be chaotic: the reference itself may be far from float32 there)."""
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, config.vocab_size, (1, prompt_len), generator=gen)
     canvas = torch.randint(0, config.vocab_size, (1, config.canvas_length), generator=gen)
     soft_logits = 3 * torch.randn(1, config.canvas_length, config.vocab_size, generator=gen)
-    _, ref = run(cpu, prompt, canvas, soft_logits)
-    results = {}
-    for dtype in ("float32", "bfloat16"):
-        gpu = cpu.to("cuda", getattr(torch, dtype))
-        gpu.reset_buffers(torch.device("cuda"))
-        _, logits = run(gpu, prompt, canvas, soft_logits)
-        rel = ((logits - ref).norm() / ref.norm()).item()
-        agree = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
-        results[dtype] = (rel, agree)
-        cpu = build_random_model(config, "float32", "cpu", seed=1, scale=scale)  # .to() moved the weights
-    print(results)
-    assert results["float32"][0] < 1e-3, results
-    assert results["bfloat16"][0] < bf16_rel_tol and results["bfloat16"][1] > 0.9, results
+    _, truth = run(build_random_model(config, "float32", "cpu", seed=1, scale=scale), prompt, canvas, soft_logits)
+    gpu32 = build_random_model(config, "float32", "cuda", seed=1, scale=scale)
+    _, ours32 = run(gpu32, prompt, canvas, soft_logits)
+    del gpu32
+    gpu16 = build_random_model(config, "bfloat16", "cuda", seed=1, scale=scale)
+    _, ours16 = run(gpu16, prompt, canvas, soft_logits)
+    ref16 = reference_logits(gpu16, prompt, canvas, soft_logits)
+    agree = lambda a: (a.argmax(-1) == truth.argmax(-1)).float().mean().item()  # noqa: E731
+    report = {"fp32": rel_err(ours32, truth), "bf16": rel_err(ours16, truth), "reference_bf16": rel_err(ref16, truth),
+              "bf16_argmax_agree": agree(ours16), "reference_bf16_argmax_agree": agree(ref16)}
+    print(config.num_layers, "layers:", report)
+    assert report["fp32"] < 1e-3, report
+    assert report["bf16"] <= 1.25 * report["reference_bf16"] + 2e-3, report
+    assert report["bf16_argmax_agree"] >= report["reference_bf16_argmax_agree"] - 0.05, report
+    if bf16_abs_tol is not None:
+        assert report["bf16"] < bf16_abs_tol, report
 
 
 def test_tiny_preset_on_gpu_matches_cpu_float32():
@@ -62,6 +85,52 @@ def test_tiny_preset_on_gpu_matches_cpu_float32():
 
 def test_a_slice_of_the_full_size_model_on_gpu_matches_cpu_float32():
     """Two layers (one sliding, one full: head_dim 512, k-as-v, proportional RoPE) of the released shapes,
-    128 experts top-8, the 262144-token vocabulary, a prompt longer than the 1024-token window."""
+    128 experts top-8, the 262144-token vocabulary, a prompt longer than the 1024-token window. With the
+    released initialisation scale (0.02) the model is not chaotic, so bf16 must also be within 3% absolutely."""
     config = replace(preset("26b-a4b"), layer_types=[SLIDING, FULL])
-    compare(config, InitScale(embed_std=0.03, perturb=0.1), prompt_len=1200)
+    compare(config, InitScale(embed_std=0.02, perturb=0.1), prompt_len=1200, bf16_abs_tol=3e-2)
+
+
+def test_fused_sampler_matches_torch_on_gpu():
+    from dgemma.kernels.fused_sampler import fused_sample
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    logits = (torch.randn(3, 64, 262144, device="cuda", generator=gen) * 8).to(torch.bfloat16)
+    temperature = torch.tensor([0.5, 0.7, 0.8], device="cuda")
+    probs_buf = logits.clone()
+    entropy, argmax, sample, noise = fused_sample(probs_buf, temperature, torch.tensor([1, 2, 3], device="cuda"),
+                                                  torch.tensor([0, 0, 1], dtype=torch.int32, device="cuda"), 30.0)
+    z = 30 * torch.tanh(logits.float() / 30) / temperature[:, None, None]
+    assert torch.allclose(entropy, torch.distributions.Categorical(logits=z).entropy(), atol=1e-3)
+    assert torch.equal(argmax, z.argmax(-1))
+    assert torch.equal(sample[2], argmax[2])  # greedy row
+    assert (sample[:2] != argmax[:2]).any()  # sampled rows do sample
+    assert ((noise >= 0) & (noise < 262144)).all()
+    expected = torch.softmax(z.to(torch.bfloat16), -1, dtype=torch.float32)
+    assert (probs_buf.float() - expected).abs().max() < 2e-2  # bf16 probabilities
+    assert (probs_buf.float().sum(-1) - 1).abs().max() < 2e-2
+
+
+def test_cuda_graph_engine_is_reproducible_and_runs_fixed_steps():
+    from dgemma.engine.engine import Engine
+    from dgemma.engine.request import Request
+    from dgemma.engine.scheduler import SchedulerConfig
+    from dgemma.sampling.params import SamplingParams
+
+    model = build_random_model("tiny", "bfloat16", "cuda", seed=3, scale=InitScale(embed_std=3.0, perturb=0.1))
+    outputs = []
+    for _ in range(2):
+        engine = Engine(model, SchedulerConfig(max_num_seqs=4, max_model_len=512, canvas_length=32))
+        assert engine.canvas_encoder is not None  # the graph path is in use
+        reqs = [Request(str(i), list(range(5, 40 + 7 * i)), SamplingParams(
+            max_new_tokens=96, max_denoising_steps=8, seed=i, ignore_eos=True, adaptive_stopping=(i % 2 == 0),
+            confidence_threshold=3.0, stability_threshold=0)) for i in range(6)]
+        for r in reqs:
+            engine.add_request(r)
+        while engine.has_work:
+            engine.step()
+        outputs.append([r.output_ids for r in reqs])
+        assert all(len(r.output_ids) == 96 for r in reqs)
+        assert reqs[1].stats.forwards_per_canvas == [8, 8, 8]  # adaptive stopping off
+        assert min(reqs[0].stats.forwards_per_canvas) < 8  # on: stops early
+    assert outputs[0] == outputs[1]

@@ -11,7 +11,6 @@ The same code runs on CPU and GPU; requests come and go between steps.
 
 from __future__ import annotations
 
-import secrets
 import time
 from dataclasses import dataclass
 
@@ -22,7 +21,7 @@ from dgemma.engine.scheduler import EncodeWork, Scheduler, SchedulerConfig
 from dgemma.model.attention import AttentionBatch
 from dgemma.model.diffusion_gemma import DiffusionGemma
 from dgemma.model.kv_cache import KVCache
-from dgemma.sampling.entropy_bound import EntropyBoundSampler, initial_canvas, stable_and_confident
+from dgemma.engine.denoisers import GraphDenoiser, make_denoiser, resolve_seed
 
 
 @dataclass
@@ -36,7 +35,8 @@ class StepStats:
 
 
 class Engine:
-    def __init__(self, model: DiffusionGemma, config: SchedulerConfig | None = None):
+    def __init__(self, model: DiffusionGemma, config: SchedulerConfig | None = None, cuda_graphs: bool | None = None):
+        """`cuda_graphs`: None picks them on a CUDA device in bfloat16 (see `denoisers.make_denoiser`)."""
         self.model = model
         self.model_config = model.config
         self.config = config or SchedulerConfig(canvas_length=model.config.canvas_length)
@@ -47,7 +47,14 @@ class Engine:
             )
         self.scheduler = Scheduler(self.config)
         self.cache = KVCache(model.config, self.config.max_num_seqs, self.config.max_model_len, model.dtype, model.device)
-        self.sampler = EntropyBoundSampler()
+        pool = torch.cuda.graph_pool_handle() if model.device.type == "cuda" else None
+        self.denoiser = make_denoiser(model, self.cache, self.config.max_num_seqs, cuda_graphs, pool)
+        self.canvas_encoder = None
+        if isinstance(self.denoiser, GraphDenoiser):
+            from dgemma.engine.cuda_graphs import GraphedEncoder, buckets_up_to
+
+            self.canvas_encoder = GraphedEncoder(model, self.cache, model.config.canvas_length,
+                                                 buckets_up_to(self.config.max_num_seqs), pool)
         self.last_step = StepStats()
         self.total_steps = 0
 
@@ -56,6 +63,9 @@ class Engine:
         self.scheduler.add(request)
 
     def abort(self, request_id: str) -> RequestOutput | None:
+        for r in self.scheduler.running:
+            if r.request_id == request_id and r.phase is Phase.DENOISING:
+                self.denoiser.end_canvas(r)
         request = self.scheduler.abort(request_id)
         if request is None:
             return None
@@ -86,18 +96,16 @@ class Engine:
             torch.cuda.synchronize(self.model.device)
 
     def _encode(self, works: list[EncodeWork]) -> None:
-        device = self.model.device
-        works = sorted(works, key=lambda w: w.request.row)
-        width = max(w.num_tokens for w in works)
-        ids = torch.full((len(works), width), self.model_config.pad_token_id, dtype=torch.long)
-        for i, w in enumerate(works):
-            ids[i, : w.num_tokens] = torch.tensor(w.request.pending_ids[: w.num_tokens])
-        batch = AttentionBatch.for_encoder(
-            [w.request.row for w in works], [w.request.cached_len for w in works], [w.num_tokens for w in works],
-            self.model_config.sliding_window, self.cache,
-        )
         start = time.perf_counter()
-        self.model.encode(ids.to(device), batch, self.cache)
+        c = self.model_config.canvas_length
+        graphed = [w for w in works if self.canvas_encoder is not None and not w.is_prompt and w.num_tokens == c]
+        eager = [w for w in works if w not in graphed]
+        if graphed:
+            graphed.sort(key=lambda w: w.request.row)
+            ids = torch.tensor([w.request.pending_ids[:c] for w in graphed])
+            self.canvas_encoder.run([w.request.row for w in graphed], ids, [w.request.cached_len for w in graphed])
+        if eager:
+            self._encode_eager(sorted(eager, key=lambda w: w.request.row))
         self._sync()
         elapsed_ms = (time.perf_counter() - start) * 1e3
         for w in works:
@@ -112,59 +120,28 @@ class Engine:
         self.last_step.encode_batch = len(works)
         self.last_step.encode_ms = elapsed_ms
 
+    def _encode_eager(self, works: list[EncodeWork]) -> None:
+        width = max(w.num_tokens for w in works)
+        ids = torch.full((len(works), width), self.model_config.pad_token_id, dtype=torch.long)
+        for i, w in enumerate(works):
+            ids[i, : w.num_tokens] = torch.tensor(w.request.pending_ids[: w.num_tokens])
+        batch = AttentionBatch.for_encoder(
+            [w.request.row for w in works], [w.request.cached_len for w in works], [w.num_tokens for w in works],
+            self.model_config.sliding_window, self.cache,
+        )
+        self.model.encode(ids.to(self.model.device), batch, self.cache)
+
     def _start_canvas(self, request: Request) -> None:
-        device = self.model.device
-        if request.generator is None:
-            seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
-            request.generator = torch.Generator(device=device).manual_seed(seed)
-        cfg = self.model_config
-        request.canvas = initial_canvas(cfg.vocab_size, cfg.canvas_length, request.generator, device)[0]
-        request.soft = None
-        request.history = []
+        resolve_seed(request)
         request.remaining_steps = request.params.max_denoising_steps
         request.canvas_forwards = 0
         request.phase = Phase.DENOISING
+        self.denoiser.start_canvas(request)
 
     def _denoise(self, requests: list[Request]) -> list[RequestOutput]:
         start = time.perf_counter()
         requests = sorted(requests, key=lambda r: r.row)  # contiguous rows are read in place, without a gather
-        canvas = torch.stack([r.canvas for r in requests])  # [B, C]
-        soft = None
-        if any(r.soft is not None for r in requests):
-            zeros = None
-            rows = []
-            for r in requests:
-                if r.soft is None:
-                    zeros = zeros if zeros is not None else torch.zeros_like(next(q.soft for q in requests if q.soft is not None))
-                    rows.append(zeros)
-                else:
-                    rows.append(r.soft)
-            soft = torch.stack(rows)  # [B, C, H]
-        batch = AttentionBatch.for_decoder(
-            [r.row for r in requests], [r.cached_len for r in requests], self.model_config.canvas_length,
-            self.model_config.sliding_window, self.cache,
-        )
-        logits = self.model.decode(canvas, batch, self.cache, soft)  # [B, C, V] float32
-
-        device = logits.device
-        temperature = torch.tensor(
-            [r.params.temperature_at(r.remaining_steps) * (r.params.temperature or 1.0) for r in requests],
-            device=device,
-        )
-        bound = torch.tensor([r.params.entropy_bound for r in requests], device=device)
-        result = self.sampler.step(
-            logits, temperature, [r.params.temperature == 0 for r in requests], bound, [r.generator for r in requests],
-            soft_embedding=self.model.soft_embedding,
-        )
-        del logits
-        never = torch.zeros((), dtype=torch.bool, device=device)
-        stop = torch.stack([
-            stable_and_confident(r.history, result.argmax[i], result.mean_entropy[i],
-                                 r.params.stability_threshold, r.params.confidence_threshold)
-            if r.params.adaptive_stopping else never
-            for i, r in enumerate(requests)
-        ]).tolist()  # the one host sync of a step: the scheduler must know which rows stopped
-
+        stop, argmaxes = self.denoiser.step(requests)
         outputs = []
         now = time.perf_counter()
         elapsed_ms = (now - start) * 1e3
@@ -172,15 +149,11 @@ class Engine:
             r.stats.denoise_ms += elapsed_ms
             r.canvas_forwards += 1
             r.remaining_steps -= 1
-            argmax = result.argmax[i]
-            r.history.append(argmax)
-            del r.history[: -max(r.params.stability_threshold, 1)]
-            draft = argmax.tolist() if r.want_drafts else None
+            draft = argmaxes[i] if r.want_drafts else None
             if stop[i] or r.remaining_steps == 0:
-                outputs.append(self._commit(r, argmax.tolist() if draft is None else draft, now))
+                self.denoiser.end_canvas(r)
+                outputs.append(self._commit(r, argmaxes[i], now))
             else:
-                r.canvas = result.canvas[i]
-                r.soft = result.soft[i]
                 outputs.append(RequestOutput(r.request_id, [], draft, False, None, r))
         self.last_step.decode_batch = len(requests)
         self.last_step.decode_ms = elapsed_ms
@@ -209,7 +182,6 @@ class Engine:
         r.output_ids.extend(new)
         if reason is None and r.stop_fn is not None and r.stop_fn(r.output_ids):
             reason = "stop"
-        r.canvas, r.soft, r.history = None, None, []
         if reason is not None:
             r.stats.finish_s = now
             self.scheduler.finish(r, reason)

@@ -53,7 +53,9 @@ class Request:
     stop_token: int | None = None  # the EOS id that ended the output, if one did (not part of output_ids)
     stats: RequestStats = field(default_factory=RequestStats)
 
-    # Denoising state of the current canvas (tensors on the model's device).
+    # Denoising state of the current canvas (tensors on the model's device; with CUDA graphs it lives in the
+    # graph's static buffers at this request's row instead).
+    seed: int | None = None  # params.seed, or a random one drawn when the first canvas starts
     generator: torch.Generator | None = None
     canvas: torch.Tensor | None = None  # [C] current (noisy) canvas
     soft: torch.Tensor | None = None  # [C, H] self-conditioning input; None on a canvas's first step

@@ -30,20 +30,34 @@ class AttentionBatch:
     masks: dict[str, torch.Tensor]  # layer type -> [B, 1, T, kv_len - kv_start] bool, True = may attend
     row_range: tuple[int, int] | None  # rows are the contiguous range [a, b): read the cache in place, no gather
 
-    @staticmethod
-    def _build(rows, positions, write_slots, key_start_sliding, key_end, kv_len, sliding_start, cache_rows):
-        device = positions.device
-        sliding_start = max(0, sliding_start)
-        full_slots = torch.arange(kv_len, device=device)  # [S]
+    @classmethod
+    def from_bounds(
+        cls,
+        rows: torch.Tensor,  # [B]
+        positions: torch.Tensor,  # [B, T]
+        write_slots: torch.Tensor,  # [B, T]
+        key_start_sliding: torch.Tensor,  # [B, T] first slot a query may see on sliding layers
+        key_end: torch.Tensor,  # [B, T] one past the last slot a query may see
+        kv_len: int,
+        sliding_start: int = 0,
+        row_range: tuple[int, int] | None = None,
+    ) -> "AttentionBatch":
+        """Masks computed on the device from per-query bounds: usable inside a CUDA graph capture."""
+        full_slots = torch.arange(kv_len, device=positions.device)  # [S]
         sliding_slots = full_slots[sliding_start:]
         masks = {
             FULL: (full_slots < key_end[..., None])[:, None],  # [B, 1, T, S]
             SLIDING: ((sliding_slots < key_end[..., None]) & (sliding_slots >= key_start_sliding[..., None]))[:, None],
         }
+        return cls(rows, positions, write_slots, kv_len, {FULL: 0, SLIDING: sliding_start}, masks, row_range)
+
+    @classmethod
+    def _build(cls, rows, positions, write_slots, key_start_sliding, key_end, kv_len, sliding_start):
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         row_range = (rows[0], rows[0] + len(rows)) if contiguous else None
-        rows_t = torch.tensor(rows, device=device)
-        return AttentionBatch(rows_t, positions, write_slots, kv_len, {FULL: 0, SLIDING: sliding_start}, masks, row_range)
+        rows_t = torch.tensor(rows, device=positions.device)
+        return cls.from_bounds(rows_t, positions, write_slots, key_start_sliding, key_end, kv_len,
+                               max(0, sliding_start), row_range)
 
     @classmethod
     def for_encoder(
@@ -59,7 +73,7 @@ class AttentionBatch:
         write_slots = torch.where(valid, positions, torch.full_like(positions, cache.trash_slot))
         kv_len = max(p + n for p, n in zip(prefix_lens, new_lens))
         return cls._build(rows, positions, write_slots, positions - sliding_window + 1, positions + 1, kv_len,
-                          min(prefix_lens) - sliding_window + 1, cache.rows)
+                          min(prefix_lens) - sliding_window + 1)
 
     @classmethod
     def for_decoder(
@@ -73,7 +87,7 @@ class AttentionBatch:
         key_start = (prefix - (sliding_window - 1)).expand_as(positions)
         kv_len = max(prefix_lens) + canvas_length
         return cls._build(rows, positions, positions, key_start, key_end, kv_len,
-                          min(prefix_lens) - (sliding_window - 1), cache.rows)
+                          min(prefix_lens) - (sliding_window - 1))
 
 
 class Attention(nn.Module):

@@ -87,6 +87,11 @@ class DiffusionGemma(nn.Module):
         """(Re)compute the RoPE tables: needed after building on the meta device and loading weights."""
         self.register_buffer("inv_freq_sliding", rope_inv_freq(self.config.sliding).to(device), persistent=False)
         self.register_buffer("inv_freq_full", rope_inv_freq(self.config.full).to(device), persistent=False)
+        # sqrt(H) rounded to the weight dtype (53.0 in bf16, as the reference does), kept on the device so that
+        # no host tensor is created inside a captured step.
+        dtype = self.embed_tokens.weight.dtype
+        self.register_buffer("embed_scale_t", torch.tensor(self.embed_scale, dtype=dtype, device=device),
+                             persistent=False)
 
     # ------------------------------------------------------------------------------------------------------
     @property
@@ -99,8 +104,7 @@ class DiffusionGemma(nn.Module):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids: [B, T] -> [B, T, H]. The sqrt(H) scale is rounded to the weight dtype first (53.0 in bf16)."""
-        scale = torch.tensor(self.embed_scale, dtype=self.dtype, device=ids.device)
-        return self.embed_tokens(ids) * scale
+        return self.embed_tokens(ids) * self.embed_scale_t
 
     def _run_layers(self, x: torch.Tensor, batch: AttentionBatch, cache: KVCache, decoder: bool) -> torch.Tensor:
         rope = {
@@ -125,10 +129,15 @@ class DiffusionGemma(nn.Module):
         soft: torch.Tensor | None = None,  # [B, C, H] self-conditioning input from `soft_embedding`; None = zeros
     ) -> torch.Tensor:
         """One denoising forward: returns softcapped float32 logits [B, C, V]."""
+        return self.logits(self.decode_hidden(canvas, batch, cache, soft))
+
+    def decode_hidden(
+        self, canvas: torch.Tensor, batch: AttentionBatch, cache: KVCache, soft: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The decoder up to its final norm: [B, C] ids -> [B, C, H] (the fused GPU sampler applies the head)."""
         embeds = self.embed(canvas)  # [B, C, H]
         x = self.self_conditioning(embeds, torch.zeros_like(embeds) if soft is None else soft)
-        hidden = self.norm(self._run_layers(x, batch, cache, decoder=True))
-        return self.logits(hidden)
+        return self.norm(self._run_layers(x, batch, cache, decoder=True))
 
     def soft_embedding(self, scaled_logits: torch.Tensor) -> torch.Tensor:
         """Self-conditioning input for the next step: softmax(z) @ E * sqrt(H). [..., C, V] -> [..., C, H].
@@ -137,7 +146,7 @@ class DiffusionGemma(nn.Module):
         The logits are rounded to the weight dtype first, as the reference does.
         """
         probs = torch.softmax(scaled_logits.to(self.dtype), dim=-1, dtype=torch.float32).to(self.dtype)
-        return (probs @ self.embed_tokens.weight) * torch.tensor(self.embed_scale, dtype=self.dtype)
+        return (probs @ self.embed_tokens.weight) * self.embed_scale_t
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied LM head with final softcapping: hidden [..., H] -> float32 logits [..., V]."""

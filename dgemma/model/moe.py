@@ -56,9 +56,7 @@ def experts_loop(
         gate, up = F.linear(xs[start:end], gate_up[e]).chunk(2, dim=-1)  # [n, I] each
         out[start:end] = F.linear(F.gelu(gate, approximate="tanh") * up, down[e])
         start = end
-    # The weight product is float32 (as in the reference), then summed per token in the activation dtype.
-    weighted = (out * weights.reshape(-1)[order, None]).to(x.dtype)
-    return torch.zeros_like(x).index_add_(0, token_of, weighted)
+    return combine(out, order, weights, x.dtype)
 
 
 def experts_grouped(
@@ -71,12 +69,29 @@ def experts_grouped(
     flat = experts.reshape(-1)  # [N*K]
     order = torch.argsort(flat, stable=True)
     token_of = order // k
-    offsets = torch.cumsum(torch.bincount(flat, minlength=gate_up.shape[0]), 0).to(torch.int32)  # [E] group ends
+    # bincount would size its output from the data (a host sync); scatter_add keeps the step capturable.
+    counts = torch.zeros(gate_up.shape[0], dtype=torch.int32, device=x.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # [E] group ends
     xs = x[token_of]  # [N*K, H], grouped by expert
     gate, up = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)  # [N*K, I] each
     out = torch._grouped_mm(F.gelu(gate, approximate="tanh") * up, down.transpose(1, 2), offs=offsets)  # [N*K, H]
-    weighted = (out * weights.reshape(-1)[order, None]).to(x.dtype)
-    return torch.zeros_like(x).index_add_(0, token_of, weighted)
+    return combine(out, order, weights, x.dtype)
+
+
+def combine(out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Weighted sum of each token's K expert outputs. out: [N*K, H] in expert order -> [N, H].
+
+    Un-permuting and summing over K is deterministic (index_add_ on a GPU adds with atomics in any order,
+    which would make bf16 results, and so a seeded generation, differ from run to run).
+    """
+    n_tokens, k = weights.shape
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    per_token = out[inverse].view(n_tokens, k, -1)  # [N, K, H] in each token's top-k order
+    # The weight product is float32 (as in the reference), then summed in the activation dtype.
+    weighted = (per_token * weights[..., None]).to(dtype)
+    return weighted.sum(dim=1)
 
 
 @functools.lru_cache(maxsize=None)

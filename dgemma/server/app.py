@@ -117,6 +117,8 @@ async def _json_body(request: Request):
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise bad_request("the request body nests JSON too deeply") from None
 
 
 def build_app(serving: OpenAIServing, engine: AsyncEngine, metrics: ServerMetrics, *, api_key: str | None = None,

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from dgemma import __version__
-from dgemma.chat_format import TOOL_CALL_START
+from dgemma.chat_format import CHANNEL_END, CHANNEL_START, QUOTE, TOOL_CALL_END, TOOL_CALL_START
 from dgemma.engine.request import Request
 from dgemma.engine.scheduler import QueueFull
 from dgemma.errors import DgemmaError, RequestError
@@ -33,7 +33,9 @@ log = logging.getLogger("dgemma.server")
 MAX_N = 128  # choices (times prompts) per call
 MAX_STEPS = 1024  # bound on max_denoising_steps / stability_threshold: one request must not hold a row forever
 MAX_STOPS = 16
-_MARKERS = ("<|channel>", "<channel|>", TOOL_CALL_START, "<tool_call|>", '<|"|>')  # what the chat parsers read
+# Special tokens the chat parsers read (all other special tokens are skipped when decoding an answer).
+_REASONING_MARKERS = (CHANNEL_START, CHANNEL_END)
+_TOOL_MARKERS = (TOOL_CALL_START, TOOL_CALL_END, QUOTE)
 _RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "pad_token",
                              "unk_token")
 _DIFFUSION_KNOBS = tuple(P.DiffusionKnobs.model_fields)
@@ -94,8 +96,11 @@ class OpenAIServing:
         self.config = config
         self.shutting_down = False
         self._groups: set[RequestGroup] = set()
-        keep = {tokenizer.token_to_id(m) for m in _MARKERS} - {None}
-        self._drop_for_chat = frozenset(tokenizer.special_ids) - keep  # specials other than the parsers' markers
+        special = frozenset(tokenizer.special_ids)
+        reasoning = {tokenizer.token_to_id(m) for m in _REASONING_MARKERS} - {None}
+        tools = {tokenizer.token_to_id(m) for m in _TOOL_MARKERS} - {None}
+        # Special ids to skip when decoding an answer: all but the markers of the active parsers.
+        self._drop_for_chat = {False: special - reasoning, True: special - reasoning - tools}
         self._created = P.now_s()
 
     # ---------------------------------------------------------------------------------- small endpoints
@@ -166,7 +171,7 @@ class OpenAIServing:
         requests: list[Request] = []
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         for i in range(req.n):
-            assembler = TextAssembler(self._chat_decoder(req.skip_special_tokens), params.stop,
+            assembler = TextAssembler(self._chat_decoder(req.skip_special_tokens, parse_tools), params.stop,
                                       req.include_stop_str_in_output)
             choices.append(ChatChoice(assembler, tools, parse_tools, req.include_reasoning,
                                       req.parallel_tool_calls is not False, prefix))
@@ -354,6 +359,8 @@ class OpenAIServing:
             else:
                 self._check_ids(item, "prompt")
                 out.append(list(item))
+            if not out[-1]:
+                raise bad_request("prompt is empty: at least one token is needed", "prompt")
         return out
 
     def _params(self, req: P.SamplingFields, prompt_len: int, max_tokens: int | None, max_name: str,
@@ -416,8 +423,8 @@ class OpenAIServing:
         self._groups.add(group)
         return group
 
-    def _chat_decoder(self, skip_special_tokens: bool) -> Callable[[list[int]], str]:
-        drop = self._drop_for_chat if skip_special_tokens else frozenset()
+    def _chat_decoder(self, skip_special_tokens: bool, parse_tools: bool) -> Callable[[list[int]], str]:
+        drop = self._drop_for_chat[parse_tools] if skip_special_tokens else frozenset()
         decode = self.tokenizer.decode
         return lambda ids: decode([t for t in ids if t not in drop], skip_special_tokens=False)
 

@@ -27,6 +27,7 @@ import math
 import multiprocessing
 import random
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -186,9 +187,12 @@ def build_corpus(
         parts = [_chunk(job) for job in jobs]
         torch.set_num_threads(threads)
     else:
-        context = multiprocessing.get_context("spawn")  # fork after CUDA or OpenMP init is unsafe
-        with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer_dir,)) as pool:
-            parts = pool.map(_chunk, jobs, chunksize=1)
+        # spawn: forking after CUDA or OpenMP started is unsafe. An executor (unlike multiprocessing.Pool) raises
+        # when a worker dies instead of replacing it forever.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                 initargs=(tokenizer_dir,)) as pool:
+            parts = list(pool.map(_chunk, jobs))
     corpus = Corpus.concat(parts)
     if len(corpus) == 0:
         raise ConfigError(f"every generated example is longer than max_length={max_length} tokens")

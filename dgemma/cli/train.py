@@ -1,0 +1,106 @@
+"""`dgemma train`: train a DiffusionGemma-architecture checkpoint with the block-diffusion objective."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dgemma.errors import ConfigError
+
+
+def add_parser(sub) -> None:
+    from dgemma.train.trainer import MODEL_PRESETS, TrainConfig
+
+    d = TrainConfig(out_dir="")
+    p = sub.add_parser(
+        "train",
+        help="train a DiffusionGemma model on generated tasks (block diffusion), CPU or CUDA",
+        description="Block-diffusion supervised training: an autoregressive loss on the causal encoder plus a "
+        "denoising loss on one uniformly corrupted, canvas-aligned block of each response, with two-pass "
+        "self-conditioning. Data comes from dgemma's task generators (arithmetic, lists, text, tools, thinking, "
+        "long answers). Stops after --max-steps or --time-budget-min, saves a resumable state every few minutes "
+        "(OUT.train.pt; rerun the same command to resume), and exports OUT in the Hugging Face layout (bfloat16).",
+    )
+    p.add_argument("--out", required=True, help="output checkpoint directory (must be new or empty, see --overwrite)")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--preset", choices=MODEL_PRESETS, default=d.preset,
+                   help="architecture of a new model: mini (the shipped ~12M model), micro (a toy for smoke tests)")
+    g.add_argument("--init-from", default=None, metavar="DIR", help="fine-tune this checkpoint instead")
+    g.add_argument("--vocab-size", type=int, default=d.vocab_size, help="BPE vocabulary of a new tokenizer")
+    g.add_argument("--train-examples", type=int, default=d.train_examples,
+                   help="examples generated up front (repeated in epochs if training outlasts them)")
+    g.add_argument("--families", default=None, help="comma-separated task families (default: all)")
+    g.add_argument("--family-weights", default=None, metavar="JSON",
+                   help='mixture weights, e.g. \'{"mul": 3, "long": 2}\' (others keep their default)')
+    g.add_argument("--max-length", type=int, default=d.max_length, help="drop longer examples (tokens)")
+    g.add_argument("--workers", type=int, default=d.workers, help="data generation processes (0: one per CPU, <= 16)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--max-steps", type=int, default=None)
+    g.add_argument("--time-budget-min", type=float, default=None,
+                   help="wall-clock minutes of training (the schedule decays over it); export and eval come after")
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    g.add_argument("--ar-loss-weight", type=float, default=d.objective.ar_loss_weight,
+                   help="weight of the encoder's autoregressive loss")
+    g.add_argument("--self-cond-prob", type=float, default=d.objective.self_cond_prob)
+    g.add_argument("--weight-by-t", action="store_true", help="weight the denoising loss by 1/t (ELBO)")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g = p.add_argument_group("hardware")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision,
+                   help="auto: bf16 autocast with fp32 master weights on CUDA, fp32 on CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile each layer")
+    g.add_argument("--moe-impl", choices=["auto", "dense", "model"], default=d.moe_impl,
+                   help="dense: all experts in batched matmuls (no host sync; default on CUDA)")
+    g = p.add_argument_group("checkpoints and evaluation")
+    g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between validation losses (0: end)")
+    g.add_argument("--checkpoint-every-min", type=float, default=d.checkpoint_every_min)
+    g.add_argument("--no-resume", action="store_true", help="ignore OUT.train.pt and start over")
+    g.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    g.add_argument("--max-shard-mb", type=float, default=d.max_shard_mb, help="safetensors shard size (MiB)")
+    g.add_argument("--final-eval", type=int, default=d.final_eval,
+                   help="held-out problems scored after export (0: skip)")
+    g.add_argument("--sweep", action="store_true",
+                   help="after export, sweep sampler settings and write the best into generation_config.json")
+    p.set_defaults(run=run)
+
+
+def config_from_args(args: argparse.Namespace):
+    from dgemma.train.objective import ObjectiveConfig
+    from dgemma.train.trainer import TrainConfig
+
+    weights = None
+    if args.family_weights:
+        try:
+            weights = json.loads(args.family_weights)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--family-weights is not valid JSON: {exc}") from None
+        if not isinstance(weights, dict):
+            raise ConfigError("--family-weights must be a JSON object {family: weight}")
+    families = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else None
+    return TrainConfig(
+        out_dir=args.out, preset=args.preset, init_from=args.init_from, vocab_size=args.vocab_size,
+        train_examples=args.train_examples, families=families, family_weights=weights, max_length=args.max_length,
+        workers=args.workers, batch_size=args.batch_size, max_steps=args.max_steps,
+        time_budget_min=args.time_budget_min, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        objective=ObjectiveConfig(ar_loss_weight=args.ar_loss_weight, self_cond_prob=args.self_cond_prob,
+                                  weight_by_t=args.weight_by_t),
+        seed=args.seed, device=args.device, precision=args.precision, compile=args.compile, moe_impl=args.moe_impl,
+        eval_every=args.eval_every, checkpoint_every_min=args.checkpoint_every_min, resume=not args.no_resume,
+        overwrite=args.overwrite, max_shard_mb=args.max_shard_mb, final_eval=args.final_eval, sweep=args.sweep,
+    ).validate()
+
+
+def run(args: argparse.Namespace) -> int:
+    from dgemma.train.trainer import summary, train
+
+    result = train(config_from_args(args))
+    print(summary(result))
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,208 @@
+"""CUDA graphs of the engine's fixed-shape steps, one per batch-size bucket, over cache rows [0, B).
+
+On a GPU the eager step is bound by Python launching ~3000 kernels; a replayed graph launches them at once.
+Three steps have fixed shapes and are captured:
+  * `GraphedDenoiser`: a whole denoising step: decoder forward, LM head in bf16, the fused Triton sampler
+    (entropy, argmax, Gumbel sample, noise, self-conditioning probabilities), Entropy Bound acceptance,
+    renoising, and the stable-and-confident stop test. Each request's denoising state lives in the static
+    buffers at its cache row, so a step moves nothing but a few per-row scalars host -> device.
+  * `GraphedEncoder(T)`: the encoder over T tokens per row: T = canvas length encodes committed canvases,
+    T = 1 is autoregressive decoding.
+Rows in [0, B) that take no part in a step (free, or encoding a prompt) still run, on garbage, with their cache
+writes sent to the trash slot; keeping busy rows low (the scheduler hands out the lowest free row) keeps B small.
+Static tensors are updated in place (`copy_`, `fill_`) because the graphs read their addresses.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dgemma.kernels.fused_sampler import fused_sample
+from dgemma.model.attention import AttentionBatch
+from dgemma.model.diffusion_gemma import DiffusionGemma
+from dgemma.model.kv_cache import KVCache
+from dgemma.sampling.entropy_bound import entropy_bound_accept
+
+MASK62 = (1 << 62) - 1
+
+
+def step_seed(seed: int, canvas: int, step: int) -> int:
+    """A per-row, per-step seed for the counter-based sampler (splitmix64 over the three numbers)."""
+    x = seed & MASK62
+    for v in (canvas + 1, step + 1):
+        x = (x ^ (v * 0x9E3779B97F4A7C15)) & 0xFFFFFFFFFFFFFFFF
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & MASK62
+
+
+def buckets_up_to(n: int) -> list[int]:
+    """1, 2, 4, then multiples of 8, up to n (always included)."""
+    return sorted({b for b in (1, 2, 4) if b < n} | set(range(8, n, 8)) | {n})
+
+
+class _Captured:
+    """Capture `fn(b)` for each bucket b (largest first, one shared memory pool) and replay by bucket."""
+
+    def __init__(self, fn, buckets: list[int], pool=None):
+        self.buckets = sorted(buckets)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for b in reversed(self.buckets):
+                fn(b)  # warm up: lazy initialisation (cuBLAS handles, Triton compilation) must not be captured
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        for b in reversed(self.buckets):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                fn(b)
+            self.graphs[b] = graph
+        torch.cuda.synchronize()
+
+    def bucket(self, rows_needed: int) -> int:
+        for b in self.buckets:
+            if b >= rows_needed:
+                return b
+        raise ValueError(f"{rows_needed} rows exceed the largest captured bucket {self.buckets[-1]}")
+
+    def replay(self, rows_needed: int) -> int:
+        b = self.bucket(rows_needed)
+        self.graphs[b].replay()
+        return b
+
+
+class _RowBounds:
+    """Static per-row attention inputs for T tokens per row: positions, write slots and key bounds."""
+
+    def __init__(self, rows: int, tokens: int, device: torch.device, trash_slot: int):
+        self.tokens = tokens
+        self.trash_slot = trash_slot
+        self.positions = torch.zeros(rows, tokens, dtype=torch.long, device=device)
+        self.write_slots = torch.full((rows, tokens), trash_slot, dtype=torch.long, device=device)
+        self.key_start = torch.zeros(rows, tokens, dtype=torch.long, device=device)  # sliding layers
+        self.key_end = torch.ones(rows, tokens, dtype=torch.long, device=device)
+        self.offsets = torch.arange(tokens, device=device)
+
+    def set_row(self, row: int, prefix_len: int, window: int, causal: bool) -> None:
+        pos = self.offsets + prefix_len
+        self.positions[row].copy_(pos)
+        self.write_slots[row].copy_(pos)
+        if causal:  # encoder: query i sees (i - W, i]
+            self.key_start[row].copy_(pos - window + 1)
+            self.key_end[row].copy_(pos + 1)
+        else:  # decoder: the last W-1 cached positions and the whole canvas
+            self.key_start[row].fill_(prefix_len - (window - 1))
+            self.key_end[row].fill_(prefix_len + self.tokens)
+
+    def deactivate(self, row: int) -> None:
+        self.write_slots[row].fill_(self.trash_slot)
+
+    def batch(self, b: int, kv_len: int) -> AttentionBatch:
+        rows = torch.arange(b, device=self.positions.device)
+        return AttentionBatch.from_bounds(rows, self.positions[:b], self.write_slots[:b], self.key_start[:b],
+                                          self.key_end[:b], kv_len, 0, (0, b))
+
+
+class GraphedDenoiser:
+    def __init__(self, model: DiffusionGemma, cache: KVCache, buckets: list[int], pool=None):
+        cfg, device = model.config, model.device
+        self.model, self.cache = model, cache
+        n, c = max(buckets), cfg.canvas_length
+        self.bounds = _RowBounds(n, c, device, cache.trash_slot)
+        self.canvas = torch.zeros(n, c, dtype=torch.long, device=device)  # [N, C] current noisy canvas
+        self.soft = torch.zeros(n, c, cfg.hidden_size, dtype=model.dtype, device=device)  # [N, C, H]
+        self.prev_argmax = torch.full((n, c), -1, dtype=torch.long, device=device)
+        self.stable_steps = torch.zeros(n, dtype=torch.int32, device=device)  # steps the argmax stayed the same
+        # Per-row knobs, refreshed every step from one packed host copy.
+        self.temperature = torch.ones(n, dtype=torch.float32, device=device)
+        self.bound = torch.full((n,), 0.1, dtype=torch.float32, device=device)
+        self.confidence = torch.zeros(n, dtype=torch.float32, device=device)
+        self.seeds = torch.zeros(n, dtype=torch.int64, device=device)
+        self.greedy = torch.zeros(n, dtype=torch.int32, device=device)
+        self.stability = torch.zeros(n, dtype=torch.int32, device=device)
+        # Outputs.
+        self.argmax = torch.zeros(n, c, dtype=torch.long, device=device)
+        self.stop = torch.zeros(n, dtype=torch.bool, device=device)
+        self.graphs = _Captured(self._step, buckets, pool)
+
+    def _step(self, b: int) -> None:
+        model, cfg = self.model, self.model.config
+        batch = self.bounds.batch(b, self.cache.capacity)
+        hidden = model.decode_hidden(self.canvas[:b], batch, self.cache, self.soft[:b])  # [b, C, H]
+        logits = hidden @ model.embed_tokens.weight.T  # [b, C, V] bf16: softcapping happens in the sampler
+        entropy, argmax, sample, noise = fused_sample(
+            logits, self.temperature[:b], self.seeds[:b], self.greedy[:b], cfg.final_logit_softcapping
+        )
+        self.soft[:b].copy_((logits @ model.embed_tokens.weight) * model.embed_scale_t)  # logits now hold probs
+        accepted = entropy_bound_accept(entropy, self.bound[:b])
+        self.canvas[:b].copy_(torch.where(accepted, sample, noise))
+        same = (argmax == self.prev_argmax[:b]).all(dim=-1)
+        self.stable_steps[:b].copy_(torch.where(same, self.stable_steps[:b] + 1, 0))
+        confident = entropy.mean(dim=-1) < self.confidence[:b]
+        self.stop[:b].copy_((self.stable_steps[:b] >= self.stability[:b]) & confident)
+        self.prev_argmax[:b].copy_(argmax)
+        self.argmax[:b].copy_(argmax)
+
+    def start_canvas(self, row: int, prefix_len: int, generator: torch.Generator) -> None:
+        cfg = self.model.config
+        self.canvas[row].copy_(torch.randint(0, cfg.vocab_size, (cfg.canvas_length,), generator=generator,
+                                             device=self.canvas.device))
+        self.soft[row].zero_()
+        self.prev_argmax[row].fill_(-1)
+        self.stable_steps[row] = 0
+        self.bounds.set_row(row, prefix_len, cfg.sliding_window, causal=False)
+
+    def end_canvas(self, row: int) -> None:
+        self.bounds.deactivate(row)
+
+    def step(self, rows: list[int], knobs: list[tuple[float, float, float, int, int, int]]) -> int:
+        """Run one step for `rows`; knobs per row: (temperature, bound, confidence, seed, greedy, stability).
+        Returns the bucket that ran; results are in `stop` and `argmax`."""
+        floats = torch.tensor([[k[0], k[1], k[2]] for k in knobs], dtype=torch.float32)
+        ints = torch.tensor([[k[3], k[4], k[5]] for k in knobs], dtype=torch.int64)
+        index = torch.tensor(rows)
+        dev = self.canvas.device
+        index_d = index.to(dev, non_blocking=True)
+        floats_d, ints_d = floats.to(dev, non_blocking=True), ints.to(dev, non_blocking=True)
+        self.temperature.index_copy_(0, index_d, floats_d[:, 0])
+        self.bound.index_copy_(0, index_d, floats_d[:, 1])
+        self.confidence.index_copy_(0, index_d, floats_d[:, 2])
+        self.seeds.index_copy_(0, index_d, ints_d[:, 0])
+        self.greedy.index_copy_(0, index_d, ints_d[:, 1].to(torch.int32))
+        self.stability.index_copy_(0, index_d, ints_d[:, 2].to(torch.int32))
+        return self.graphs.replay(max(rows) + 1)
+
+
+class GraphedEncoder:
+    """The encoder over `tokens` tokens per row for rows [0, B); with `next_token`, also the greedy next token of
+    each row's last position (autoregressive decoding)."""
+
+    def __init__(self, model: DiffusionGemma, cache: KVCache, tokens: int, buckets: list[int], pool=None,
+                 next_token: bool = False):
+        n = max(buckets)
+        self.model, self.cache, self.next_token = model, cache, next_token
+        self.bounds = _RowBounds(n, tokens, model.device, cache.trash_slot)
+        self.ids = torch.zeros(n, tokens, dtype=torch.long, device=model.device)
+        self.out_token = torch.zeros(n, dtype=torch.long, device=model.device)
+        self.live: set[int] = set()  # rows whose write slots are real (the others write to the trash slot)
+        self.graphs = _Captured(self._step, buckets, pool)
+
+    def _step(self, b: int) -> None:
+        hidden = self.model.encode(self.ids[:b], self.bounds.batch(b, self.cache.capacity), self.cache)
+        if self.next_token:
+            self.out_token[:b].copy_(self.model.logits(hidden[:, -1]).argmax(dim=-1))
+
+    def run(self, rows: list[int], ids: torch.Tensor, prefix_lens: list[int]) -> int:
+        """Encode ids [len(rows), T] after each row's prefix; other rows write nothing."""
+        cfg = self.model.config
+        for row in self.live - set(rows):
+            self.bounds.deactivate(row)
+        for i, row in enumerate(rows):
+            self.bounds.set_row(row, prefix_lens[i], cfg.sliding_window, causal=True)
+        self.live = set(rows)
+        self.ids.index_copy_(0, torch.tensor(rows, device=self.ids.device), ids.to(self.ids.device))
+        return self.graphs.replay(max(rows) + 1)

@@ -1,0 +1,288 @@
+"""Score a checkpoint on freshly generated held-out problems: accuracy, tool calls, speed; and tune its sampler.
+
+`evaluate` generates answers for held-out `tasks.Example`s (prompts no training seed ever produces) through the
+public `LLM` API, exactly as a user's request would run, many rows per batch. An output is read the way the server
+reads it: the thinking channel is split off, tool calls are parsed, and what remains is the answer, compared with
+the independent `checker` after its normalisation. Speed is reported as the engine counts it: generated tokens
+(the stop token included) per decoder forward, and denoising steps per committed canvas.
+
+`sweep` runs the same evaluation over a grid of sampler settings and `choose_settings` picks the fastest one whose
+accuracy is within a tolerance of the best: that choice becomes the checkpoint's generation_config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from dgemma.chat_format import parse_tool_calls, split_reasoning
+from dgemma.errors import ConfigError
+from dgemma.sampling.params import SamplingParams
+from dgemma.train import checker
+from dgemma.train.tasks import FAMILIES, Example, heldout_examples
+
+# The issue's quality bar: exact match on the arithmetic, sorting and string families, correct tool calls, speed.
+BAR_FAMILIES = ("add", "sub", "mul", "sort", "string_ops")
+BAR_ACCURACY = 0.95
+BAR_TOOL_CALLS = 0.95
+BAR_TOKENS_PER_FORWARD = 4.0
+BAR_LATENCY_64_MS = 1000.0
+LATENCY_PROMPT = "Count from 1 to 40."  # its answer is over 100 tokens: the first 64 fill two 32-token canvases
+
+
+@dataclass
+class Score:
+    """Counts for one family (or all of them)."""
+
+    n: int = 0
+    correct: int = 0
+    tool_calls_expected: int = 0  # examples whose correct response is a tool call
+    tool_calls_correct: int = 0  # ... answered with exactly that call
+    generated_tokens: int = 0  # committed tokens plus the stop token, as the engine counts them
+    forwards: int = 0  # decoder forward passes
+    canvases: int = 0
+
+    def add(self, other: "Score") -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else 0.0
+
+    @property
+    def tool_call_accuracy(self) -> float | None:
+        return self.tool_calls_correct / self.tool_calls_expected if self.tool_calls_expected else None
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.generated_tokens / self.forwards if self.forwards else 0.0
+
+    @property
+    def steps_per_canvas(self) -> float:
+        return self.forwards / self.canvases if self.canvases else 0.0
+
+    def summary(self) -> dict:
+        return {"n": self.n, "exact_match": round(self.accuracy, 4),
+                "tool_call_accuracy": None if self.tool_call_accuracy is None else round(self.tool_call_accuracy, 4),
+                "tokens_per_forward": round(self.tokens_per_forward, 3),
+                "steps_per_canvas": round(self.steps_per_canvas, 3)}
+
+
+@dataclass
+class EvalReport:
+    families: dict[str, Score]
+    total: Score
+    settings: dict  # the sampler settings used
+    seconds: float  # wall time of the batched generation
+    batch_size: int
+    device: str
+    latency_64_ms: float | None = None  # one request, 64 new tokens, median of a few runs
+    threads: int = field(default_factory=torch.get_num_threads)
+    failures: list[dict] = field(default_factory=list)  # a few wrong answers, for reading
+
+    def bar(self) -> list[tuple[str, float | None, bool]]:
+        """(criterion, measured value, passed) for the issue's quality bar."""
+        rows = []
+        for family in BAR_FAMILIES:
+            if family in self.families:
+                value = self.families[family].accuracy
+                rows.append((f"{family} exact match >= {BAR_ACCURACY:.0%}", value, value >= BAR_ACCURACY))
+        tool = self.total.tool_call_accuracy
+        if tool is not None:
+            rows.append((f"correct tool calls >= {BAR_TOOL_CALLS:.0%}", tool, tool >= BAR_TOOL_CALLS))
+        tpf = self.total.tokens_per_forward
+        rows.append((f"tokens per forward >= {BAR_TOKENS_PER_FORWARD:g}", tpf, tpf >= BAR_TOKENS_PER_FORWARD))
+        if self.latency_64_ms is not None:
+            rows.append((f"64-token answer < {BAR_LATENCY_64_MS:.0f} ms ({self.threads} threads)", self.latency_64_ms,
+                         self.latency_64_ms < BAR_LATENCY_64_MS))
+        return rows
+
+    def to_json(self) -> dict:
+        return {
+            "total": self.total.summary(),
+            "families": {name: score.summary() for name, score in self.families.items()},
+            "settings": self.settings,
+            "seconds": round(self.seconds, 2),
+            "problems_per_s": round(self.total.n / self.seconds, 2) if self.seconds else None,
+            "batch_size": self.batch_size,
+            "device": self.device,
+            "threads": self.threads,
+            "latency_64_ms": None if self.latency_64_ms is None else round(self.latency_64_ms, 1),
+            "bar": [{"criterion": c, "value": None if v is None else round(v, 4), "passed": ok}
+                    for c, v, ok in self.bar()],
+            "failures": self.failures,
+        }
+
+    def table(self) -> str:
+        lines = [f"{'family':<14} {'n':>4} {'exact':>7} {'tools':>7} {'tok/fwd':>8} {'steps/canvas':>13}"]
+        rows = list(self.families.items()) + [("TOTAL", self.total)]
+        for name, s in rows:
+            tool = "" if s.tool_call_accuracy is None else f"{s.tool_call_accuracy:.1%}"
+            lines.append(f"{name:<14} {s.n:>4} {s.accuracy:>7.1%} {tool:>7} {s.tokens_per_forward:>8.2f} "
+                         f"{s.steps_per_canvas:>13.2f}")
+        lines.append(f"{self.total.n} problems in {self.seconds:.1f} s on {self.device} (batches of {self.batch_size}); "
+                     f"sampler {json.dumps(self.settings, sort_keys=True)}")
+        if self.latency_64_ms is not None:
+            lines.append(f"64-token answer, one request: {self.latency_64_ms:.0f} ms ({self.threads} threads)")
+        for criterion, value, ok in self.bar():
+            shown = "n/a" if value is None else (f"{value:.1%}" if value <= 1 and "exact" in criterion
+                                                  or "tool calls" in criterion else f"{value:.2f}")
+            lines.append(f"[{'PASS' if ok else 'FAIL'}] {criterion}: {shown}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring one output
+# --------------------------------------------------------------------------------------------------
+
+
+def read_output(text: str, tools: list[dict] | None, special_tokens: list[str]) -> tuple[str | None, str, list]:
+    """(reasoning, answer, tool calls) of an output decoded with its special tokens, as the server reads it."""
+    reasoning, content = split_reasoning(text)
+    answer, calls = parse_tool_calls(content, tools)
+    for token in special_tokens:  # leftovers a client would not see (generate skips special tokens)
+        answer = answer.replace(token, "")
+    return reasoning, answer, calls
+
+
+def score_output(example: Example, answer: str, calls: list) -> bool:
+    """Whether the response is right: the exact call when one is expected, else no call and the exact answer."""
+    found = [(call.name, call.arguments) for call in calls]
+    if checker.expects_tool_call(example):
+        return checker.check_tool_call(example, found)
+    return not found and checker.check(example, answer)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    llm,
+    examples: list[Example],
+    params: SamplingParams | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    measure_latency: bool = False,
+    keep_failures: int = 5,
+) -> EvalReport:
+    """Generate an answer for every example (batched, rows stop independently) and score it."""
+    if batch_size <= 0:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    params = llm.params(params)
+    tokenizer = llm.require_tokenizer()
+    special = sorted((tokenizer.id_to_token(i) for i in tokenizer.special_ids), key=len, reverse=True)
+    families: dict[str, Score] = {name: Score() for name in FAMILIES if any(e.family == name for e in examples)}
+    failures: list[dict] = []
+    start = time.perf_counter()
+    for offset in range(0, len(examples), batch_size):
+        chunk = examples[offset : offset + batch_size]
+        prompts = [llm.chat_prompt(e.prompt_messages, tools=e.tools, enable_thinking=e.enable_thinking) for e in chunk]
+        results = llm.generate(prompts, params.with_overrides(seed=seed + offset), skip_special_tokens=False)
+        for example, result in zip(chunk, results):
+            _, answer, calls = read_output(result.text or "", example.tools, special)
+            ok = score_output(example, answer, calls)
+            s = Score(n=1, correct=int(ok), forwards=result.stats.denoising_steps, canvases=result.stats.canvases)
+            s.generated_tokens = round(result.stats.tokens_per_forward * s.forwards)
+            if checker.expects_tool_call(example):
+                s.tool_calls_expected, s.tool_calls_correct = 1, int(ok)
+            families[example.family].add(s)
+            if not ok and len(failures) < keep_failures:
+                failures.append({"family": example.family, "prompt": example.prompt_messages[-1].get("content"),
+                                 "expected": checker.expected_answer(example), "output": result.text})
+    seconds = time.perf_counter() - start
+    total = Score()
+    for score in families.values():
+        total.add(score)
+    settings = {k: v for k, v in asdict(params).items() if k not in ("seed", "eos_token_ids", "stop")}
+    report = EvalReport(families, total, settings, seconds, batch_size, str(llm.model.device), failures=failures)
+    if measure_latency:
+        report.latency_64_ms = latency_64(llm, params)
+    return report
+
+
+def latency_64(llm, params: SamplingParams | None = None, repeats: int = 3) -> float:
+    """Milliseconds for one request to produce a 64-token answer (two canvases of 32), median of `repeats`."""
+    params = llm.params(params).with_overrides(max_new_tokens=64)
+    messages = [{"role": "user", "content": LATENCY_PROMPT}]
+    llm.chat(messages, params.with_overrides(seed=0))  # warm-up: first-call allocations are not the steady state
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        llm.chat(messages, params.with_overrides(seed=i + 1))
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def heldout(seed: int, n: int, families: list[str] | None = None) -> list[Example]:
+    """The evaluation set: `n` held-out problems from the default mixture, or evenly from `families`."""
+    if families:
+        per = max(1, n // len(families))
+        return [e for name in families for e in heldout_examples(seed, per, families=[name])][:n]
+    return heldout_examples(seed, n)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampler tuning
+# --------------------------------------------------------------------------------------------------
+
+# Knobs that trade accuracy for forwards: stopping rule, acceptance bound and temperature schedule.
+SWEEP_GRID: list[dict] = [
+    dict(stability_threshold=stability, confidence_threshold=confidence, entropy_bound=bound, t_min=t_min, t_max=t_max)
+    for stability in (0, 1)
+    for confidence in (0.005, 0.02, 0.1)
+    for bound in (0.1, 1.0)
+    for t_min, t_max in ((0.4, 0.8), (0.1, 0.4))
+]
+
+
+def sweep(llm, examples: list[Example], grid: list[dict] | None = None, base: SamplingParams | None = None,
+          batch_size: int = 64, seed: int = 0, log=None) -> list[tuple[dict, EvalReport]]:
+    """Evaluate every setting of the grid on the same examples and seeds."""
+    results = []
+    base = llm.params(base)
+    for overrides in grid or SWEEP_GRID:
+        report = evaluate(llm, examples, base.with_overrides(**overrides), batch_size=batch_size, seed=seed,
+                          keep_failures=0)
+        results.append((overrides, report))
+        if log is not None:
+            log(sweep_line(overrides, report))
+    return results
+
+
+def sweep_line(overrides: dict, report: EvalReport) -> str:
+    knobs = " ".join(f"{k}={v}" for k, v in overrides.items())
+    return (f"{knobs}: exact {report.total.accuracy:.1%}, tok/fwd {report.total.tokens_per_forward:.2f}, "
+            f"steps/canvas {report.total.steps_per_canvas:.2f}, {report.seconds:.1f} s")
+
+
+def choose_settings(results: list[tuple[dict, EvalReport]], tolerance: float = 0.005) -> tuple[dict, EvalReport]:
+    """The setting with the most tokens per forward among those within `tolerance` of the best accuracy."""
+    if not results:
+        raise ConfigError("the sweep produced no results")
+    best = max(report.total.accuracy for _, report in results)
+    eligible = [(o, r) for o, r in results if r.total.accuracy >= best - tolerance]
+    return max(eligible, key=lambda item: (item[1].total.tokens_per_forward, item[1].total.accuracy))
+
+
+def write_generation_settings(model_dir: str | Path, overrides: dict) -> Path:
+    """Merge sampler settings into a checkpoint's generation_config.json (the entropy bound in sampler_config)."""
+    path = Path(model_dir) / "generation_config.json"
+    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    for key, value in overrides.items():
+        if key == "entropy_bound":
+            data.setdefault("sampler_config", {"_cls_name": "EntropyBoundSamplerConfig"})["entropy_bound"] = value
+        else:
+            data[key] = value
+    SamplingParams.from_generation_config(data)  # refuse to write settings the loader would reject
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,714 @@
+"""`dgemma train`: block-diffusion supervised training of DiffusionGemma-architecture checkpoints, CPU or CUDA.
+
+    tokenizer  (a new byte-level BPE trained on rendered conversations, or the one of --init-from)
+    corpus     (tasks.generate_examples, rendered and tokenized up front, in worker processes)
+    model      (a preset architecture with random weights, or --init-from)
+    loop:      batch -> objective (under bf16 autocast on CUDA) -> backward -> clip -> AdamW
+               warmup, then cosine decay over the run's progress (steps or wall-clock budget, whichever is further)
+               progress bar on stderr, held-out validation loss, resumable state every few minutes
+    export     (the Hugging Face layout dgemma and transformers load; bfloat16 shards, tokenizer, generation config)
+    evaluate   (held-out problems through the exported checkpoint; optionally a sampler sweep that writes the
+               chosen settings into generation_config.json)
+
+The resumable state is one file next to the output, `<out>.train.pt`: model, optimizer, step, data-stream position,
+random states and the tokenizer. Ctrl-C saves it too. Running the same command again resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dgemma.checkpoint.layout import checkpoint_tensors
+from dgemma.checkpoint.random_init import InitScale, build_random_model, write_checkpoint_files
+from dgemma.config import FULL, SLIDING, AttentionSpec, ModelConfig
+from dgemma.errors import ConfigError
+from dgemma.model.diffusion_gemma import DiffusionGemma
+from dgemma.model.moe import Experts
+from dgemma.train.dataset import (BatchSampler, TrainBatch, build_corpus, collate, tokenize_examples,
+                                  tokenizer_corpus)
+from dgemma.train.objective import ObjectiveConfig, block_diffusion_loss
+from dgemma.train.tasks import FAMILIES, heldout_examples
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+# --------------------------------------------------------------------------------------------------
+# Architectures
+# --------------------------------------------------------------------------------------------------
+
+
+def _layers(pattern: str) -> list[str]:
+    return [FULL if c == "F" else SLIDING for c in pattern]
+
+
+def model_preset(name: str, vocab_size: int, eos_token_ids: list[int]) -> ModelConfig:
+    """A training architecture; the vocabulary comes from the tokenizer.
+
+    mini (the shipped dgemma-mini): 8 layers of hidden 256, full attention on layers 2, 5 and 7 (every third and
+    the last) and a 32-token sliding window on the others, 4 query heads (sliding: 2 KV heads of 64; full: 1 KV
+    head of 128, k-as-v, proportional RoPE), a dense MLP of 512 beside 8 experts of width 128 (top 2), and a
+    32-token canvas. With a 1024-token vocabulary: 11,995,088 parameters (tied embedding counted once), 24.0 MB
+    in bfloat16.
+    micro: a 3-layer toy of hidden 64 for tests and CPU smoke runs (same features, 16-token canvas).
+    """
+    common = dict(vocab_size=vocab_size, eos_token_id=list(eos_token_ids), pad_token_id=0, bos_token_id=2)
+    if name == "mini":
+        return ModelConfig(
+            hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_experts=8, top_k_experts=2,
+            num_attention_heads=4, layer_types=_layers("SSFSSFSF"),
+            sliding=AttentionSpec(head_dim=64, num_kv_heads=2, rope_theta=10_000.0),
+            full=AttentionSpec(head_dim=128, num_kv_heads=1, rope_theta=1_000_000.0, partial_rotary_factor=0.25,
+                               has_v_proj=False),
+            sliding_window=32, canvas_length=32, max_position_embeddings=2048, **common,
+        ).validate()
+    if name == "micro":
+        return ModelConfig(
+            hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=8, top_k_experts=2,
+            num_attention_heads=2, layer_types=_layers("SSF"),
+            sliding=AttentionSpec(head_dim=32, num_kv_heads=1, rope_theta=10_000.0),
+            full=AttentionSpec(head_dim=64, num_kv_heads=1, rope_theta=1_000_000.0, partial_rotary_factor=0.25,
+                               has_v_proj=False),
+            sliding_window=16, canvas_length=16, max_position_embeddings=2048, **common,
+        ).validate()
+    raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+
+
+MODEL_PRESETS = ("mini", "micro")
+
+# Sampler defaults written with a new checkpoint (a sweep after training replaces the tuned ones).
+GENERATION_CONFIG = {
+    "max_new_tokens": 256,
+    "max_denoising_steps": 16,
+    "sampler_config": {"entropy_bound": 1.0, "_cls_name": "EntropyBoundSamplerConfig"},
+    "t_min": 0.4,
+    "t_max": 0.8,
+    "stability_threshold": 1,
+    "confidence_threshold": 0.02,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on. Fields that change the model or the data stream must match on resume."""
+
+    out_dir: str  # the exported checkpoint; the resumable state is <out_dir>.train.pt
+    preset: str = "mini"  # architecture of a new model (see model_preset); ignored with init_from
+    init_from: str | None = None  # fine-tune this checkpoint (keeps its architecture and tokenizer)
+    vocab_size: int = 1024  # BPE vocabulary of a new tokenizer
+    tokenizer_examples: int = 20_000  # rendered conversations the tokenizer is trained on
+    train_examples: int = 200_000  # examples generated and tokenized up front (epochs repeat them)
+    families: list[str] | None = None  # task families to train on (default: all)
+    family_weights: dict[str, float] | None = None  # mixture weights (default: each family's own)
+    max_length: int = 1024  # longer examples are dropped
+    batch_size: int = 64  # examples per step
+    max_steps: int | None = None  # stop after this many steps ...
+    time_budget_min: float | None = None  # ... or after this much training time (whichever comes first)
+    lr: float = 2e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # on matrices only (norm weights and scalars are multipliers around 1)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    init_std: float = 0.02  # std of new linear weights ...
+    embed_std: float = 0.05  # ... and of the (tied) embedding
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    device: str | None = None  # default: cuda if available
+    precision: str = "auto"  # "bf16" (autocast, fp32 master weights; CUDA), "fp32"; auto = bf16 on CUDA
+    compile: bool = False  # torch.compile each layer (CUDA: faster steps after a compile pause)
+    moe_impl: str = "auto"  # "dense" (all experts, weighted: no host sync) or "model"; auto = dense on CUDA
+    seed: int = 0
+    workers: int = 0  # processes generating the corpus (0 = up to 16, one per CPU)
+    eval_every: int = 500  # steps between held-out validation losses (0 = only at the end)
+    val_examples: int = 256
+    checkpoint_every_min: float = 2.0  # minutes between saves of the resumable state (0 = only at the end)
+    resume: bool = True  # continue from <out_dir>.train.pt when it exists
+    overwrite: bool = False  # replace an existing out_dir at export
+    log_every_s: float = 30.0  # seconds between progress lines when stderr is not a terminal
+    final_eval: int = 200  # held-out problems scored after export (0 = skip)
+    sweep: bool = False  # after export, sweep sampler settings and write the best into generation_config.json
+    max_shard_mb: float = 15.0  # exported safetensors shard size (MiB)
+    generation_config: dict = field(default_factory=lambda: json.loads(json.dumps(GENERATION_CONFIG)))
+
+    # Fields that may differ between a run and its resumption.
+    RESUMABLE_CHANGES = ("max_steps", "time_budget_min", "resume", "overwrite", "log_every_s", "final_eval",
+                         "sweep", "checkpoint_every_min", "eval_every", "workers", "compile", "max_shard_mb",
+                         "generation_config")
+
+    def validate(self) -> "TrainConfig":
+        if not self.out_dir:
+            raise ConfigError("out_dir is required: the directory the trained checkpoint is written to")
+        if self.init_from is None and self.preset not in MODEL_PRESETS:
+            raise ConfigError(f"preset must be one of {list(MODEL_PRESETS)}, got {self.preset!r}")
+        positive_ints = ("vocab_size", "tokenizer_examples", "train_examples", "max_length", "batch_size",
+                         "val_examples")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "eval_every", "workers", "final_eval", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.max_steps is None and self.time_budget_min is None:
+            raise ConfigError("give max_steps or time_budget_min (or both): training needs an end")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps <= 0):
+            raise ConfigError(f"max_steps must be a positive integer, got {self.max_steps!r}")
+        if self.time_budget_min is not None and not self.time_budget_min > 0:
+            raise ConfigError(f"time_budget_min must be > 0, got {self.time_budget_min!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        for name in ("weight_decay", "grad_clip", "checkpoint_every_min", "log_every_s"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("init_std", "embed_std", "max_shard_mb"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        if self.moe_impl not in ("auto", "dense", "model"):
+            raise ConfigError(f"moe_impl must be 'auto', 'dense' or 'model', got {self.moe_impl!r}")
+        unknown = [f for f in (self.families or []) + list(self.family_weights or {}) if f not in FAMILIES]
+        if unknown:
+            raise ConfigError(f"unknown task families {unknown}; known: {sorted(FAMILIES)}")
+        if self.families is not None and not self.families:
+            raise ConfigError("families is empty: name at least one task family (or leave it unset for all)")
+        self.objective.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        data = dict(data)
+        data["objective"] = ObjectiveConfig(**data.get("objective", {}))
+        return cls(**data)
+
+    @property
+    def state_path(self) -> Path:
+        out = Path(self.out_dir)
+        return out.with_name(out.name + ".train.pt")
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    examples_seen: int
+    encoder_tokens: int
+    canvas_tokens: int
+    train_seconds: float
+    final_loss: float
+    final_diffusion_loss: float
+    final_ar_loss: float
+    val_loss: float | None
+    parameters: int
+    checkpoint_bytes: int
+    timings_s: dict = field(default_factory=dict)
+    eval_report: object | None = None  # evaluate.EvalReport of the exported checkpoint
+    sweep_choice: dict | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Pieces of the loop
+# --------------------------------------------------------------------------------------------------
+
+
+def experts_dense(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up: torch.Tensor,
+                  down: torch.Tensor) -> torch.Tensor:
+    """Routed experts computed densely: every expert on every token, weighted by the router (0 if not chosen).
+
+    x: [N, H]; weights, experts: [N, K]; gate_up: [E, 2I, H]; down: [E, H, I] -> [N, H]. Same function as
+    `moe.experts_loop`; E/K times its expert FLOPs, but three plain batched matmuls with no host synchronisation,
+    which on a GPU is much faster for a small model (the loop reads per-expert token counts back to the host, and
+    the grouped-GEMM path needs bfloat16 inputs, while autocast keeps the normed residual in float32).
+    """
+    mix = torch.zeros(x.shape[0], gate_up.shape[0], dtype=weights.dtype, device=x.device)
+    mix = mix.scatter(1, experts, weights)  # [N, E]
+    gate, up = torch.matmul(x.unsqueeze(0), gate_up.transpose(1, 2)).chunk(2, dim=-1)  # [E, N, I] each
+    out = torch.matmul(F.gelu(gate, approximate="tanh") * up, down.transpose(1, 2))  # [E, N, H]
+    return torch.einsum("enh,ne->nh", out, mix.to(out.dtype)).to(x.dtype)
+
+
+class DenseExperts(Experts):
+    """The experts of a layer in training: `experts_dense` on the same parameters (names unchanged)."""
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        return experts_dense(x, weights, experts, self.gate_up_proj, self.down_proj)
+
+
+def use_dense_experts(model: DiffusionGemma) -> None:
+    """Swap every layer's experts for `DenseExperts` sharing its parameters (the state_dict is unchanged)."""
+    for layer in model.layers:
+        old = layer.experts
+        with torch.device("meta"):
+            new = DenseExperts(1, 1, 1)
+        new.gate_up_proj, new.down_proj = old.gate_up_proj, old.down_proj
+        layer.experts = new
+
+
+def lr_at(config: TrainConfig, step: int, progress: float) -> float:
+    """Linear warmup over warmup_steps, then cosine from lr to lr * min_lr_ratio over the run's progress [0, 1]."""
+    warm = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.lr * warm * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, keep = [], []
+    for p in model.parameters():
+        (decay if p.ndim >= 2 else keep).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # the tied embedding is one parameter: counted once
+
+
+def export_tensors(model: DiffusionGemma, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, tensor) in the Hugging Face layout, as `loader.load_weights` reads it back."""
+    for name, (param_name, _) in checkpoint_tensors(model).items():
+        if param_name.startswith("encoder_layer_scalars["):
+            layer = int(param_name[len("encoder_layer_scalars[") : -1])
+            tensor = model.encoder_layer_scalars[layer : layer + 1]
+        else:
+            tensor = model.get_parameter(param_name)
+        yield name, tensor.detach().to(device="cpu", dtype=dtype).contiguous()
+
+
+class Progress:
+    """One status line on stderr: redrawn in place on a terminal, else printed every `every_s` seconds."""
+
+    def __init__(self, every_s: float, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.every_s = every_s
+        self.last = 0.0
+
+    def update(self, text: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.tty:
+            self.stream.write("\r\033[K" + text)
+            self.stream.flush()
+        elif force or now - self.last >= self.every_s:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+            self.last = now
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _fmt_count(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, callback: Callable[[int, dict], None] | None = None):
+        self.config = config.validate()
+        self.callback = callback
+        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' was requested but CUDA is not available on this machine")
+        precision = config.precision if config.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        out = Path(config.out_dir)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not config.overwrite:
+            raise ConfigError(f"{out}: already exists and is not empty; choose a new directory or pass overwrite")
+        self.timings: dict[str, float] = {}
+        self.tmp = tempfile.TemporaryDirectory(prefix="dgemma-train-")
+        self.tokenizer_dir = Path(self.tmp.name) / "tokenizer"
+
+    # ------------------------------------------------------------------------------------------------
+    def _stage(self, name: str, start: float) -> None:
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+    def _prepare_tokenizer(self, saved: dict | None) -> dict[str, str]:
+        """Tokenizer files (name -> text) from the resumable state, the init checkpoint, or a new BPE."""
+        cfg = self.config
+        if saved is not None:
+            files = saved
+        elif cfg.init_from is not None:
+            from dgemma.checkpoint.loader import resolve_model_path
+
+            source = resolve_model_path(cfg.init_from)
+            files = {name: (source / name).read_text(encoding="utf-8") for name in TOKENIZER_FILES
+                     if (source / name).is_file()}
+        else:
+            from dgemma.checkpoint.tokenizer_builder import build_tokenizer, write_tokenizer_files
+
+            texts = tokenizer_corpus(cfg.seed + 7_777, cfg.tokenizer_examples, cfg.families, cfg.family_weights)
+            write_tokenizer_files(self.tokenizer_dir, build_tokenizer(texts, cfg.vocab_size),
+                                  model_max_length=2048)
+            files = {name: (self.tokenizer_dir / name).read_text(encoding="utf-8") for name in TOKENIZER_FILES}
+        self.tokenizer_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (self.tokenizer_dir / name).write_text(text, encoding="utf-8")
+        return files
+
+    def _build_model(self, tokenizer) -> DiffusionGemma:
+        cfg = self.config
+        if cfg.init_from is not None:
+            from dgemma.checkpoint.loader import load_model
+
+            model, _, _ = load_model(cfg.init_from, torch.float32, self.device)
+        else:
+            eos = [tokenizer.eos_id] + [tokenizer.token_to_id(t) for t in ("<turn|>", "<|tool_response>")]
+            if any(t is None for t in eos):
+                raise ConfigError("the tokenizer lacks the chat markers <turn|> / <|tool_response>")
+            model_config = model_preset(cfg.preset, tokenizer.vocab_size, eos)
+            model = build_random_model(model_config, torch.float32, self.device, seed=cfg.seed,
+                                       scale=InitScale(linear_std=cfg.init_std, embed_std=cfg.embed_std))
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only "
+                              f"{model.config.vocab_size}")
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.train()
+        if cfg.moe_impl == "dense" or (cfg.moe_impl == "auto" and self.device.type == "cuda"):
+            use_dense_experts(model)
+        if cfg.compile:
+            for layer in model.layers:
+                layer.compile(dynamic=True)
+        return model
+
+    def _val_batches(self, tokenizer, canvas_length: int, pad_id: int) -> list[TrainBatch]:
+        cfg = self.config
+        examples = heldout_examples(cfg.seed + 31, cfg.val_examples, cfg.families, cfg.family_weights)
+        corpus = tokenize_examples(tokenizer, examples, cfg.max_length)
+        rng = random.Random(cfg.seed + 32)  # the same corrupted blocks at every evaluation
+        size = min(cfg.batch_size, len(corpus))
+        batches = []
+        for start in range(0, len(corpus) - size + 1, size):
+            rows = [corpus.example(i) for i in range(start, start + size)]
+            batches.append(collate(rows, canvas_length, pad_id, rng).to(self.device))
+        return batches
+
+    @torch.no_grad()
+    def validation_loss(self, model: DiffusionGemma, batches: list[TrainBatch]) -> float:
+        gen = torch.Generator(device=self.device).manual_seed(self.config.seed + 33)  # the same noise every time
+        total = 0.0
+        for batch in batches:
+            with self._autocast():
+                total += float(block_diffusion_loss(model, batch, self.config.objective, gen).loss)
+        return total / max(1, len(batches))
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # ------------------------------------------------------------------------------------------------
+    def _load_state(self) -> dict | None:
+        cfg = self.config
+        path = cfg.state_path
+        if not (cfg.resume and path.is_file()):
+            return None
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        saved = TrainConfig.from_dict(state["config"])
+        changed = [f.name for f in dataclasses.fields(TrainConfig)
+                   if f.name not in TrainConfig.RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(cfg, f.name)]
+        if changed:
+            raise ConfigError(
+                f"{path}: saved by a run with different {', '.join(changed)}; resume with the same settings, "
+                "or delete the file (or pass no-resume) to start over"
+            )
+        return state
+
+    def _save_state(self, model, optimizer, sampler, gen, counters: dict, tokenizer_files: dict) -> None:
+        path = self.config.state_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "config": self.config.to_dict(),
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "counters": dict(counters),
+            "sampler": sampler.state(),
+            "generator": gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            "tokenizer": tokenizer_files,
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg = self.config
+        from dgemma.tokenizer import Tokenizer
+
+        t0 = time.perf_counter()
+        state = self._load_state()
+        tokenizer_files = self._prepare_tokenizer(state["tokenizer"] if state else None)
+        tokenizer = Tokenizer.from_dir(self.tokenizer_dir)
+        self._stage("tokenizer_s", t0)
+
+        t0 = time.perf_counter()
+        model = self._build_model(tokenizer)
+        if state is not None:
+            model.load_state_dict({k: v.to(self.device) for k, v in state["model"].items()})
+        mc = model.config
+        self._stage("model_s", t0)
+
+        t0 = time.perf_counter()
+        workers = cfg.workers or max(1, min(16, os.cpu_count() or 1))
+        corpus = build_corpus(str(self.tokenizer_dir), cfg.seed, cfg.train_examples, cfg.families,
+                              cfg.family_weights, cfg.max_length, workers=workers)
+        val_batches = self._val_batches(tokenizer, mc.canvas_length, mc.pad_token_id)
+        self._stage("data_s", t0)
+        log.info("corpus: %d examples, %s tokens (%.1f mean), built with %d workers in %.1f s", len(corpus),
+                 _fmt_count(int(corpus.lengths.sum())), float(corpus.lengths.float().mean()), workers,
+                 self.timings["data_s"])
+
+        sampler = BatchSampler(corpus, cfg.batch_size, mc.canvas_length, mc.pad_token_id, cfg.seed)
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                      betas=(cfg.beta1, cfg.beta2), fused=fused)
+        gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
+        counters = {"step": 0, "train_seconds": 0.0, "examples": 0, "encoder_tokens": 0, "canvas_tokens": 0}
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            sampler.load_state(state["sampler"])
+            gen.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            if state["cuda_rng"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            counters.update(state["counters"])
+            log.info("resumed %s at step %d (%.1f min trained)", cfg.state_path, counters["step"],
+                     counters["train_seconds"] / 60)
+        params = count_parameters(model)
+        log.info("model: %s parameters (%s), canvas %d, device %s, precision %s, moe %s", f"{params:,}",
+                 cfg.init_from or cfg.preset, mc.canvas_length, self.device,
+                 "bf16 autocast" if self.autocast_dtype else "fp32",
+                 "dense" if isinstance(model.layers[0].experts, DenseExperts) else "model's own")
+
+        losses = self._loop(model, optimizer, sampler, gen, counters, val_batches, tokenizer_files)
+
+        t0 = time.perf_counter()
+        out = self.export(model)
+        self._stage("export_s", t0)
+        result = TrainResult(
+            out_dir=out, steps=counters["step"], examples_seen=counters["examples"],
+            encoder_tokens=counters["encoder_tokens"], canvas_tokens=counters["canvas_tokens"],
+            train_seconds=counters["train_seconds"], final_loss=losses["loss"], final_diffusion_loss=losses["diffusion"],
+            final_ar_loss=losses["ar"], val_loss=losses.get("val"), parameters=params,
+            checkpoint_bytes=sum(p.stat().st_size for p in out.glob("*.safetensors")), timings_s=self.timings,
+        )
+        del model, optimizer
+        if cfg.final_eval or cfg.sweep:
+            self._evaluate(result)
+        return result
+
+    def _loop(self, model, optimizer, sampler, gen, counters, val_batches, tokenizer_files) -> dict:
+        cfg = self.config
+        budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min is not None else None
+        progress_bar = Progress(cfg.log_every_s)
+        window = {"loss": [], "diffusion": [], "ar": [], "accuracy": []}  # device scalars since the last read
+        shown = {"loss": float("nan"), "diffusion": float("nan"), "ar": float("nan"), "accuracy": float("nan")}
+        last_save = time.monotonic()
+        rate_start, rate_tokens = time.perf_counter(), 0
+        val = None
+
+        def progress() -> float:
+            done = counters["step"] / cfg.max_steps if cfg.max_steps else 0.0
+            if budget_s:
+                done = max(done, counters["train_seconds"] / budget_s)
+            return done
+
+        def read_window() -> None:
+            for key, values in window.items():
+                if values:
+                    shown[key] = float(torch.stack(values).mean())  # one host sync per read, not per step
+                    values.clear()
+
+        try:
+            while progress() < 1.0:
+                step_start = time.perf_counter()
+                batch = next(sampler).to(self.device)
+                lr = lr_at(cfg, counters["step"], progress())
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with self._autocast():
+                    parts = block_diffusion_loss(model, batch, cfg.objective, gen)
+                parts.loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                for key, value in (("loss", parts.loss), ("diffusion", parts.diffusion), ("ar", parts.ar),
+                                   ("accuracy", parts.canvas_accuracy)):
+                    window[key].append(value.detach().float())
+                counters["step"] += 1
+                counters["examples"] += batch.input_ids.shape[0]
+                counters["encoder_tokens"] += batch.encoder_tokens
+                counters["canvas_tokens"] += batch.canvas_tokens
+                rate_tokens += batch.encoder_tokens + batch.canvas_tokens
+                if counters["step"] % 10 == 0 or self.device.type != "cuda":
+                    read_window()  # also bounds how far the host runs ahead of the GPU
+
+                step = counters["step"]
+                if cfg.eval_every and step % cfg.eval_every == 0:
+                    t = time.perf_counter()
+                    val = self.validation_loss(model, val_batches)
+                    self._stage("validation_s", t)
+                    log.info("step %d: validation loss %.4f", step, val)
+                if cfg.checkpoint_every_min and time.monotonic() - last_save >= cfg.checkpoint_every_min * 60:
+                    t = time.perf_counter()
+                    self._save_state(model, optimizer, sampler, gen, counters, tokenizer_files)
+                    self._stage("checkpoint_s", t)
+                    last_save = time.monotonic()
+                # The budget is wall-clock: validation and saves inside the loop count too.
+                counters["train_seconds"] += time.perf_counter() - step_start
+                elapsed = time.perf_counter() - rate_start
+                tok_s = rate_tokens / elapsed if elapsed > 0 else 0.0
+                if elapsed > 30:  # a recent rate: restart the window
+                    rate_start, rate_tokens = time.perf_counter(), 0
+                eta = ""
+                if budget_s:
+                    eta = f" | {counters['train_seconds'] / 60:.1f}/{budget_s / 60:.1f} min"
+                elif cfg.max_steps:
+                    eta = f"/{cfg.max_steps}"
+                progress_bar.update(
+                    f"step {step}{eta} | loss {shown['loss']:.4f} (diff {shown['diffusion']:.4f}, "
+                    f"ar {shown['ar']:.4f}) | canvas acc {shown['accuracy']:.3f} | lr {lr:.2e} | "
+                    f"{_fmt_count(tok_s)} tok/s | {_fmt_count(counters['examples'])} ex, epoch {sampler.epoch}"
+                    + ("" if val is None else f" | val {val:.4f}")
+                )
+                if self.callback is not None:
+                    self.callback(step, dict(shown, lr=lr))
+        except KeyboardInterrupt:
+            progress_bar.close()
+            self._save_state(model, optimizer, sampler, gen, counters, tokenizer_files)
+            log.warning("interrupted at step %d: state saved to %s; run the same command to resume",
+                        counters["step"], self.config.state_path)
+            raise
+        read_window()
+        progress_bar.update(
+            f"step {counters['step']} | loss {shown['loss']:.4f} (diff {shown['diffusion']:.4f}, ar {shown['ar']:.4f})"
+            f" | canvas acc {shown['accuracy']:.3f}", force=True)
+        progress_bar.close()
+        t = time.perf_counter()
+        val = self.validation_loss(model, val_batches)
+        self._stage("validation_s", t)
+        t = time.perf_counter()
+        self._save_state(model, optimizer, sampler, gen, counters, tokenizer_files)
+        self._stage("checkpoint_s", t)
+        return dict(shown, val=val)
+
+    # ------------------------------------------------------------------------------------------------
+    def export(self, model: DiffusionGemma) -> Path:
+        """Write the checkpoint (bfloat16, tokenizer, generation config); replaces out_dir only with overwrite."""
+        cfg = self.config
+        out = Path(cfg.out_dir)
+        target = out
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            if not cfg.overwrite:
+                raise ConfigError(f"{out}: already exists and is not empty; choose a new directory or pass overwrite")
+            target = out.with_name(out.name + ".new")
+            shutil.rmtree(target, ignore_errors=True)
+        generation = dict(cfg.generation_config)
+        write_checkpoint_files(target, model.config, export_tensors(model, torch.bfloat16), generation,
+                               self.tokenizer_dir, "bfloat16", max_shard_bytes=int(cfg.max_shard_mb * (1 << 20)))
+        if target != out:
+            old = out.with_name(out.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            target.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        return out
+
+    def _evaluate(self, result: TrainResult) -> None:
+        from dgemma.llm import LLM
+        from dgemma.train import evaluate as ev
+
+        cfg = self.config
+        llm = LLM(result.out_dir, dtype="float32", device=self.device)
+        batch = 256 if self.device.type == "cuda" else 64
+        if cfg.sweep:
+            t = time.perf_counter()
+            examples = ev.heldout(cfg.seed + 101, max(cfg.final_eval, 200), cfg.families)
+            results = ev.sweep(llm, examples, batch_size=batch, seed=cfg.seed,
+                               log=lambda line: print(f"sweep: {line}", file=sys.stderr, flush=True))
+            choice, _ = ev.choose_settings(results)
+            ev.write_generation_settings(result.out_dir, choice)
+            result.sweep_choice = choice
+            llm = LLM(result.out_dir, dtype="float32", device=self.device)
+            self._stage("sweep_s", t)
+        if cfg.final_eval:
+            t = time.perf_counter()
+            examples = ev.heldout(cfg.seed + 202, cfg.final_eval, cfg.families)
+            result.eval_report = ev.evaluate(llm, examples, batch_size=batch, seed=cfg.seed)
+            self._stage("eval_s", t)
+
+
+def train(config: TrainConfig, callback: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Train, export and (optionally) evaluate; see the module docstring."""
+    trainer = Trainer(config, callback)
+    try:
+        return trainer.run()
+    finally:
+        trainer.tmp.cleanup()
+
+
+def summary(result: TrainResult) -> str:
+    """The closing report: what was trained, how well, and where it went."""
+    minutes = result.train_seconds / 60
+    tokens = result.encoder_tokens + result.canvas_tokens
+    lines = [
+        "== dgemma train: done ==",
+        f"steps {result.steps}, examples {_fmt_count(result.examples_seen)}, tokens {_fmt_count(tokens)} "
+        f"(encoder {_fmt_count(result.encoder_tokens)} + canvas {_fmt_count(result.canvas_tokens)}) in "
+        f"{minutes:.2f} min of training ({_fmt_count(tokens / max(result.train_seconds, 1e-9))} tok/s)",
+        f"final loss {result.final_loss:.4f} (diffusion {result.final_diffusion_loss:.4f}, "
+        f"ar {result.final_ar_loss:.4f}); held-out validation loss "
+        + ("n/a" if result.val_loss is None else f"{result.val_loss:.4f}"),
+        f"checkpoint {result.out_dir}: {result.parameters:,} parameters, {result.checkpoint_bytes / 1e6:.1f} MB "
+        f"of bfloat16 safetensors",
+        "timings: " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings_s.items()),
+    ]
+    if result.sweep_choice is not None:
+        lines.append(f"sampler sweep chose {json.dumps(result.sweep_choice, sort_keys=True)} "
+                     "(written to generation_config.json)")
+    if result.eval_report is not None:
+        lines.append("held-out evaluation:")
+        lines.append(result.eval_report.table())
+    return "\n".join(lines)
