@@ -62,10 +62,16 @@ def compare(config, scale, prompt_len, bf16_abs_tol=None):
     canvas = torch.randint(0, config.vocab_size, (1, config.canvas_length), generator=gen)
     soft_logits = 3 * torch.randn(1, config.canvas_length, config.vocab_size, generator=gen)
     _, truth = run(build_random_model(config, "float32", "cpu", seed=1, scale=scale), prompt, canvas, soft_logits)
-    gpu32 = build_random_model(config, "float32", "cuda", seed=1, scale=scale)
+
+    def on_gpu(dtype):  # the same weights (a CUDA generator would draw different ones)
+        model = build_random_model(config, "float32", "cpu", seed=1, scale=scale).to("cuda", dtype)
+        model.reset_buffers(torch.device("cuda"))
+        return model
+
+    gpu32 = on_gpu(torch.float32)
     _, ours32 = run(gpu32, prompt, canvas, soft_logits)
     del gpu32
-    gpu16 = build_random_model(config, "bfloat16", "cuda", seed=1, scale=scale)
+    gpu16 = on_gpu(torch.bfloat16)
     _, ours16 = run(gpu16, prompt, canvas, soft_logits)
     ref16 = reference_logits(gpu16, prompt, canvas, soft_logits)
     agree = lambda a: (a.argmax(-1) == truth.argmax(-1)).float().mean().item()  # noqa: E731
@@ -85,10 +91,11 @@ def test_tiny_preset_on_gpu_matches_cpu_float32():
 
 def test_a_slice_of_the_full_size_model_on_gpu_matches_cpu_float32():
     """Two layers (one sliding, one full: head_dim 512, k-as-v, proportional RoPE) of the released shapes,
-    128 experts top-8, the 262144-token vocabulary, a prompt longer than the 1024-token window. With the
-    released initialisation scale (0.02) the model is not chaotic, so bf16 must also be within 3% absolutely."""
+    128 experts top-8, the 262144-token vocabulary, a prompt longer than the 1024-token window. Random routers
+    give near-ties among 128 experts, and bf16 rounding flips some top-8 choices (in the reference too), so the
+    bound is relative to the reference's own bf16 error, plus the argmax agreement."""
     config = replace(preset("26b-a4b"), layer_types=[SLIDING, FULL])
-    compare(config, InitScale(embed_std=0.02, perturb=0.1), prompt_len=1200, bf16_abs_tol=3e-2)
+    compare(config, InitScale(embed_std=0.02, perturb=0.1), prompt_len=1200)
 
 
 def test_fused_sampler_matches_torch_on_gpu():

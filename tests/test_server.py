@@ -211,6 +211,20 @@ def test_tool_call_round_trip_renders_the_call_and_the_result(server, client):
     assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
+def test_earlier_thoughts_are_dropped_from_the_prompt(server):
+    def count(assistant):
+        messages = [*HELLO, assistant, {"role": "user", "content": "And then?"}]
+        return post(server, "/tokenize", {"messages": messages}).json()["count"]
+    plain = {"role": "assistant", "content": "Hi."}
+    assert count({**plain, "reasoning_content": "A long earlier thought."}) == count(plain)
+
+
+def test_null_fields_mean_not_set(client, server):
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 8, "max_denoising_steps": 4, "top_p": None,
+            "logprobs": None, "some_future_field": None}
+    assert post(server, "/v1/chat/completions", body).status_code == 200
+
+
 def test_drafts_show_the_canvas_forming(client):
     stream = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=64, stream=True,
                                             stream_options={"include_drafts": True},
@@ -218,8 +232,9 @@ def test_drafts_show_the_canvas_forming(client):
                                                         "ignore_eos": True})
     chunks = [c for c in stream if c.choices]
     drafts = [c.choices[0].draft for c in chunks[1:]]
-    steps = [(d["canvas"], d["step"]) for d in drafts if d["text"]]
+    steps = [(d["canvas"], d["step"]) for d in drafts if d["step"]]
     assert steps == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]  # the 4th step of a canvas commits it
+    assert all(d["text"] for d in drafts if d["step"])  # ignore_eos: no draft is cut at an EOS
 
 
 def test_same_seed_same_output_and_n_choices_differ(client):

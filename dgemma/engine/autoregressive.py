@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dgemma.engine.denoisers import use_cuda_graphs
 from dgemma.model.attention import AttentionBatch
 from dgemma.model.diffusion_gemma import DiffusionGemma
 from dgemma.model.kv_cache import KVCache
@@ -59,6 +60,11 @@ def generate_ar(
     sync()
     prefill_ms = (time.perf_counter() - start) * 1e3
 
+    graph = None
+    if temperature == 0 and use_cuda_graphs(model):
+        from dgemma.engine.cuda_graphs import GraphedEncoder
+
+        graph = GraphedEncoder(model, cache, 1, [b], next_token=True)  # one launch per token, not ~1000
     outputs: list[list[int]] = [[] for _ in range(b)]
     done = [False] * b
     reasons = ["length"] * b
@@ -75,6 +81,10 @@ def generate_ar(
         if all(done) or step == max_new_tokens - 1:
             break
         prefix = [n + step for n in lengths]
+        if graph is not None:
+            graph.run(rows, next_token[:, None], prefix)
+            next_token = graph.out_token[:b].clone()
+            continue
         batch = AttentionBatch.for_encoder(rows, prefix, [1] * b, model.config.sliding_window, cache)
         hidden = model.encode(next_token[:, None], batch, cache)  # [B, 1, H]
         next_token = _pick(model.logits(hidden[:, 0]), temperature, gen)

@@ -22,6 +22,7 @@ class Phase(enum.Enum):
 @dataclass
 class RequestStats:
     arrival_s: float = field(default_factory=time.perf_counter)
+    admitted_s: float | None = None  # when it got a cache row (queueing ends)
     prefill_ms: float = 0.0  # encoder time of the steps that encoded this prompt
     encode_ms: float = 0.0  # encoder time of the steps that encoded committed canvases
     denoise_ms: float = 0.0  # decoder + sampler time of the steps this request took part in

@@ -11,6 +11,8 @@ Every engine step runs at most one encoder batch and one decoder batch. The plan
 
 from __future__ import annotations
 
+import heapq
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -66,7 +68,9 @@ class Scheduler:
         self.config = config
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admitted, in admission order
-        self.free_rows: list[int] = list(range(config.max_num_seqs - 1, -1, -1))  # pop() gives row 0 first
+        # A heap: the lowest free row goes first, so busy rows stay packed at the bottom of the cache (CUDA-graph
+        # steps run over rows [0, B)).
+        self.free_rows: list[int] = list(range(config.max_num_seqs))
         self._ids: set[str] = set()
 
     # ------------------------------------------------------------------------------------------------------
@@ -117,7 +121,7 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         if request.row is not None:
-            self.free_rows.append(request.row)
+            heapq.heappush(self.free_rows, request.row)
             request.row = None
         self._ids.discard(request.request_id)
 
@@ -136,8 +140,9 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         while self.waiting and self.free_rows:
             request = self.waiting.popleft()
-            request.row = self.free_rows.pop()
+            request.row = heapq.heappop(self.free_rows)
             request.phase = Phase.ENCODING
+            request.stats.admitted_s = time.perf_counter()
             self.running.append(request)
 
         plan = StepPlan()

@@ -3,7 +3,7 @@
 For each position, from the bfloat16 LM-head output `l`:
     x = cap * tanh(l / cap)        (final softcapping, in float32, as the reference does after its matmul)
     z = x / T_row                  (the step's temperature)
-    entropy(softmax(z)), argmax(z), a sample of softmax(z) by Gumbel-max, one uniform noise token,
+    entropy(softmax(z)), argmax(z), a sample of softmax(z) (inverse CDF), one uniform noise token,
 and, in a second pass, softmax(bf16(z)) written back over the logits in bfloat16: the self-conditioning input
 (the reference rounds z to the weight dtype before its softmax). So the step never materialises a float32
 [B, C, V] tensor, and the whole step has no host synchronisation.
@@ -64,17 +64,18 @@ def _fused_sample_kernel(
     pos = n % C
     temp = tl.load(temp_ptr + row)
     seed = tl.load(seed_ptr + row)
+    greedy = tl.load(greedy_ptr + row)
     base = logits_ptr + n.to(tl.int64) * stride_n
     cols = tl.arange(0, BLOCK)
 
-    m = -float("inf")  # running max of z
-    s = 0.0  # sum exp(z - m)
-    t = 0.0  # sum exp(z - m) * z
+    # Pass 1: softmax statistics of z (max m, sum s, and sum of e*z for the entropy), the argmax, and the
+    # statistics of bf16(z) for the self-conditioning softmax.
+    m = -float("inf")
+    s = 0.0
+    t = 0.0
     best = -float("inf")
     best_idx = 0
-    g_best = -float("inf")
-    g_idx = 0
-    mb = -float("inf")  # the same two statistics for bf16(z), for the self-conditioning softmax
+    mb = -float("inf")
     sb = 0.0
     for start in range(0, V, BLOCK):
         idx = start + cols
@@ -88,37 +89,39 @@ def _fused_sample_kernel(
         s = s * scale + tl.sum(e, 0)
         t = t * scale + tl.sum(tl.where(valid, e * z, 0.0), 0)
         m = new_m
-        block_arg = tl.argmax(z, 0)
-        best_idx = tl.where(block_max > best, start + block_arg, best_idx)
+        best_idx = tl.where(block_max > best, start + tl.argmax(z, 0), best_idx)
         best = tl.maximum(best, block_max)
-        u = tl.rand(seed, pos * V + idx)
-        g = tl.where(valid, z - tl.log(-tl.log(u + 1e-20) + 1e-20), -float("inf"))
-        g_max = tl.max(g, 0)
-        g_idx = tl.where(g_max > g_best, start + tl.argmax(g, 0), g_idx)
-        g_best = tl.maximum(g_best, g_max)
         zb = tl.where(valid, z.to(tl.bfloat16).to(tl.float32), -float("inf"))
         new_mb = tl.maximum(mb, tl.max(zb, 0))
         sb = sb * tl.exp(mb - new_mb) + tl.sum(tl.where(valid, tl.exp(zb - new_mb), 0.0), 0)
         mb = new_mb
 
-    entropy = m + tl.log(s) - t / s
-    greedy = tl.load(greedy_ptr + row)
-    tl.store(entropy_ptr + n, entropy)
+    tl.store(entropy_ptr + n, m + tl.log(s) - t / s)
     tl.store(argmax_ptr + n, best_idx.to(tl.int64))
-    tl.store(sample_ptr + n, tl.where(greedy != 0, best_idx, g_idx).to(tl.int64))
-    noise_u = tl.rand(seed, C * V + pos)
-    noise = tl.minimum((noise_u * V).to(tl.int32), V - 1)
-    tl.store(noise_ptr + n, noise.to(tl.int64))
+    noise_u = tl.rand(seed, C + pos)
+    tl.store(noise_ptr + n, tl.minimum((noise_u * V).to(tl.int32), V - 1).to(tl.int64))
 
-    if WRITE_PROBS:
-        inv_sb = 1.0 / sb
-        for start in range(0, V, BLOCK):
-            idx = start + cols
-            valid = idx < V
-            z = _scaled(tl.load(base + idx, mask=valid, other=0.0), cap, temp, HAS_CAP, LIBDEVICE)
+    # Pass 2: inverse-CDF sampling from softmax(z) with one uniform number per position (the first index whose
+    # running sum exceeds u * s), and the self-conditioning probabilities written over the logits.
+    target = tl.rand(seed, pos) * s
+    carry = 0.0
+    sample_idx = V
+    inv_sb = 1.0 / sb
+    for start in range(0, V, BLOCK):
+        idx = start + cols
+        valid = idx < V
+        z = _scaled(tl.load(base + idx, mask=valid, other=0.0), cap, temp, HAS_CAP, LIBDEVICE)
+        e = tl.where(valid, tl.exp(z - m), 0.0)
+        running = tl.cumsum(e, 0) + carry
+        hit = tl.min(tl.where(valid & (running > target), idx, V), 0)
+        sample_idx = tl.minimum(sample_idx, hit)
+        carry += tl.sum(e, 0)
+        if WRITE_PROBS:
             zb = z.to(tl.bfloat16).to(tl.float32)
-            p = tl.exp(zb - mb) * inv_sb
-            tl.store(base + idx, p.to(tl.bfloat16), mask=valid)
+            tl.store(base + idx, (tl.exp(zb - mb) * inv_sb).to(tl.bfloat16), mask=valid)
+    # Rounding can leave the total a hair under u * s: fall back to the argmax (probability ~1e-7).
+    sample_idx = tl.where(sample_idx >= V, best_idx, sample_idx)
+    tl.store(sample_ptr + n, tl.where(greedy != 0, best_idx, sample_idx).to(tl.int64))
 
 
 def fused_sample(

@@ -133,9 +133,30 @@ class Attention(nn.Module):
             keys = keys.index_select(0, batch.rows)[:, start : batch.kv_len]
             values = values.index_select(0, batch.rows)[:, start : batch.kv_len]
 
+        mask = batch.masks[kind]
+        if q.is_cuda and d > 256:
+            # No fused kernel takes head_dim 512 (full layers); SDPA would fall back to float32 math.
+            return self.o_proj(grouped_attention(q, keys, values, mask).reshape(b, t, self.num_heads * d))
         # Gemma 4 attention has scale 1.0: q and k are RMS-normalised instead of scaled by 1/sqrt(d).
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=batch.masks[kind], scale=1.0, enable_gqa=True,
+            attn_mask=mask, scale=1.0, enable_gqa=True,
         )  # [B, Hq, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * d))
+
+
+def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention as two batched matmuls in the activation dtype (as the reference's eager path computes it),
+    with the query heads of a KV head stacked so keys are never repeated.
+
+    q: [B, T, Hq, D]; keys, values: [B, S, Hkv, D]; mask: [B, 1, T, S] -> [B, T, Hq, D].
+    """
+    b, t, hq, d = q.shape
+    s, hkv = keys.shape[1], keys.shape[2]
+    g = hq // hkv
+    qg = q.view(b, t, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * t, d)  # [B, Hkv, G*T, D]
+    scores = torch.matmul(qg, keys.permute(0, 2, 3, 1))  # [B, Hkv, G*T, S], scale 1.0
+    scores = scores.view(b, hkv, g, t, s).masked_fill(~mask[:, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).view(b, hkv, g * t, s)
+    out = torch.matmul(probs, values.permute(0, 2, 1, 3))  # [B, Hkv, G*T, D]
+    return out.view(b, hkv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, hq, d)

@@ -69,6 +69,7 @@ def parse_body(model: type[BaseModel], body: Any) -> BaseModel:
     """Validate a JSON body; pydantic's errors become one 400 naming each offending field."""
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}")
+    body = {k: v for k, v in body.items() if v is not None}  # a top-level null means "not set"
     try:
         return model.model_validate(body)
     except ValidationError as exc:
@@ -496,7 +497,7 @@ class _Run:
         self.choices = choices
         self.prompt_tokens = prompt_tokens
         self.include_drafts = include_drafts
-        self.eos = [r.params.eos_token_ids for r in group.requests]
+        self.eos = [() if r.params.ignore_eos else r.params.eos_token_ids for r in group.requests]  # draft cuts
         self.stats = [None] * len(choices)
         self.reasons: list[str | None] = [None] * len(choices)
 

@@ -313,15 +313,16 @@ class Progress:
         self.every_s = every_s
         self.last = 0.0
 
+    def due(self) -> bool:
+        """Whether a line would be shown now (terminals redraw twice a second)."""
+        return time.monotonic() - self.last >= (0.5 if self.tty else self.every_s)
+
     def update(self, text: str, force: bool = False) -> None:
-        now = time.monotonic()
-        if self.tty:
-            self.stream.write("\r\033[K" + text)
-            self.stream.flush()
-        elif force or now - self.last >= self.every_s:
-            self.stream.write(text + "\n")
-            self.stream.flush()
-            self.last = now
+        if not (force or self.due()):
+            return
+        self.stream.write(("\r\033[K" + text) if self.tty else (text + "\n"))
+        self.stream.flush()
+        self.last = time.monotonic()
 
     def close(self) -> None:
         if self.tty:
@@ -406,6 +407,9 @@ class Trainer:
         if cfg.moe_impl == "dense" or (cfg.moe_impl == "auto" and self.device.type == "cuda"):
             use_dense_experts(model)
         if cfg.compile:
+            # One code object serves every layer, in several variants (layer type, encoder / decoder, with and
+            # without gradient): allow more cached graphs than the default 8 before dynamo falls back to eager.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             for layer in model.layers:
                 layer.compile(dynamic=True)
         return model
@@ -582,8 +586,8 @@ class Trainer:
                 counters["encoder_tokens"] += batch.encoder_tokens
                 counters["canvas_tokens"] += batch.canvas_tokens
                 rate_tokens += batch.encoder_tokens + batch.canvas_tokens
-                if counters["step"] % 10 == 0 or self.device.type != "cuda":
-                    read_window()  # also bounds how far the host runs ahead of the GPU
+                if counters["step"] % 10 == 0:
+                    read_window()  # a 10-step mean; the host sync also bounds how far the host runs ahead
 
                 step = counters["step"]
                 if cfg.eval_every and step % cfg.eval_every == 0:
@@ -602,6 +606,13 @@ class Trainer:
                 tok_s = rate_tokens / elapsed if elapsed > 0 else 0.0
                 if elapsed > 30:  # a recent rate: restart the window
                     rate_start, rate_tokens = time.perf_counter(), 0
+                if self.callback is not None:  # this step's values (a host sync: callbacks are for tests, tools)
+                    self.callback(step, {"loss": float(parts.loss), "diffusion": float(parts.diffusion),
+                                         "ar": float(parts.ar), "canvas_accuracy": float(parts.canvas_accuracy),
+                                         "lr": lr})
+                if not progress_bar.due():
+                    continue
+                read_window()
                 eta = ""
                 if budget_s:
                     eta = f" | {counters['train_seconds'] / 60:.1f}/{budget_s / 60:.1f} min"
@@ -613,8 +624,6 @@ class Trainer:
                     f"{_fmt_count(tok_s)} tok/s | {_fmt_count(counters['examples'])} ex, epoch {sampler.epoch}"
                     + ("" if val is None else f" | val {val:.4f}")
                 )
-                if self.callback is not None:
-                    self.callback(step, dict(shown, lr=lr))
         except KeyboardInterrupt:
             progress_bar.close()
             self._save_state(model, optimizer, sampler, gen, counters, tokenizer_files)
@@ -646,6 +655,11 @@ class Trainer:
             target = out.with_name(out.name + ".new")
             shutil.rmtree(target, ignore_errors=True)
         generation = dict(cfg.generation_config)
+        # A response ends with <turn|> (an answer) or <|tool_response> (a tool call); training fills the rest of its
+        # last canvas with <pad>, so <pad> also means "the answer is over": a canvas that lost its end marker but
+        # went on to padding stops there instead of denoising canvases of padding up to max_new_tokens.
+        generation.setdefault("eos_token_id", list(dict.fromkeys([*model.config.eos_token_id,
+                                                                   model.config.pad_token_id])))
         write_checkpoint_files(target, model.config, export_tensors(model, torch.bfloat16), generation,
                                self.tokenizer_dir, "bfloat16", max_shard_bytes=int(cfg.max_shard_mb * (1 << 20)))
         if target != out:

@@ -1,0 +1,322 @@
+"""Specifications for `dgemma train`: the data it sees, the objective, the loop, resumption and the exported checkpoint.
+
+Everything runs on CPU with the `micro` preset (a 3-layer, hidden-64 model) and a few thousand examples, so the
+whole file takes well under a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from dgemma.chat_format import parse_tool_calls
+from dgemma.cli import main
+from dgemma.errors import ConfigError
+from dgemma.model.moe import experts_loop
+from dgemma.tokenizer import Tokenizer
+from dgemma.train import checker
+from dgemma.train.dataset import IGNORE, canvas_block, chat_renderer, collate, encode_example, response_text
+from dgemma.train.evaluate import EvalReport, Score, choose_settings, read_output, score_output
+from dgemma.train.objective import ObjectiveConfig, block_diffusion_loss, corrupt
+from dgemma.train.tasks import generate_examples
+from dgemma.train.trainer import TrainConfig, experts_dense, model_preset, train
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+STEPS = 40
+
+
+def micro_config(out, **changes) -> TrainConfig:
+    """A small, fast, fully deterministic run (max_steps, not a time budget, ends it)."""
+    base = dict(out_dir=str(out), preset="micro", vocab_size=400, tokenizer_examples=1500, train_examples=1500,
+                batch_size=16, max_steps=STEPS, warmup_steps=5, lr=3e-3, eval_every=0, val_examples=16,
+                checkpoint_every_min=0, final_eval=0, device="cpu", workers=1, seed=3)
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(TrainResult, per-step losses) of one micro run, exported to disk."""
+    losses = []
+    result = train(micro_config(tmp_path_factory.mktemp("run") / "model"),
+                   callback=lambda step, m: losses.append(m["loss"]))
+    return result, losses
+
+
+@pytest.fixture(scope="module")
+def renderer():
+    return chat_renderer()
+
+
+def first_of(family: str, n: int = 30):
+    return generate_examples(5, n, families=[family])
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+
+def test_text_answer_response_is_the_target_turn_ending_at_turn_end(renderer):
+    example = first_of("add")[0]
+    prompt, response = response_text(renderer, example)
+    assert prompt.endswith("<|turn>model\n")
+    assert response == example.answer + "<turn|>"
+
+
+def test_thinking_response_writes_the_thought_channel_before_the_answer(renderer):
+    example = first_of("thinking")[0]
+    prompt, response = response_text(renderer, example)
+    assert "<|think|>" in prompt
+    reasoning = example.target["reasoning_content"]
+    assert response == f"<|channel>thought\n{reasoning}\n<channel|>{example.answer}<turn|>"
+
+
+def test_tool_call_response_is_the_call_and_stops_at_tool_response(renderer):
+    example = next(e for e in first_of("tool_call") if checker.expects_tool_call(e))
+    _, response = response_text(renderer, example)
+    assert response.startswith("<|tool_call>call:") and response.endswith("<tool_call|><|tool_response>")
+    _, calls = parse_tool_calls(response[: -len("<|tool_response>")], example.tools)
+    assert checker.check_tool_call(example, [(c.name, c.arguments) for c in calls])
+
+
+def test_answer_after_a_tool_response_continues_the_model_turn(renderer):
+    example = first_of("tool_answer")[0]
+    prompt, response = response_text(renderer, example)
+    assert prompt.endswith("<tool_response|>")
+    assert response == example.answer + "<turn|>"
+
+
+def test_prompt_ids_are_exactly_what_chat_generation_feeds_the_model(trained):
+    result, _ = trained
+    tokenizer = Tokenizer.from_dir(result.out_dir)
+    for family in ("add", "thinking", "tool_call", "multi_turn"):
+        example = first_of(family)[0]
+        prompt_ids, _ = encode_example(tokenizer, example)
+        assert prompt_ids == tokenizer.apply_chat(example.prompt_messages, tools=example.tools,
+                                                  enable_thinking=example.enable_thinking)
+
+
+def test_corrupted_blocks_are_canvas_aligned_and_padded_after_the_response():
+    c, prompt_len = 4, 5
+    ids = list(range(10, 10 + prompt_len + 10))  # a 10-token response: blocks of 4, 4 and 2 tokens
+    for block, real in ((0, 4), (1, 4), (2, 2)):
+        prefix, n = canvas_block(prompt_len, len(ids), c, block)
+        assert (prefix, n) == (prompt_len + block * c, real)
+    seen = set()
+    for seed in range(20):
+        batch = collate([(ids, prompt_len)], c, pad_id=0, rng=random.Random(seed))
+        prefix = batch.prefix_lens[0]
+        assert (prefix - prompt_len) % c == 0
+        n = min(c, len(ids) - prefix)
+        assert batch.canvas[0, :n].tolist() == ids[prefix : prefix + n]
+        assert batch.canvas[0, n:].tolist() == [0] * (c - n)
+        assert batch.canvas_real[0].tolist() == [True] * n + [False] * (c - n)
+        seen.add(prefix)
+    assert seen == {5, 9, 13}  # every block gets drawn
+
+
+def test_autoregressive_targets_cover_only_the_response():
+    prompt_len, ids = 3, [2, 7, 8, 20, 21, 22]
+    batch = collate([(ids, prompt_len), ([2, 7, 30], 2)], 4, pad_id=0, rng=random.Random(0))
+    assert batch.ar_targets[0].tolist() == [IGNORE, IGNORE, 20, 21, 22, IGNORE]
+    assert batch.ar_targets[1].tolist() == [IGNORE, 30, IGNORE, IGNORE, IGNORE, IGNORE]
+    assert batch.input_ids[1].tolist() == [2, 7, 30, 0, 0, 0]
+
+
+# --- objective -------------------------------------------------------------------------------------
+
+
+def test_corruption_replaces_tokens_with_probability_t():
+    canvas = torch.zeros(4, 4000, dtype=torch.long)
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    noisy = corrupt(canvas, t, vocab_size=1000, generator=torch.Generator().manual_seed(0))
+    changed = (noisy != 0).float().mean(-1)
+    # A replaced token stays 0 with probability 1/1000; 4000 draws give a standard error below 0.008.
+    assert changed[0] == 0
+    for got, want in zip(changed[1:].tolist(), (0.25, 0.5, 1.0)):
+        assert abs(got - want * 0.999) < 0.03
+
+
+def test_dense_experts_compute_the_same_function_as_the_model_experts():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 16, generator=gen)
+    gate_up, down = torch.randn(8, 24, 16, generator=gen), torch.randn(8, 16, 12, generator=gen)
+    weights, experts = torch.softmax(torch.randn(50, 8, generator=gen), -1).topk(2)
+    dense = experts_dense(x, weights, experts, gate_up, down)
+    loop = experts_loop(x, weights, experts, gate_up, down)
+    assert (dense - loop).abs().max() < 1e-4  # same float32 products, summed in another order
+
+
+def test_loss_gradients_reach_encoder_decoder_and_self_conditioning():
+    from dgemma.checkpoint.random_init import build_random_model
+
+    model = build_random_model(model_preset("micro", 64, [1]), "float32", "cpu", seed=0)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    rows = [([2, 5, 6, 7, 8, 9, 10, 11, 12], 3), ([2, 5, 6, 40, 41], 3)]
+    batch = collate(rows, model.config.canvas_length, 0, random.Random(0))
+    parts = block_diffusion_loss(model, batch, ObjectiveConfig(self_cond_prob=1.0), torch.Generator().manual_seed(0))
+    parts.loss.backward()
+    assert math.isfinite(float(parts.loss)) and float(parts.ar) > 0 and float(parts.diffusion) > 0
+    assert model.encoder_layer_scalars.grad.abs().sum() > 0  # the encoder (AR loss and, through the cache, diffusion)
+    assert model.layers[0].layer_scalar.grad.abs().sum() > 0  # the decoder
+    assert model.self_conditioning.gate_proj.weight.grad.abs().sum() > 0  # the two-pass self-conditioning
+
+
+def test_without_self_conditioning_its_mlp_gets_no_gradient():
+    from dgemma.checkpoint.random_init import build_random_model
+
+    model = build_random_model(model_preset("micro", 64, [1]), "float32", "cpu", seed=0)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    batch = collate([([2, 5, 6, 7, 8, 9], 3)], model.config.canvas_length, 0, random.Random(0))
+    block_diffusion_loss(model, batch, ObjectiveConfig(self_cond_prob=0.0)).loss.backward()
+    assert model.self_conditioning.gate_proj.weight.grad.abs().sum() == 0  # zero input: the first-step case
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+
+def test_tiny_training_run_loss_falls_clearly(trained):
+    _, losses = trained
+    assert len(losses) == STEPS
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.6 * first, (first, last)
+
+
+def test_export_loads_in_dgemma_and_the_reference_with_the_same_logits(trained):
+    """The exported (bfloat16) checkpoint read by both, in float32: logits within 1e-4 (rounding only)."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+    from transformers.cache_utils import DynamicCache
+
+    from dgemma.checkpoint.loader import load_model
+    from dgemma.model.attention import AttentionBatch
+    from dgemma.model.kv_cache import KVCache
+
+    result, _ = trained
+    ours, _, _ = load_model(result.out_dir, "float32", "cpu")
+    reference = DiffusionGemmaForBlockDiffusion.from_pretrained(result.out_dir, dtype=torch.float32).eval()
+    tokenizer = Tokenizer.from_dir(result.out_dir)
+    ids = torch.tensor([tokenizer.apply_chat([{"role": "user", "content": "Sort these numbers: 5, 3, 9, 1, 7, 2"}])])
+    cfg = ours.config
+    assert ids.shape[1] > cfg.sliding_window  # the prompt crosses the window
+    canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=torch.Generator().manual_seed(0))
+    sc_logits = 3 * torch.randn(1, cfg.canvas_length, cfg.vocab_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref_cache = DynamicCache(config=reference.config.get_text_config())
+        reference.model.encoder(input_ids=ids, past_key_values=ref_cache)
+        ref = reference(decoder_input_ids=canvas, past_key_values=ref_cache, self_conditioning_logits=sc_logits).logits
+        cache = KVCache(cfg, 1, 256, torch.float32, torch.device("cpu"))
+        n = ids.shape[1]
+        ours.encode(ids, AttentionBatch.for_encoder([0], [0], [n], cfg.sliding_window, cache), cache)
+        logits = ours.decode(canvas, AttentionBatch.for_decoder([0], [n], cfg.canvas_length, cfg.sliding_window, cache),
+                             cache, ours.soft_embedding(sc_logits))
+    assert (logits - ref).abs().max() < 1e-4
+
+
+def test_export_is_a_complete_bfloat16_checkpoint(trained):
+    result, _ = trained
+    out = result.out_dir
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and config["model_type"] == "diffusion_gemma"
+    generation = json.loads((out / "generation_config.json").read_text())
+    tokenizer = Tokenizer.from_dir(out)
+    ends = {tokenizer.token_to_id(t) for t in ("<eos>", "<turn|>", "<|tool_response>", "<pad>")}
+    assert set(generation["eos_token_id"]) == ends  # every way a response ends (and the padding after it) stops
+    assert not (out.parent / (out.name + ".train.pt.tmp")).exists()
+    assert (out.parent / (out.name + ".train.pt")).is_file()
+
+
+def test_interrupted_run_resumes_to_exactly_the_uninterrupted_weights(tmp_path):
+    steps = 6
+    straight = train(micro_config(tmp_path / "a", max_steps=steps))
+
+    def interrupt(step, _):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    config = micro_config(tmp_path / "b", max_steps=steps)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, callback=interrupt)
+    assert torch.load(config.state_path, weights_only=False)["counters"]["step"] == 3
+    resumed = train(config)
+    assert resumed.steps == straight.steps == steps
+    a = torch.load(tmp_path / "a.train.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b.train.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_state_saved_with_other_settings(tmp_path):
+    train(micro_config(tmp_path / "m", max_steps=2))
+    with pytest.raises(ConfigError, match="lr"):
+        train(micro_config(tmp_path / "m", max_steps=4, lr=1e-3, overwrite=True))
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(batch_size=0), "batch_size"),
+    (dict(max_steps=None, time_budget_min=None), "max_steps"),
+    (dict(lr=-1.0), "lr"),
+    (dict(preset="huge"), "preset"),
+    (dict(families=["arithmetic"]), "families"),
+    (dict(precision="fp8"), "precision"),
+    (dict(objective=ObjectiveConfig(min_noise=0.0)), "min_noise"),
+    (dict(objective=ObjectiveConfig(self_cond_prob=1.5)), "self_cond_prob"),
+])
+def test_train_config_names_the_bad_field(tmp_path, changes, field):
+    with pytest.raises(ConfigError, match=field):
+        micro_config(tmp_path / "x", **changes).validate()
+
+
+def test_an_existing_output_is_refused_before_training(tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="already exists"):
+        train(micro_config(out))
+
+
+# --- evaluation ------------------------------------------------------------------------------------
+
+
+def test_outputs_are_read_like_the_server_reads_them():
+    thinking = first_of("thinking")[0]
+    text = f"<|channel>thought\nsome steps\n<channel|>{thinking.answer}"
+    reasoning, answer, calls = read_output(text, None, ["<pad>"])
+    assert reasoning.strip() == "some steps" and score_output(thinking, answer, calls)
+
+    call = next(e for e in first_of("tool_call") if checker.expects_tool_call(e))
+    name, arguments = checker.expected_tool_call(call)
+    from dgemma.chat_format import format_tool_call
+
+    _, answer, calls = read_output(format_tool_call(name, arguments), call.tools, [])
+    assert score_output(call, answer, calls)
+    assert not score_output(call, answer, [])  # a text answer where a call was expected is wrong
+
+    add = first_of("add")[0]
+    assert score_output(add, read_output(add.answer + "<pad>", None, ["<pad>"])[1], [])
+    assert not score_output(add, add.answer + "1", [])
+
+
+def test_sweep_choice_takes_the_fastest_setting_within_tolerance_of_the_best():
+    def report(correct, tokens, forwards):
+        score = Score(n=100, correct=correct, generated_tokens=tokens, forwards=forwards, canvases=10)
+        return EvalReport({"add": score}, score, {}, 1.0, 64, "cpu")
+
+    results = [({"a": 1}, report(99, 400, 100)), ({"a": 2}, report(98, 800, 100)), ({"a": 3}, report(90, 1600, 100))]
+    assert choose_settings(results, tolerance=0.015)[0] == {"a": 2}
+    assert choose_settings(results, tolerance=0.0)[0] == {"a": 1}
+
+
+def test_eval_cli_reports_families_speed_and_the_bar_as_json(trained, capsys):
+    result, _ = trained
+    code = main(["eval", "--model", str(result.out_dir), "--n", "6", "--families", "add,tool_call", "--json",
+                 "--no-latency", "--max-new-tokens", "32"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data["families"]) == {"add", "tool_call"} and data["total"]["n"] == 6
+    assert data["total"]["tokens_per_forward"] > 0 and data["total"]["steps_per_canvas"] >= 1
+    assert any("tool calls" in row["criterion"] for row in data["bar"])
