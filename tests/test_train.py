@@ -320,3 +320,17 @@ def test_eval_cli_reports_families_speed_and_the_bar_as_json(trained, capsys):
     assert set(data["families"]) == {"add", "tool_call"} and data["total"]["n"] == 6
     assert data["total"]["tokens_per_forward"] > 0 and data["total"]["steps_per_canvas"] >= 1
     assert any("tool calls" in row["criterion"] for row in data["bar"])
+
+
+def test_batches_cut_from_the_corpus_equal_the_generic_collate(trained):
+    from dgemma.train.dataset import build_corpus, collate_from_corpus
+
+    result, _ = trained
+    corpus = build_corpus(str(result.out_dir), seed=1, n=200)
+    indices = list(range(30, 94))
+    rows = [corpus.example(i) for i in indices]
+    generic = collate(rows, 16, 0, random.Random(7), [int(corpus.families[i]) for i in indices])
+    fast = collate_from_corpus(corpus, indices, 16, 0, random.Random(7))
+    for name in ("input_ids", "ar_targets", "canvas", "canvas_real", "families"):
+        assert torch.equal(getattr(generic, name), getattr(fast, name)), name
+    assert (generic.lengths, generic.prefix_lens) == (fast.lengths, fast.prefix_lens)

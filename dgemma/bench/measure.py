@@ -112,6 +112,17 @@ def prefill_ms(model: DiffusionGemma, length: int, chunk: int = 8192, repeats: i
     device, cfg = model.device, model.config
     cache = KVCache(cfg, 1, length + cfg.canvas_length, model.dtype, device)
     ids = torch.randint(3, cfg.vocab_size, (1, length), device=device)
+    if use_cuda_graphs(model) and length <= 2048:  # what the engine does: replay a captured chunk
+        from dgemma.engine.cuda_graphs import GraphedPrefill
+
+        prefill = GraphedPrefill(model, cache, [t for t in (128, 512, 1024, 2048) if t >= length][:1])
+        tokens = ids[0].tolist()
+
+        def graphed():
+            for start in range(0, length, prefill.max_chunk):
+                prefill.run(0, tokens[start : start + prefill.max_chunk], start)
+
+        return timed_ms(graphed, device, warmup=1, repeats=repeats)
 
     def run():
         for start in range(0, length, chunk):

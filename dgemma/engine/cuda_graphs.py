@@ -101,10 +101,20 @@ class _RowBounds:
     def deactivate(self, row: int) -> None:
         self.write_slots[row].fill_(self.trash_slot)
 
-    def batch(self, b: int, kv_len: int) -> AttentionBatch:
-        rows = torch.arange(b, device=self.positions.device)
+    def batch(self, b: int, kv_len: int, rows: torch.Tensor | None = None) -> AttentionBatch:
+        """Rows [0, b) read in place, or (with `rows`, a static [b] tensor) the cache rows it names, gathered."""
+        if rows is None:
+            return AttentionBatch.from_bounds(torch.arange(b, device=self.positions.device), self.positions[:b],
+                                              self.write_slots[:b], self.key_start[:b], self.key_end[:b], kv_len, 0,
+                                              (0, b))
         return AttentionBatch.from_bounds(rows, self.positions[:b], self.write_slots[:b], self.key_start[:b],
-                                          self.key_end[:b], kv_len, 0, (0, b))
+                                          self.key_end[:b], kv_len, 0, None)
+
+    def set_prompt_chunk(self, prefix_len: int, n: int, window: int) -> None:
+        """Row 0 holds a chunk of n <= tokens prompt tokens; the padding after it writes to the trash slot."""
+        self.set_row(0, prefix_len, window, causal=True)
+        if n < self.tokens:
+            self.write_slots[0, n:].fill_(self.trash_slot)
 
 
 class GraphedDenoiser:
@@ -175,6 +185,35 @@ class GraphedDenoiser:
         self.greedy.index_copy_(0, index_d, ints_d[:, 1].to(torch.int32))
         self.stability.index_copy_(0, index_d, ints_d[:, 2].to(torch.int32))
         return self.graphs.replay(max(rows) + 1)
+
+
+class GraphedPrefill:
+    """Prompt chunks of one request at a time, at any cache row, padded up to a captured chunk length."""
+
+    def __init__(self, model: DiffusionGemma, cache: KVCache, chunk_lengths: list[int], pool=None):
+        self.model, self.cache = model, cache
+        device = model.device
+        self.row = torch.zeros(1, dtype=torch.long, device=device)  # the cache row this replay writes
+        self.lengths = sorted(chunk_lengths)
+        self.bounds = {t: _RowBounds(1, t, device, cache.trash_slot) for t in self.lengths}
+        self.ids = {t: torch.zeros(1, t, dtype=torch.long, device=device) for t in self.lengths}
+        self.graphs = {t: _Captured(lambda _b, t=t: self._step(t), [1], pool) for t in self.lengths}
+
+    def _step(self, t: int) -> None:
+        self.model.encode(self.ids[t], self.bounds[t].batch(1, self.cache.capacity, self.row), self.cache)
+
+    @property
+    def max_chunk(self) -> int:
+        return self.lengths[-1]
+
+    def run(self, row: int, ids: list[int], prefix_len: int) -> None:
+        n = len(ids)
+        t = next(t for t in self.lengths if t >= n)
+        self.row.fill_(row)
+        self.bounds[t].set_prompt_chunk(prefix_len, n, self.model.config.sliding_window)
+        padded = ids + [self.model.config.pad_token_id] * (t - n)
+        self.ids[t].copy_(torch.tensor([padded]), non_blocking=True)
+        self.graphs[t].replay(1)
 
 
 class GraphedEncoder:

@@ -49,12 +49,14 @@ class Engine:
         self.cache = KVCache(model.config, self.config.max_num_seqs, self.config.max_model_len, model.dtype, model.device)
         pool = torch.cuda.graph_pool_handle() if model.device.type == "cuda" else None
         self.denoiser = make_denoiser(model, self.cache, self.config.max_num_seqs, cuda_graphs, pool)
-        self.canvas_encoder = None
+        self.canvas_encoder = self.prefill = None
         if isinstance(self.denoiser, GraphDenoiser):
-            from dgemma.engine.cuda_graphs import GraphedEncoder, buckets_up_to
+            from dgemma.engine.cuda_graphs import GraphedEncoder, GraphedPrefill, buckets_up_to
 
             self.canvas_encoder = GraphedEncoder(model, self.cache, model.config.canvas_length,
                                                  buckets_up_to(self.config.max_num_seqs), pool)
+            chunks = [t for t in (128, 512, 1024, 2048) if t <= self.config.max_prefill_tokens]
+            self.prefill = GraphedPrefill(model, self.cache, chunks, pool) if chunks else None
         self.last_step = StepStats()
         self.total_steps = 0
 
@@ -99,11 +101,15 @@ class Engine:
         start = time.perf_counter()
         c = self.model_config.canvas_length
         graphed = [w for w in works if self.canvas_encoder is not None and not w.is_prompt and w.num_tokens == c]
-        eager = [w for w in works if w not in graphed]
+        prompts = [w for w in works if self.prefill is not None and w.is_prompt
+                   and w.num_tokens <= self.prefill.max_chunk]
+        eager = [w for w in works if w not in graphed and w not in prompts]
         if graphed:
             graphed.sort(key=lambda w: w.request.row)
             ids = torch.tensor([w.request.pending_ids[:c] for w in graphed])
             self.canvas_encoder.run([w.request.row for w in graphed], ids, [w.request.cached_len for w in graphed])
+        for w in prompts:  # one replay per prompt chunk: a chunk is long enough to fill the GPU alone
+            self.prefill.run(w.request.row, w.request.pending_ids[: w.num_tokens], w.request.cached_len)
         if eager:
             self._encode_eager(sorted(eager, key=lambda w: w.request.row))
         self._sync()

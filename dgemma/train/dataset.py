@@ -268,6 +268,32 @@ def collate(
     return TrainBatch(input_ids, [len(ids) for ids, _ in rows], ar_targets, prefix_lens, canvas, canvas_real, family_t)
 
 
+def collate_from_corpus(corpus: Corpus, indices: Sequence[int], canvas_length: int, pad_id: int,
+                        rng: random.Random) -> TrainBatch:
+    """`collate` of corpus examples, with tensor ops instead of per-row Python (same result, same rng draws)."""
+    idx = torch.tensor(list(indices), dtype=torch.long)
+    starts, lengths, prompts = corpus.starts[idx], corpus.lengths[idx], corpus.prompt_lens[idx]  # [B] each
+    last = corpus.tokens.shape[0] - 1
+    offsets = torch.arange(int(lengths.max()))[None, :]  # [1, T]
+    valid = offsets < lengths[:, None]  # [B, T]
+    tokens = corpus.tokens[(starts[:, None] + offsets).clamp(max=last)].long()
+    input_ids = torch.where(valid, tokens, pad_id)
+    following = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], pad_id)], dim=1)  # token p + 1
+    scored = (offsets >= prompts[:, None] - 1) & (offsets < lengths[:, None] - 1)
+    ar_targets = torch.where(scored, following, IGNORE)
+    response = lengths - prompts
+    blocks = [rng.randrange(math.ceil(n / canvas_length)) for n in response.tolist()]
+    block_start = torch.tensor(blocks, dtype=torch.long) * canvas_length  # [B] first response token of the block
+    prefix = prompts + block_start
+    real = (response - block_start).clamp(max=canvas_length)  # [B]
+    columns = torch.arange(canvas_length)[None, :]
+    canvas_real = columns < real[:, None]  # [B, C]
+    canvas_tokens = corpus.tokens[(starts[:, None] + prefix[:, None] + columns).clamp(max=last)].long()
+    canvas = torch.where(canvas_real, canvas_tokens, pad_id)
+    return TrainBatch(input_ids, lengths.tolist(), ar_targets, prefix.tolist(), canvas, canvas_real,
+                      corpus.families[idx])
+
+
 class BatchSampler:
     """Endless batches from a corpus: shuffled every epoch, grouped by length to keep padding low.
 
@@ -328,9 +354,7 @@ class BatchSampler:
         return self
 
     def __next__(self) -> TrainBatch:
-        indices = self.next_indices()
-        rows = [self.corpus.example(i) for i in indices]
-        return collate(rows, self.canvas_length, self.pad_id, self.rng, [int(self.corpus.families[i]) for i in indices])
+        return collate_from_corpus(self.corpus, self.next_indices(), self.canvas_length, self.pad_id, self.rng)
 
 
 # --------------------------------------------------------------------------------------------------
