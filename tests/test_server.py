@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 KEY = "test-key"
 MODEL = "tiny"
 FAST = {"max_denoising_steps": 4}  # few steps per canvas keeps every request fast on 2 CPU cores
-LONG = {"max_denoising_steps": 8, "adaptive_stopping": False, "ignore_eos": True}  # a request that runs a while
+LONG = {"max_denoising_steps": 32, "adaptive_stopping": False, "ignore_eos": True}  # runs for seconds
 
 
 def _free_port() -> int:

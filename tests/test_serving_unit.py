@@ -94,7 +94,10 @@ def chat(serving, body) -> dict:
 def chat_stream(serving, body) -> list[dict]:
     async def go():
         stream = await serving.chat({**body, "stream": True}, _never)
-        return [line async for line in stream]
+        try:
+            return [line async for line in stream.lines]
+        finally:
+            stream.close()
     lines = asyncio.run(go())
     assert lines[-1] == "data: [DONE]\n\n"
     return [json.loads(line[len("data: "):]) for line in lines[:-1]]
@@ -103,7 +106,10 @@ def chat_stream(serving, body) -> list[dict]:
 def completion_stream(serving, body) -> list[dict]:
     async def go():
         stream = await serving.completions({**body, "stream": True}, _never)
-        return [line async for line in stream]
+        try:
+            return [line async for line in stream.lines]
+        finally:
+            stream.close()
     lines = asyncio.run(go())
     assert lines[-1] == "data: [DONE]\n\n"
     return [json.loads(line[len("data: "):]) for line in lines[:-1]]
@@ -431,3 +437,12 @@ def test_each_app_has_its_own_metrics_registry():
     a.on_http("GET", "/health", 200)
     assert b"dgemma_http_requests_total" in a.render()
     assert b'route="/health"' not in b.render()
+
+
+def test_an_sse_event_is_one_line_whatever_the_text():
+    from dgemma.server.serving import sse
+
+    text = "a\x85b\u2028c\u2029d\x1ce\nf"  # characters that str.splitlines() (httpx's iter_lines) breaks on
+    line = sse({"t": text})
+    assert line.endswith("\n\n") and len(line[:-2].splitlines()) == 1
+    assert json.loads(line[len("data: "):]) == {"t": text}

@@ -34,7 +34,7 @@ def micro_config(out, **changes) -> TrainConfig:
     """A small, fast, fully deterministic run (max_steps, not a time budget, ends it)."""
     base = dict(out_dir=str(out), preset="micro", vocab_size=400, tokenizer_examples=1500, train_examples=1500,
                 batch_size=16, max_steps=STEPS, warmup_steps=5, lr=3e-3, eval_every=0, val_examples=16,
-                checkpoint_every_min=0, final_eval=0, device="cpu", workers=1, seed=3)
+                checkpoint_every_min=0, final_eval=0, device="cpu", workers=1, seed=3, keep_state=True)
     base.update(changes)
     return TrainConfig(**base)
 
@@ -334,3 +334,33 @@ def test_batches_cut_from_the_corpus_equal_the_generic_collate(trained):
     for name in ("input_ids", "ar_targets", "canvas", "canvas_real", "families"):
         assert torch.equal(getattr(generic, name), getattr(fast, name)), name
     assert (generic.lengths, generic.prefix_lens) == (fast.lengths, fast.prefix_lens)
+
+
+def test_chosen_sampler_settings_are_written_where_the_loader_reads_them(trained, tmp_path):
+    import shutil
+
+    from dgemma.llm import LLM
+    from dgemma.train.evaluate import write_generation_settings
+
+    result, _ = trained
+    model = tmp_path / "copy"
+    shutil.copytree(result.out_dir, model)
+    write_generation_settings(model, {"entropy_bound": 0.25, "stability_threshold": 0, "confidence_threshold": 0.05})
+    params = LLM(model, device="cpu").default_params
+    assert (params.entropy_bound, params.stability_threshold, params.confidence_threshold) == (0.25, 0, 0.05)
+    with pytest.raises(Exception, match="confidence_threshold"):
+        write_generation_settings(model, {"confidence_threshold": -1.0})
+
+
+def test_bf16_training_runs_the_gpu_path_with_float32_master_weights(tmp_path):
+    """The CUDA recipe (bfloat16 model under autocast, dense experts, float32 master weights), exercised on CPU."""
+    seen = []
+    config = micro_config(tmp_path / "bf16", max_steps=3, precision="bf16", moe_impl="dense")
+    result = train(config, callback=lambda step, m: seen.append(m["loss"]))
+    assert len(seen) == 3 and all(math.isfinite(v) for v in seen)
+    state = torch.load(config.state_path, weights_only=False)["model"]
+    assert all(t.dtype == torch.float32 for t in state.values())
+    assert not all(torch.equal(t, t.bfloat16().float()) for t in state.values())  # updates finer than bf16 kept
+    from dgemma.checkpoint.loader import load_model
+
+    load_model(result.out_dir, "float32", "cpu")  # the export loads

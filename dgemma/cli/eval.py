@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--sweep", action="store_true", help="compare sampler settings (see dgemma.train.evaluate)")
     p.add_argument("--write", action="store_true", help="with --sweep: write the chosen settings to the checkpoint")
-    p.add_argument("--tolerance", type=float, default=0.005,
+    p.add_argument("--tolerance", type=float, default=0.01,
                    help="with --sweep: accuracy a faster setting may lose against the most accurate one")
     add_sampling_args(p)  # its --seed also selects the held-out problems (default 0)
     p.set_defaults(run=run)

@@ -49,6 +49,9 @@ def add_parser(sub) -> None:
     g.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="on SIGINT/SIGTERM, seconds to let requests in flight finish before they are cancelled "
                         "(default 10)")
+    g.add_argument("--num-threads", type=int, default=None,
+                   help="CPU threads of the engine's tensor operations (default: $OMP_NUM_THREADS if set, else on "
+                        "a CPU device all cores but one, which is left to the HTTP front end; untouched on CUDA)")
     g.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's log level")
     g.add_argument("--disable-uvicorn-access-log", action="store_true", help="no log line per HTTP request")
@@ -72,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     from dgemma.server.metrics import ServerMetrics
     from dgemma.server.serving import OpenAIServing, ServingConfig
 
-    for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_body_bytes", "max_new_tokens"):
+    for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_body_bytes", "max_new_tokens",
+                 "num_threads"):
         _positive(name.replace("_", "-"), getattr(args, name))
     if args.max_queue_len < 0 or args.shutdown_timeout < 0:
         raise ConfigError("--max-queue-len and --shutdown-timeout must be >= 0")
@@ -97,9 +101,13 @@ def run(args: argparse.Namespace) -> int:
     defaults = llm.params(**overrides)
     names = args.served_model_name or [args.model if args.model is not None else Path(llm.path).name]
 
+    num_threads = args.num_threads
+    if num_threads is None and llm.model.device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        num_threads = max(1, (os.cpu_count() or 2) - 1)
+
     metrics = ServerMetrics(names[0])
     engine = Engine(llm.model, scheduler_config)
-    async_engine = AsyncEngine(engine, metrics)
+    async_engine = AsyncEngine(engine, metrics, num_threads=num_threads)
     serving = OpenAIServing(async_engine, tokenizer, ServingConfig(
         served_model_names=names, max_model_len=max_model_len, canvas_length=cfg.canvas_length,
         vocab_size=cfg.vocab_size, default_params=defaults, max_tokens_default=max_tokens_default,
@@ -114,8 +122,9 @@ def run(args: argparse.Namespace) -> int:
              args.max_num_batched_tokens, engine.cache.nbytes / 2**20)
     log.info("defaults: %s; max_tokens default: %s", defaults,
              max_tokens_default or "as many as fit in max_model_len")
-    log.info("API key %s, body limit %d bytes, shutdown timeout %.1f s",
-             "required" if args.api_key else "not required", args.max_body_bytes, args.shutdown_timeout)
+    log.info("API key %s, body limit %d bytes, shutdown timeout %.1f s, engine threads %s",
+             "required" if args.api_key else "not required", args.max_body_bytes, args.shutdown_timeout,
+             num_threads or "torch default")
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             access_log=not args.disable_uvicorn_access_log, lifespan="on",

@@ -54,6 +54,7 @@ def add_parser(sub) -> None:
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision,
                    help="auto: bf16 autocast with fp32 master weights on CUDA, fp32 on CPU")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--compile", action="store_true", help="torch.compile each layer")
     g.add_argument("--moe-impl", choices=["auto", "dense", "model"], default=d.moe_impl,
                    help="dense: all experts in batched matmuls (no host sync; default on CUDA)")
@@ -61,6 +62,8 @@ def add_parser(sub) -> None:
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between validation losses (0: end)")
     g.add_argument("--checkpoint-every-min", type=float, default=d.checkpoint_every_min)
     g.add_argument("--no-resume", action="store_true", help="ignore OUT.train.pt and start over")
+    g.add_argument("--keep-state", action="store_true",
+                   help="keep OUT.train.pt after a finished run (by default only interrupted runs keep it)")
     g.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     g.add_argument("--max-shard-mb", type=float, default=d.max_shard_mb, help="safetensors shard size (MiB)")
     g.add_argument("--final-eval", type=int, default=d.final_eval,
@@ -93,14 +96,22 @@ def config_from_args(args: argparse.Namespace):
                                   weight_by_t=args.weight_by_t),
         seed=args.seed, device=args.device, precision=args.precision, compile=args.compile, moe_impl=args.moe_impl,
         eval_every=args.eval_every, checkpoint_every_min=args.checkpoint_every_min, resume=not args.no_resume,
-        overwrite=args.overwrite, max_shard_mb=args.max_shard_mb, final_eval=args.final_eval, sweep=args.sweep,
+        keep_state=args.keep_state, overwrite=args.overwrite, max_shard_mb=args.max_shard_mb,
+        final_eval=args.final_eval, sweep=args.sweep,
     ).validate()
 
 
 def run(args: argparse.Namespace) -> int:
     from dgemma.train.trainer import summary, train
 
-    result = train(config_from_args(args))
+    config = config_from_args(args)
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise ConfigError(f"--threads must be positive, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = train(config)
     print(summary(result))
     sys.stdout.flush()
     return 0

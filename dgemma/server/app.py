@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dgemma.server.async_engine import AsyncEngine
 from dgemma.server.errors import APIError, bad_request, status_error
 from dgemma.server.metrics import ServerMetrics
-from dgemma.server.serving import ClientDisconnected, OpenAIServing
+from dgemma.server.serving import ClientDisconnected, EventStream, OpenAIServing
 
 log = logging.getLogger("dgemma.server")
 
@@ -109,6 +109,22 @@ class _Guard:
         return wrapped
 
 
+class _EventStreamResponse(StreamingResponse):
+    """Server-sent events whose requests are cancelled however the response ends, even if the client left before
+    the first line (an async generator that never started would never run its own clean-up)."""
+
+    def __init__(self, stream: EventStream):
+        super().__init__(stream.lines, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._close = stream.close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._close()
+
+
 async def _json_body(request: Request):
     body = await request.body()
     if not body:
@@ -142,11 +158,12 @@ def build_app(serving: OpenAIServing, engine: AsyncEngine, metrics: ServerMetric
     async def answer(result):
         if isinstance(result, dict):
             return JSONResponse(result)
-        return StreamingResponse(result, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _EventStreamResponse(result)
 
     @app.get("/health")
     async def health():
+        if serving.shutting_down:
+            raise APIError(503, "the server is shutting down")
         if not engine.alive:
             raise APIError(503, engine.dead_message, code="engine_dead")
         return Response(status_code=200)

@@ -22,6 +22,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import torch
+
 from dgemma.engine.engine import Engine
 from dgemma.engine.request import Request, RequestOutput
 from dgemma.errors import DgemmaError
@@ -86,9 +88,10 @@ class RequestGroup:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, metrics: ServerMetrics | None = None):
+    def __init__(self, engine: Engine, metrics: ServerMetrics | None = None, num_threads: int | None = None):
         self.engine = engine
         self.metrics = metrics
+        self.num_threads = num_threads  # torch intra-op threads of the engine thread (None: torch's default)
         self._cond = threading.Condition()
         self._inbox: list[tuple] = []
         self._stopping = False
@@ -158,6 +161,9 @@ class AsyncEngine:
     # ---------------------------------------------------------------------------------- engine thread
     def _run(self) -> None:
         try:
+            if self.num_threads:
+                # Set from this thread: OpenMP keeps the thread count per calling thread.
+                torch.set_num_threads(self.num_threads)
             while True:
                 with self._cond:
                     while not self._inbox and not self.engine.has_work and not self._stopping:

@@ -67,15 +67,9 @@ class TextAssembler:
             self.stopped = True
         elif not final:
             text = text[: len(text) - _held_back(text, self.stops)]
-        if text.startswith(self.sent):
-            delta = text[len(self.sent):]
-        else:
-            # Decoding more ids changed text already sent (rare tokenizer clean-up); what was sent stands.
-            common = 0
-            while common < min(len(text), len(self.sent)) and text[common] == self.sent[common]:
-                common += 1
-            delta = text[max(common, len(self.sent)):] if len(text) > len(self.sent) else ""
-        if len(text) >= len(self.sent):
+        # Text already sent stands, even in the rare case that decoding more ids rewrote its end.
+        delta = text[len(self.sent):]
+        if len(text) > len(self.sent):
             self.sent = text
         return delta
 

@@ -10,13 +10,9 @@ refused with a precise message by `dgemma.server.serving` (see docs/server.md).
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-
-# Accepted and ignored: they do not affect generation.
-IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier")
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -174,13 +170,3 @@ def completion_chunk(response_id: str, model: str, created: int, choices: list[d
     if usage_ is not None:
         chunk["usage"] = usage_
     return chunk
-
-
-def tool_call_json(call_id: str, name: str, arguments_json: str, index: int | None = None) -> dict:
-    entry: dict[str, Any] = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments_json}}
-    if index is not None:
-        entry = {"index": index, **entry}
-    return entry
-
-
-ToolChoice = Literal["auto", "none", "required"]

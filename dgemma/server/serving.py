@@ -56,13 +56,28 @@ class ServingConfig:
         return self.served_model_names[0]
 
 
+@dataclass
+class EventStream:
+    """A streamed answer: its SSE lines, and `close()` to call however the response ends (finished, client
+    gone, or never started): it cancels what is still running."""
+
+    lines: AsyncIterator[str]
+    close: Callable[[], None]
+
+
 class ClientDisconnected(Exception):
     """The client went away before the answer was ready; its requests were aborted."""
 
 
+# Characters that json.dumps(ensure_ascii=False) leaves raw but that str.splitlines() (and so line readers such
+# as httpx's iter_lines) treats as line breaks: escaped, so an SSE event is always one line.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(data: dict | str) -> str:
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {payload}\n\n"
+    if not isinstance(data, str):
+        data = json.dumps(data, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKS)
+    return f"data: {data}\n\n"
 
 
 def parse_body(model: type[BaseModel], body: Any) -> BaseModel:
@@ -147,7 +162,7 @@ class OpenAIServing:
         return {"prompt": self.tokenizer.decode(req.tokens, skip_special_tokens=False)}
 
     # ---------------------------------------------------------------------------------- chat
-    async def chat(self, body: Any, receive: Callable[[], Awaitable[dict]]) -> dict | AsyncIterator[str]:
+    async def chat(self, body: Any, receive: Callable[[], Awaitable[dict]]) -> dict | EventStream:
         req: P.ChatCompletionRequest = parse_body(P.ChatCompletionRequest, body)
         self.check_model(req.model)
         self._refuse_unsupported(req, chat=True)
@@ -181,11 +196,11 @@ class OpenAIServing:
         group = await self._submit(requests)
         run = _ChatRun(self, response_id, group, choices, len(prompt_ids), include_drafts)
         if req.stream:
-            return self._guard(run.stream(bool(req.stream_options and req.stream_options.include_usage)), group)
+            return self._stream(run.stream(bool(req.stream_options and req.stream_options.include_usage)), group)
         return await self._wait(run.collect(), group, receive)
 
     # ---------------------------------------------------------------------------------- completions
-    async def completions(self, body: Any, receive: Callable[[], Awaitable[dict]]) -> dict | AsyncIterator[str]:
+    async def completions(self, body: Any, receive: Callable[[], Awaitable[dict]]) -> dict | EventStream:
         req: P.CompletionRequest = parse_body(P.CompletionRequest, body)
         self.check_model(req.model)
         self._refuse_unsupported(req, chat=False)
@@ -211,7 +226,7 @@ class OpenAIServing:
         group = await self._submit(requests)
         run = _CompletionRun(self, response_id, group, choices, prompt_tokens, include_drafts)
         if req.stream:
-            return self._guard(run.stream(bool(req.stream_options and req.stream_options.include_usage)), group)
+            return self._stream(run.stream(bool(req.stream_options and req.stream_options.include_usage)), group)
         return await self._wait(run.collect(), group, receive)
 
     # ---------------------------------------------------------------------------------- validation
@@ -397,8 +412,6 @@ class OpenAIServing:
             overrides["eos_token_ids"] = tuple(eos) + tuple(t for t in req.stop_token_ids if t not in eos)
         try:
             params = cfg.default_params.with_overrides(**overrides)
-            if params.seed is not None and req.n > 1:
-                params.with_overrides(seed=(params.seed + req.n - 1) % 2**63)  # validates the last seed too
         except RequestError as exc:
             raise bad_request(str(exc), _param_of(str(exc))) from None
         return params
@@ -439,14 +452,12 @@ class OpenAIServing:
         return self.tokenizer.decode(ids[:cut], skip_special_tokens=True)
 
     # ---------------------------------------------------------------------------------- lifetimes
-    async def _guard(self, chunks: AsyncIterator[str], group: RequestGroup) -> AsyncIterator[str]:
-        """Stream `chunks`; however the stream ends (finished, client gone, shutdown), the group's requests end."""
-        try:
-            async for chunk in chunks:
-                yield chunk
-        finally:
+    def _stream(self, lines: AsyncIterator[str], group: RequestGroup) -> EventStream:
+        def close() -> None:
             group.abort()
             self._groups.discard(group)
+
+        return EventStream(lines, close)
 
     async def _wait(self, answer: Awaitable[dict], group: RequestGroup, receive) -> dict:
         """Await a non-streaming answer, aborting its requests if the client disconnects first."""

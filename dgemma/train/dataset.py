@@ -54,7 +54,8 @@ def response_text(tokenizer: Tokenizer, example: Example) -> tuple[str, str]:
     reasoning = target.get("reasoning_content")
     if reasoning is not None and example.enable_thinking and not target.get("tool_calls"):
         # The template keeps no thought of a final answer in history: write the channel the way it renders one.
-        return prompt, f"{CHANNEL_START}{THOUGHT_HEADER}{reasoning}\n{CHANNEL_END}{target.get('content') or ''}{TURN_END}"
+        thought = f"{CHANNEL_START}{THOUGHT_HEADER}{reasoning}\n{CHANNEL_END}"
+        return prompt, f"{thought}{target.get('content') or ''}{TURN_END}"
     full = tokenizer.render_chat(
         example.messages, example.tools, add_generation_prompt=False, enable_thinking=example.enable_thinking
     )
@@ -149,14 +150,17 @@ _WORKER: dict = {}
 
 
 def _init_worker(tokenizer_dir: str) -> None:
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # workers only render and tokenize; many workers with many threads each would thrash
     _WORKER["tokenizer"] = Tokenizer.from_dir(tokenizer_dir)
 
 
-def _chunk(job: tuple) -> Corpus:
+def _make_chunk(tokenizer: Tokenizer, job: tuple) -> Corpus:
     seed, n, families, weights, max_length = job
-    examples = generate_examples(seed, n, families, weights)
-    return tokenize_examples(_WORKER["tokenizer"], examples, max_length)
+    return tokenize_examples(tokenizer, generate_examples(seed, n, families, weights), max_length)
+
+
+def _chunk(job: tuple) -> Corpus:
+    return _make_chunk(_WORKER["tokenizer"], job)
 
 
 def chunk_seed(seed: int, index: int) -> int:
@@ -182,10 +186,8 @@ def build_corpus(
         for i in range(math.ceil(n / chunk_size))
     ]
     if workers <= 1 or len(jobs) == 1:
-        _init_worker(tokenizer_dir)
-        threads = torch.get_num_threads()
-        parts = [_chunk(job) for job in jobs]
-        torch.set_num_threads(threads)
+        tokenizer = Tokenizer.from_dir(tokenizer_dir)
+        parts = [_make_chunk(tokenizer, job) for job in jobs]
     else:
         # spawn: forking after CUDA or OpenMP started is unsafe. An executor (unlike multiprocessing.Pool) raises
         # when a worker dies instead of replacing it forever.

@@ -86,21 +86,24 @@ class EvalReport:
     threads: int = field(default_factory=torch.get_num_threads)
     failures: list[dict] = field(default_factory=list)  # a few wrong answers, for reading
 
-    def bar(self) -> list[tuple[str, float | None, bool]]:
-        """(criterion, measured value, passed) for the issue's quality bar."""
+    def bar(self) -> list[tuple[str, float, bool, str]]:
+        """(criterion, measured value, passed, value as shown) for the issue's quality bar."""
         rows = []
         for family in BAR_FAMILIES:
             if family in self.families:
                 value = self.families[family].accuracy
-                rows.append((f"{family} exact match >= {BAR_ACCURACY:.0%}", value, value >= BAR_ACCURACY))
+                rows.append((f"{family} exact match >= {BAR_ACCURACY:.0%}", value, value >= BAR_ACCURACY,
+                             f"{value:.1%}"))
         tool = self.total.tool_call_accuracy
         if tool is not None:
-            rows.append((f"correct tool calls >= {BAR_TOOL_CALLS:.0%}", tool, tool >= BAR_TOOL_CALLS))
+            rows.append((f"correct tool calls >= {BAR_TOOL_CALLS:.0%}", tool, tool >= BAR_TOOL_CALLS, f"{tool:.1%}"))
         tpf = self.total.tokens_per_forward
-        rows.append((f"tokens per forward >= {BAR_TOKENS_PER_FORWARD:g}", tpf, tpf >= BAR_TOKENS_PER_FORWARD))
+        rows.append((f"tokens per forward >= {BAR_TOKENS_PER_FORWARD:g}", tpf, tpf >= BAR_TOKENS_PER_FORWARD,
+                     f"{tpf:.2f}"))
         if self.latency_64_ms is not None:
-            rows.append((f"64-token answer < {BAR_LATENCY_64_MS:.0f} ms ({self.threads} threads)", self.latency_64_ms,
-                         self.latency_64_ms < BAR_LATENCY_64_MS))
+            ms = self.latency_64_ms
+            rows.append((f"64-token answer < {BAR_LATENCY_64_MS:.0f} ms ({self.threads} threads)", ms,
+                         ms < BAR_LATENCY_64_MS, f"{ms:.0f} ms"))
         return rows
 
     def to_json(self) -> dict:
@@ -114,8 +117,7 @@ class EvalReport:
             "device": self.device,
             "threads": self.threads,
             "latency_64_ms": None if self.latency_64_ms is None else round(self.latency_64_ms, 1),
-            "bar": [{"criterion": c, "value": None if v is None else round(v, 4), "passed": ok}
-                    for c, v, ok in self.bar()],
+            "bar": [{"criterion": c, "value": round(v, 4), "passed": ok} for c, v, ok, _ in self.bar()],
             "failures": self.failures,
         }
 
@@ -126,13 +128,11 @@ class EvalReport:
             tool = "" if s.tool_call_accuracy is None else f"{s.tool_call_accuracy:.1%}"
             lines.append(f"{name:<14} {s.n:>4} {s.accuracy:>7.1%} {tool:>7} {s.tokens_per_forward:>8.2f} "
                          f"{s.steps_per_canvas:>13.2f}")
-        lines.append(f"{self.total.n} problems in {self.seconds:.1f} s on {self.device} (batches of {self.batch_size}); "
-                     f"sampler {json.dumps(self.settings, sort_keys=True)}")
+        lines.append(f"{self.total.n} problems in {self.seconds:.1f} s on {self.device} "
+                     f"(batches of {self.batch_size}); sampler {json.dumps(self.settings, sort_keys=True)}")
         if self.latency_64_ms is not None:
             lines.append(f"64-token answer, one request: {self.latency_64_ms:.0f} ms ({self.threads} threads)")
-        for criterion, value, ok in self.bar():
-            shown = "n/a" if value is None else (f"{value:.1%}" if value <= 1 and "exact" in criterion
-                                                  or "tool calls" in criterion else f"{value:.2f}")
+        for criterion, _, ok, shown in self.bar():
             lines.append(f"[{'PASS' if ok else 'FAIL'}] {criterion}: {shown}")
         return "\n".join(lines)
 
@@ -209,8 +209,12 @@ def evaluate(
 
 
 def latency_64(llm, params: SamplingParams | None = None, repeats: int = 3) -> float:
-    """Milliseconds for one request to produce a 64-token answer (two canvases of 32), median of `repeats`."""
-    params = llm.params(params).with_overrides(max_new_tokens=64)
+    """Milliseconds for one request to produce a 64-token answer, median of `repeats`.
+
+    The prompt's real answer is longer than 64 tokens, and end tokens are ignored, so every run commits exactly 64
+    tokens (two 32-token canvases) whatever the model writes; the sampler and its stopping rule are the defaults.
+    """
+    params = llm.params(params).with_overrides(max_new_tokens=64, ignore_eos=True)
     messages = [{"role": "user", "content": LATENCY_PROMPT}]
     llm.chat(messages, params.with_overrides(seed=0))  # warm-up: first-call allocations are not the steady state
     times = []
@@ -263,7 +267,7 @@ def sweep_line(overrides: dict, report: EvalReport) -> str:
             f"steps/canvas {report.total.steps_per_canvas:.2f}, {report.seconds:.1f} s")
 
 
-def choose_settings(results: list[tuple[dict, EvalReport]], tolerance: float = 0.005) -> tuple[dict, EvalReport]:
+def choose_settings(results: list[tuple[dict, EvalReport]], tolerance: float = 0.01) -> tuple[dict, EvalReport]:
     """The setting with the most tokens per forward among those within `tolerance` of the best accuracy."""
     if not results:
         raise ConfigError("the sweep produced no results")

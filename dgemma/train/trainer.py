@@ -3,7 +3,8 @@
     tokenizer  (a new byte-level BPE trained on rendered conversations, or the one of --init-from)
     corpus     (tasks.generate_examples, rendered and tokenized up front, in worker processes)
     model      (a preset architecture with random weights, or --init-from)
-    loop:      batch -> objective (under bf16 autocast on CUDA) -> backward -> clip -> AdamW
+    loop:      batch -> objective (CUDA: bfloat16 model under autocast) -> backward -> clip -> AdamW on float32
+               master weights
                warmup, then cosine decay over the run's progress (steps or wall-clock budget, whichever is further)
                progress bar on stderr, held-out validation loss, resumable state every few minutes
     export     (the Hugging Face layout dgemma and transformers load; bfloat16 shards, tokenizer, generation config)
@@ -136,7 +137,7 @@ class TrainConfig:
     embed_std: float = 0.05  # ... and of the (tied) embedding
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     device: str | None = None  # default: cuda if available
-    precision: str = "auto"  # "bf16" (autocast, fp32 master weights; CUDA), "fp32"; auto = bf16 on CUDA
+    precision: str = "auto"  # "bf16": bfloat16 model under autocast, float32 master weights; "fp32"; auto: bf16 on CUDA
     compile: bool = False  # torch.compile each layer (CUDA: faster steps after a compile pause)
     moe_impl: str = "auto"  # "dense" (all experts, weighted: no host sync) or "model"; auto = dense on CUDA
     seed: int = 0
@@ -145,6 +146,7 @@ class TrainConfig:
     val_examples: int = 256
     checkpoint_every_min: float = 2.0  # minutes between saves of the resumable state (0 = only at the end)
     resume: bool = True  # continue from <out_dir>.train.pt when it exists
+    keep_state: bool = False  # keep <out_dir>.train.pt after a finished run (it is always kept when interrupted)
     overwrite: bool = False  # replace an existing out_dir at export
     log_every_s: float = 30.0  # seconds between progress lines when stderr is not a terminal
     final_eval: int = 200  # held-out problems scored after export (0 = skip)
@@ -153,9 +155,9 @@ class TrainConfig:
     generation_config: dict = field(default_factory=lambda: json.loads(json.dumps(GENERATION_CONFIG)))
 
     # Fields that may differ between a run and its resumption.
-    RESUMABLE_CHANGES = ("max_steps", "time_budget_min", "resume", "overwrite", "log_every_s", "final_eval",
-                         "sweep", "checkpoint_every_min", "eval_every", "workers", "compile", "max_shard_mb",
-                         "generation_config")
+    RESUMABLE_CHANGES = ("max_steps", "time_budget_min", "resume", "keep_state", "overwrite", "log_every_s",
+                         "final_eval", "sweep", "checkpoint_every_min", "eval_every", "workers", "compile",
+                         "max_shard_mb", "generation_config")
 
     def validate(self) -> "TrainConfig":
         if not self.out_dir:
@@ -247,9 +249,9 @@ def experts_dense(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
     """Routed experts computed densely: every expert on every token, weighted by the router (0 if not chosen).
 
     x: [N, H]; weights, experts: [N, K]; gate_up: [E, 2I, H]; down: [E, H, I] -> [N, H]. Same function as
-    `moe.experts_loop`; E/K times its expert FLOPs, but three plain batched matmuls with no host synchronisation,
-    which on a GPU is much faster for a small model (the loop reads per-expert token counts back to the host, and
-    the grouped-GEMM path needs bfloat16 inputs, while autocast keeps the normed residual in float32).
+    `moe.experts_loop`; E/K times its expert FLOPs, but three plain batched matmuls with no host synchronisation
+    and no alignment rules, which on a GPU is fast for a small model (the loop reads per-expert token counts back
+    to the host every layer) and differentiates like any matmul.
     """
     mix = torch.zeros(x.shape[0], gate_up.shape[0], dtype=weights.dtype, device=x.device)
     mix = mix.scatter(1, experts, weights)  # [N, E]
@@ -282,11 +284,55 @@ def lr_at(config: TrainConfig, step: int, progress: float) -> float:
     return config.lr * warm * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, keep = [], []
-    for p in model.parameters():
-        (decay if p.ndim >= 2 else keep).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+class MasterWeights:
+    """The float32 weights the optimizer updates.
+
+    In float32 training they are the model's own parameters. In bf16 training the model holds bfloat16 copies, so
+    its forward and backward run in bfloat16 end to end, exactly the dtype path of bfloat16 inference (the KV cache
+    included); each step moves the gradients to float32, the optimizer updates the float32 weights, and the model's
+    copies are rounded from them.
+    """
+
+    def __init__(self, model: torch.nn.Module, low_precision: torch.dtype | None):
+        named = list(model.named_parameters())
+        self.names = [name for name, _ in named]
+        self.model_params = [p for _, p in named]
+        self.separate = low_precision is not None
+        if self.separate:
+            self.params = [torch.nn.Parameter(p.detach().float().clone()) for p in self.model_params]
+            for p in self.model_params:
+                p.data = p.data.to(low_precision)
+        else:
+            self.params = self.model_params
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Decay matrices only: norm weights, router scales and layer scalars are multipliers around 1."""
+        decay = [p for p in self.params if p.ndim >= 2]
+        keep = [p for p in self.params if p.ndim < 2]
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+
+    def gradients_to_master(self) -> None:
+        if self.separate:
+            for master, p in zip(self.params, self.model_params):
+                master.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
+
+    @torch.no_grad()
+    def master_to_model(self) -> None:
+        if self.separate:
+            torch._foreach_copy_(self.model_params, self.params)  # rounds to the model's dtype
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().cpu() for name, p in zip(self.names, self.params)}
+
+    @torch.no_grad()
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing = sorted(set(self.names) - set(state))
+        if missing:
+            raise ConfigError(f"the saved training state lacks parameters {missing[:3]}")
+        for name, p in zip(self.names, self.params):
+            p.copy_(state[name])
+        self.master_to_model()
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -349,7 +395,9 @@ class Trainer:
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device 'cuda' was requested but CUDA is not available on this machine")
-        precision = config.precision if config.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        precision = config.precision
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
         out = Path(config.out_dir)
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not config.overwrite:
@@ -457,12 +505,12 @@ class Trainer:
             )
         return state
 
-    def _save_state(self, model, optimizer, sampler, gen, counters: dict, tokenizer_files: dict) -> None:
+    def _save_state(self, master, optimizer, sampler, gen, counters: dict, tokenizer_files: dict) -> None:
         path = self.config.state_path
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {
             "config": self.config.to_dict(),
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "model": master.state(),  # float32
             "optimizer": optimizer.state_dict(),
             "counters": dict(counters),
             "sampler": sampler.state(),
@@ -488,8 +536,9 @@ class Trainer:
 
         t0 = time.perf_counter()
         model = self._build_model(tokenizer)
+        master = MasterWeights(model, self.autocast_dtype)
         if state is not None:
-            model.load_state_dict({k: v.to(self.device) for k, v in state["model"].items()})
+            master.load_state(state["model"])
         mc = model.config
         self._stage("model_s", t0)
 
@@ -499,13 +548,14 @@ class Trainer:
                               cfg.family_weights, cfg.max_length, workers=workers)
         val_batches = self._val_batches(tokenizer, mc.canvas_length, mc.pad_token_id)
         self._stage("data_s", t0)
-        log.info("corpus: %d examples, %s tokens (%.1f mean), built with %d workers in %.1f s", len(corpus),
-                 _fmt_count(int(corpus.lengths.sum())), float(corpus.lengths.float().mean()), workers,
-                 self.timings["data_s"])
+        log.info("corpus: %d examples, %s tokens (%.1f mean), generated and tokenized by %d workers in %.1f s "
+                 "(%s examples/s)", len(corpus), _fmt_count(int(corpus.lengths.sum())),
+                 float(corpus.lengths.float().mean()), workers, self.timings["data_s"],
+                 _fmt_count(len(corpus) / self.timings["data_s"]))
 
         sampler = BatchSampler(corpus, cfg.batch_size, mc.canvas_length, mc.pad_token_id, cfg.seed)
         fused = self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+        optimizer = torch.optim.AdamW(master.param_groups(cfg.weight_decay), lr=cfg.lr,
                                       betas=(cfg.beta1, cfg.beta2), fused=fused)
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         counters = {"step": 0, "train_seconds": 0.0, "examples": 0, "encoder_tokens": 0, "canvas_tokens": 0}
@@ -522,10 +572,10 @@ class Trainer:
         params = count_parameters(model)
         log.info("model: %s parameters (%s), canvas %d, device %s, precision %s, moe %s", f"{params:,}",
                  cfg.init_from or cfg.preset, mc.canvas_length, self.device,
-                 "bf16 autocast" if self.autocast_dtype else "fp32",
+                 "bf16 under autocast, fp32 master weights" if self.autocast_dtype else "fp32",
                  "dense" if isinstance(model.layers[0].experts, DenseExperts) else "model's own")
 
-        losses = self._loop(model, optimizer, sampler, gen, counters, val_batches, tokenizer_files)
+        losses = self._loop(model, master, optimizer, sampler, gen, counters, val_batches, tokenizer_files)
 
         t0 = time.perf_counter()
         out = self.export(model)
@@ -533,16 +583,19 @@ class Trainer:
         result = TrainResult(
             out_dir=out, steps=counters["step"], examples_seen=counters["examples"],
             encoder_tokens=counters["encoder_tokens"], canvas_tokens=counters["canvas_tokens"],
-            train_seconds=counters["train_seconds"], final_loss=losses["loss"], final_diffusion_loss=losses["diffusion"],
-            final_ar_loss=losses["ar"], val_loss=losses.get("val"), parameters=params,
+            train_seconds=counters["train_seconds"], final_loss=losses["loss"],
+            final_diffusion_loss=losses["diffusion"], final_ar_loss=losses["ar"], val_loss=losses.get("val"),
+            parameters=params,
             checkpoint_bytes=sum(p.stat().st_size for p in out.glob("*.safetensors")), timings_s=self.timings,
         )
-        del model, optimizer
+        del model, master, optimizer
         if cfg.final_eval or cfg.sweep:
             self._evaluate(result)
+        if not cfg.keep_state:
+            cfg.state_path.unlink(missing_ok=True)  # the run is complete: the checkpoint is what remains
         return result
 
-    def _loop(self, model, optimizer, sampler, gen, counters, val_batches, tokenizer_files) -> dict:
+    def _loop(self, model, master, optimizer, sampler, gen, counters, val_batches, tokenizer_files) -> dict:
         cfg = self.config
         budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min is not None else None
         progress_bar = Progress(cfg.log_every_s)
@@ -574,10 +627,12 @@ class Trainer:
                 with self._autocast():
                     parts = block_diffusion_loss(model, batch, cfg.objective, gen)
                 parts.loss.backward()
+                master.gradients_to_master()
                 if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(master.params, cfg.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                master.master_to_model()
                 for key, value in (("loss", parts.loss), ("diffusion", parts.diffusion), ("ar", parts.ar),
                                    ("accuracy", parts.canvas_accuracy)):
                     window[key].append(value.detach().float())
@@ -597,7 +652,7 @@ class Trainer:
                     log.info("step %d: validation loss %.4f", step, val)
                 if cfg.checkpoint_every_min and time.monotonic() - last_save >= cfg.checkpoint_every_min * 60:
                     t = time.perf_counter()
-                    self._save_state(model, optimizer, sampler, gen, counters, tokenizer_files)
+                    self._save_state(master, optimizer, sampler, gen, counters, tokenizer_files)
                     self._stage("checkpoint_s", t)
                     last_save = time.monotonic()
                 # The budget is wall-clock: validation and saves inside the loop count too.
@@ -626,7 +681,7 @@ class Trainer:
                 )
         except KeyboardInterrupt:
             progress_bar.close()
-            self._save_state(model, optimizer, sampler, gen, counters, tokenizer_files)
+            self._save_state(master, optimizer, sampler, gen, counters, tokenizer_files)
             log.warning("interrupted at step %d: state saved to %s; run the same command to resume",
                         counters["step"], self.config.state_path)
             raise
@@ -639,7 +694,7 @@ class Trainer:
         val = self.validation_loss(model, val_batches)
         self._stage("validation_s", t)
         t = time.perf_counter()
-        self._save_state(model, optimizer, sampler, gen, counters, tokenizer_files)
+        self._save_state(master, optimizer, sampler, gen, counters, tokenizer_files)
         self._stage("checkpoint_s", t)
         return dict(shown, val=val)
 
@@ -679,7 +734,7 @@ class Trainer:
         batch = 256 if self.device.type == "cuda" else 64
         if cfg.sweep:
             t = time.perf_counter()
-            examples = ev.heldout(cfg.seed + 101, max(cfg.final_eval, 200), cfg.families)
+            examples = ev.heldout(cfg.seed + 101, max(cfg.final_eval, 300), cfg.families)
             results = ev.sweep(llm, examples, batch_size=batch, seed=cfg.seed,
                                log=lambda line: print(f"sweep: {line}", file=sys.stderr, flush=True))
             choice, _ = ev.choose_settings(results)
