@@ -6,7 +6,6 @@ use), feeds them all in, and steps until every one is finished; rows stop on the
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dgemma.checkpoint.loader import load_model, parse_dtype
+from dgemma.checkpoint.loader import load_model, parse_dtype, read_json
 from dgemma.engine.engine import Engine
 from dgemma.engine.request import Request, RequestOutput
 from dgemma.engine.scheduler import SchedulerConfig
@@ -252,16 +251,9 @@ def _load_tokenizer(path: Path):
 
 
 def _read_generation_config(path: Path, required: bool) -> dict | None:
-    if not path.is_file():
-        if required:
-            raise CheckpointError(f"{path}: generation config file not found")
+    data = read_json(path, required=required)
+    if data is None:
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
     try:
         SamplingParams.from_generation_config(data)
     except RequestError as exc:

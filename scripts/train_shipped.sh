@@ -21,12 +21,14 @@
 #   size            11,995,088 parameters (tied embedding counted once) = 24.0 MB in bfloat16
 #
 # Training: AdamW (0.9, 0.95), peak lr 2e-3 after 200 warmup steps, cosine to 10% over a 7-minute wall-clock
-# budget (TIME_BUDGET_MIN), weight decay 0.1 on matrices, gradient clipping 1.0, bf16 autocast with fp32 master
-# weights, all experts computed densely (no host sync), batches of 256 examples grouped by length, 1.5M examples
-# generated up front by 16 processes (the mixture below; longer than 512 tokens dropped), encoder AR loss weight 1.0,
-# noise t ~ U(0.001, 1), self-conditioning on half of the rows. The mixture up-weights the families with the
-# strictest bar (multiplication most) and multi-canvas answers. Wall time: ~40 s of setup (tokenizer, data), the
-# budget, ~1 min of sweep and evaluation. Extra options after OUT_DIR are passed on (e.g. --compile, --batch-size).
+# budget (TIME_BUDGET_MIN), weight decay 0.1 on matrices, gradient clipping 1.0; a bfloat16 model under autocast with
+# float32 master weights; all 8 experts computed densely (batched matmuls, no host sync); batches of 512 examples
+# grouped by length, fewer where 512 rows would exceed 65,536 padded tokens (long tool prompts); 1.5M examples
+# generated up front by up to 16 processes (the mixture below; examples over 512 tokens dropped); encoder AR loss
+# weight 1.0; noise t ~ U(0.001, 1); self-conditioning trained two-pass on half of the rows. The mixture
+# up-weights the families with the strictest bar (multiplication most) and multi-canvas answers.
+# Wall time: ~40 s of setup (tokenizer, data), the budget, then ~1-2 min of sweep, evaluation and export.
+# Options after OUT_DIR are passed on to `dgemma train` (e.g. --compile, --batch-size 256).
 set -euo pipefail
 
 OUT="${1:-dgemma/assets/dgemma-mini}"
@@ -38,7 +40,8 @@ exec "$PYTHON" -m dgemma train \
     --preset mini \
     --device cuda \
     --time-budget-min "${TIME_BUDGET_MIN:-7}" \
-    --batch-size 256 \
+    --batch-size 512 \
+    --max-batch-tokens 65536 \
     --max-length 512 \
     --lr 2e-3 \
     --warmup-steps 200 \

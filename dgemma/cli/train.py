@@ -36,7 +36,9 @@ def add_parser(sub) -> None:
     g.add_argument("--max-length", type=int, default=d.max_length, help="drop longer examples (tokens)")
     g.add_argument("--workers", type=int, default=d.workers, help="data generation processes (0: one per CPU, <= 16)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step")
+    g.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="fewer examples in a step where rows x longest row would exceed this (bounds memory)")
     g.add_argument("--max-steps", type=int, default=None)
     g.add_argument("--time-budget-min", type=float, default=None,
                    help="wall-clock minutes of training (the schedule decays over it); export and eval come after")
@@ -89,7 +91,8 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig(
         out_dir=args.out, preset=args.preset, init_from=args.init_from, vocab_size=args.vocab_size,
         train_examples=args.train_examples, families=families, family_weights=weights, max_length=args.max_length,
-        workers=args.workers, batch_size=args.batch_size, max_steps=args.max_steps,
+        workers=args.workers, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
+        max_steps=args.max_steps,
         time_budget_min=args.time_budget_min, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         objective=ObjectiveConfig(ar_loss_weight=args.ar_loss_weight, self_cond_prob=args.self_cond_prob,

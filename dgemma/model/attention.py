@@ -123,8 +123,8 @@ class Attention(nn.Module):
         v = rms_norm(v_raw, None, self.eps)
 
         keys, values = cache.keys[layer], cache.values[layer]  # [rows, capacity + 1, Hkv, D]
-        keys[batch.rows[:, None], batch.write_slots] = k
-        values[batch.rows[:, None], batch.write_slots] = v
+        keys[batch.rows[:, None], batch.write_slots] = k.to(keys.dtype)  # autocast may compute k in float32
+        values[batch.rows[:, None], batch.write_slots] = v.to(values.dtype)
         start = batch.kv_start[kind]
         if batch.row_range is not None:
             first, last = batch.row_range

@@ -300,14 +300,19 @@ class BatchSampler:
     """Endless batches from a corpus: shuffled every epoch, grouped by length to keep padding low.
 
     Each group of `pool_batches` batches is drawn at random, sorted by length and cut into batches, whose order is
-    then shuffled: rows of a batch have similar lengths, batches of a pool arrive in random order. All randomness
-    comes from one `random.Random`, so `state()` / `load_state()` resume the exact stream.
+    then shuffled: rows of a batch have similar lengths, batches of a pool arrive in random order. A batch holds
+    `batch_size` rows, fewer where that many rows of its length would exceed `max_batch_tokens` (long tool prompts).
+    All randomness comes from one `random.Random`, so `state()` / `load_state()` resume the exact stream.
     """
 
     def __init__(self, corpus: Corpus, batch_size: int, canvas_length: int, pad_id: int, seed: int,
-                 pool_batches: int = 16):
+                 pool_batches: int = 16, max_batch_tokens: int | None = None):
         if batch_size <= 0:
             raise ConfigError(f"batch_size must be positive, got {batch_size}")
+        longest = int(corpus.lengths.max()) if len(corpus) else 0
+        if max_batch_tokens is not None and max_batch_tokens < longest:
+            raise ConfigError(f"max_batch_tokens={max_batch_tokens} cannot hold the corpus's longest example "
+                              f"({longest} tokens)")
         if len(corpus) < batch_size:
             raise ConfigError(f"the corpus has {len(corpus)} examples, fewer than one batch of {batch_size}")
         self.corpus = corpus
@@ -315,6 +320,7 @@ class BatchSampler:
         self.canvas_length = canvas_length
         self.pad_id = pad_id
         self.pool_batches = pool_batches
+        self.max_batch_tokens = max_batch_tokens  # rows x longest row: bounds activation memory
         self.rng = random.Random(seed)
         self.epoch = 0
         self._order: list[int] = []
@@ -341,9 +347,14 @@ class BatchSampler:
                    * self.batch_size)
         pool = self._order[self._cursor : self._cursor + take]
         self._cursor += take
-        lengths = self.corpus.lengths
-        pool.sort(key=lambda i: int(lengths[i]))
-        batches = [pool[k : k + self.batch_size] for k in range(0, take, self.batch_size)]
+        lengths = self.corpus.lengths.tolist()
+        pool.sort(key=lambda i: lengths[i])
+        batches: list[list[int]] = [[]]
+        for i in pool:  # ascending lengths: a row's length is its batch's padded width
+            rows = len(batches[-1]) + 1
+            if rows > self.batch_size or (self.max_batch_tokens and rows * lengths[i] > self.max_batch_tokens):
+                batches.append([])
+            batches[-1].append(i)
         self.rng.shuffle(batches)
         self._pending = batches
 

@@ -7,7 +7,8 @@ the independent `checker` after its normalisation. Speed is reported as the engi
 (the stop token included) per decoder forward, and denoising steps per committed canvas.
 
 `sweep` runs the same evaluation over a grid of sampler settings and `choose_settings` picks the fastest one whose
-accuracy is within a tolerance of the best: that choice becomes the checkpoint's generation_config.json.
+accuracy, overall and on the quality bar's families, is within a tolerance of the best: that choice becomes the
+checkpoint's generation_config.json.
 """
 
 from __future__ import annotations
@@ -85,6 +86,14 @@ class EvalReport:
     latency_64_ms: float | None = None  # one request, 64 new tokens, median of a few runs
     threads: int = field(default_factory=torch.get_num_threads)
     failures: list[dict] = field(default_factory=list)  # a few wrong answers, for reading
+
+    def bar_score(self) -> Score:
+        """The families the quality bar names (and tool calls), pooled."""
+        pooled = Score()
+        for family in (*BAR_FAMILIES, "tool_call"):
+            if family in self.families:
+                pooled.add(self.families[family])
+        return pooled
 
     def bar(self) -> list[tuple[str, float, bool, str]]:
         """(criterion, measured value, passed, value as shown) for the issue's quality bar."""
@@ -263,16 +272,20 @@ def sweep(llm, examples: list[Example], grid: list[dict] | None = None, base: Sa
 
 def sweep_line(overrides: dict, report: EvalReport) -> str:
     knobs = " ".join(f"{k}={v}" for k, v in overrides.items())
-    return (f"{knobs}: exact {report.total.accuracy:.1%}, tok/fwd {report.total.tokens_per_forward:.2f}, "
-            f"steps/canvas {report.total.steps_per_canvas:.2f}, {report.seconds:.1f} s")
+    return (f"{knobs}: exact {report.total.accuracy:.1%} (bar families {report.bar_score().accuracy:.1%}), "
+            f"tok/fwd {report.total.tokens_per_forward:.2f}, steps/canvas {report.total.steps_per_canvas:.2f}, "
+            f"{report.seconds:.1f} s")
 
 
 def choose_settings(results: list[tuple[dict, EvalReport]], tolerance: float = 0.01) -> tuple[dict, EvalReport]:
-    """The setting with the most tokens per forward among those within `tolerance` of the best accuracy."""
+    """The setting with the most tokens per forward among those within `tolerance` of the best accuracy, both
+    overall and on the quality bar's families (so speed is never bought with, say, multiplication alone)."""
     if not results:
         raise ConfigError("the sweep produced no results")
-    best = max(report.total.accuracy for _, report in results)
-    eligible = [(o, r) for o, r in results if r.total.accuracy >= best - tolerance]
+    best_total = max(report.total.accuracy for _, report in results)
+    best_bar = max(report.bar_score().accuracy for _, report in results)
+    eligible = [(o, r) for o, r in results
+                if r.total.accuracy >= best_total - tolerance and r.bar_score().accuracy >= best_bar - tolerance]
     return max(eligible, key=lambda item: (item[1].total.tokens_per_forward, item[1].total.accuracy))
 
 

@@ -123,7 +123,8 @@ class TrainConfig:
     families: list[str] | None = None  # task families to train on (default: all)
     family_weights: dict[str, float] | None = None  # mixture weights (default: each family's own)
     max_length: int = 1024  # longer examples are dropped
-    batch_size: int = 64  # examples per step
+    batch_size: int = 64  # examples per step ...
+    max_batch_tokens: int | None = None  # ... fewer where rows x longest row would exceed this (memory bound)
     max_steps: int | None = None  # stop after this many steps ...
     time_budget_min: float | None = None  # ... or after this much training time (whichever comes first)
     lr: float = 2e-3  # peak learning rate
@@ -174,6 +175,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.max_batch_tokens is not None and (not isinstance(self.max_batch_tokens, int)
+                                                  or self.max_batch_tokens < self.max_length):
+            raise ConfigError(f"max_batch_tokens must be an integer >= max_length ({self.max_length}) so every example "
+                              f"fits a batch, got {self.max_batch_tokens!r}")
         if self.max_steps is None and self.time_budget_min is None:
             raise ConfigError("give max_steps or time_budget_min (or both): training needs an end")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps <= 0):
@@ -553,7 +558,8 @@ class Trainer:
                  float(corpus.lengths.float().mean()), workers, self.timings["data_s"],
                  _fmt_count(len(corpus) / self.timings["data_s"]))
 
-        sampler = BatchSampler(corpus, cfg.batch_size, mc.canvas_length, mc.pad_token_id, cfg.seed)
+        sampler = BatchSampler(corpus, cfg.batch_size, mc.canvas_length, mc.pad_token_id, cfg.seed,
+                               max_batch_tokens=cfg.max_batch_tokens)
         fused = self.device.type == "cuda"
         optimizer = torch.optim.AdamW(master.param_groups(cfg.weight_decay), lr=cfg.lr,
                                       betas=(cfg.beta1, cfg.beta2), fused=fused)
@@ -731,7 +737,7 @@ class Trainer:
 
         cfg = self.config
         llm = LLM(result.out_dir, dtype="float32", device=self.device)
-        batch = 256 if self.device.type == "cuda" else 64
+        batch = 512 if self.device.type == "cuda" else 64  # on a GPU the whole sweep set is one batch
         if cfg.sweep:
             t = time.perf_counter()
             examples = ev.heldout(cfg.seed + 101, max(cfg.final_eval, 300), cfg.families)
