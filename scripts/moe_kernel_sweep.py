@@ -1,0 +1,96 @@
+"""Time the fused Triton MoE kernels against torch._grouped_mm on the 26b-a4b expert shapes, and sweep tiles.
+
+python scripts/moe_kernel_sweep.py  (needs a Hopper GPU). Also times the fused q/k norm+RoPE kernel.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+
+import torch
+import triton.testing
+
+import dgemma.kernels.fused_moe as fm
+from dgemma.kernels.norm_rope import norm_rope_triton
+from dgemma.model.layers import apply_rope, rms_norm
+from dgemma.model.moe import experts_grouped
+
+H, I, E, K = 2816, 704, 128, 8
+dev, dt = "cuda", torch.bfloat16
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=5, rep=40)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    layers = 3  # rotate over 3 layers' weights so nothing stays in L2
+    gu = [torch.randn(E, 2 * I, H, device=dev, dtype=dt) * 0.02 for _ in range(layers)]
+    dn = [torch.randn(E, H, I, device=dev, dtype=dt) * 0.02 for _ in range(layers)]
+    nbytes = gu[0].numel() * 2 + dn[0].numel() * 2
+    quick = "--quick" in sys.argv
+    for n in [256, 512, 1024, 2048]:
+        x = torch.randn(n, H, device=dev, dtype=dt)
+        probs = torch.randn(n, E, device=dev).softmax(-1)
+        w, ex = torch.topk(probs, K)
+        w = w / w.sum(-1, keepdim=True)
+        ref = experts_grouped(x, w, ex, gu[0], dn[0])
+        out = fm.fused_moe_triton(x, w, ex, gu[0], dn[0])
+        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+        i = [0]
+
+        def run_ref():
+            i[0] = (i[0] + 1) % layers
+            experts_grouped(x, w, ex, gu[i[0]], dn[i[0]])
+
+        def run_fused(t1=None, t2=None):
+            i[0] = (i[0] + 1) % layers
+            fm.fused_moe_triton(x, w, ex, gu[i[0]], dn[i[0]], t1, t2)
+
+        t_ref, t_f = bench(run_ref), bench(run_fused)
+        print(f"N={n}: grouped_mm {t_ref*1e3:.0f} us ({nbytes/t_ref/1e9:.2f} TB/s), fused {t_f*1e3:.0f} us "
+              f"({nbytes/t_f/1e9:.2f} TB/s), rel err {err:.2e}", flush=True)
+        if quick or n > 256:
+            continue
+        best = None
+        for bn, bk, nw, ns in itertools.product([32, 64], [64, 128, 256], [4, 8], [3, 4]):
+            t1 = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+            try:
+                t = bench(lambda: run_fused(t1, None))
+            except Exception as exc:  # out of shared memory etc.
+                print("  gate_up", t1, "failed", type(exc).__name__)
+                continue
+            if best is None or t < best[0]:
+                best = (t, t1)
+            print(f"  gate_up {t1}: {t*1e3:.0f} us", flush=True)
+        print("  best gate_up", best)
+        best2 = None
+        for bn, bk, nw, ns in itertools.product([64, 128, 256], [64, 128], [4, 8], [3, 4]):
+            t2 = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+            try:
+                t = bench(lambda: run_fused(best[1], t2))
+            except Exception as exc:
+                print("  down", t2, "failed", type(exc).__name__)
+                continue
+            if best2 is None or t < best2[0]:
+                best2 = (t, t2)
+            print(f"  down {t2}: {t*1e3:.0f} us", flush=True)
+        print("  best down", best2, flush=True)
+
+    for d, heads in [(256, 16), (256, 8), (512, 16)]:
+        xq = torch.randn(1, 256, heads, d, device=dev, dtype=dt)
+        wt = torch.randn(d, device=dev, dtype=dt)
+        cos = torch.randn(1, 256, d, device=dev, dtype=dt)
+        sin = torch.randn(1, 256, d, device=dev, dtype=dt)
+        ref = apply_rope(rms_norm(xq, wt, 1e-6), cos, sin)
+        out = norm_rope_triton(xq, wt, cos, sin, 1e-6)
+        err = (out.float() - ref.float()).abs().max().item()
+        t_e = bench(lambda: apply_rope(rms_norm(xq, wt, 1e-6), cos, sin))
+        t_k = bench(lambda: norm_rope_triton(xq, wt, cos, sin, 1e-6))
+        print(f"norm+rope D={d} heads={heads}: eager {t_e*1e3:.1f} us, fused {t_k*1e3:.1f} us, max err {err:.3g}")
+
+
+if __name__ == "__main__":
+    main()
