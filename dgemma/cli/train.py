@@ -72,6 +72,8 @@ def add_parser(sub) -> None:
                    help="held-out problems scored after export (0: skip)")
     g.add_argument("--sweep", action="store_true",
                    help="after export, sweep sampler settings and write the best into generation_config.json")
+    g.add_argument("--no-sweep", dest="sweep", action="store_false",
+                   help="skip the sweep (undoes an earlier --sweep, e.g. the one scripts/train_shipped.sh passes)")
     p.set_defaults(run=run)
 
 
