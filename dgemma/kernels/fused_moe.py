@@ -12,6 +12,11 @@ gathered copy of the inputs, a separate gelu*up pass and an un-permuting gather.
 Group bounds stay on the device (no host sync): the kernels are CUDA-graph capturable. Rounding follows the
 eager path (gate and up rounded to the activation dtype before the gelu product) up to one rounding of the
 product: results agree with torch._grouped_mm within bf16 tolerance, not bit for bit.
+
+Measured (scripts/moe_kernel_sweep.py, H200, one layer's 26b-a4b experts, bf16, 2026-11-27): 256 tokens 505 us
+(3.01 TB/s) vs 661 us for experts_grouped; 512 tokens 507 vs 681 us; 1024 tokens 841 vs 815 us; 2048 tokens
+1359 vs 1102 us. So it pays up to ~32 assignments per expert (batch <= 2 of a 256-token canvas). Not yet wired
+into `dgemma.model.moe.Experts`: that needs tests/test_gpu.py to pass with it and a step measurement.
 """
 
 from __future__ import annotations

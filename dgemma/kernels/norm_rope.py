@@ -4,6 +4,9 @@ The eager form is the norm kernel plus ~6 elementwise kernels for the rotation (
 products, sum) per tensor; at batch 1 the step spends more time launching them than computing. Math: the
 normalised value is rounded to the activation dtype (as the eager norm returns it), then rotated in float32
 and rounded once: within bf16 rounding of `apply_rope(rms_norm(x, w), cos, sin)`.
+
+Measured (scripts/moe_kernel_sweep.py, H200, 256 tokens, eager timings include launch gaps): 8.2 us vs 155 us for
+16 heads of 256; 8.6 vs 132 us for 16 heads of 512. Not yet wired into `dgemma.model.attention.Attention`.
 """
 
 from __future__ import annotations

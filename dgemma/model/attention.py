@@ -116,18 +116,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         b, t, _ = x.shape
         d = self.spec.head_dim
-        q_raw = self.q_proj(x).view(b, t, self.num_heads, d)  # [B, T, Hq, D]
+        q = apply_rope(self.q_norm(self.q_proj(x).view(b, t, self.num_heads, d)), cos, sin)  # [B, T, Hq, D]
         k_raw = self.k_proj(x).view(b, t, self.spec.num_kv_heads, d)  # [B, T, Hkv, D]
         v_raw = self.v_proj(x).view(b, t, self.spec.num_kv_heads, d) if self.v_proj is not None else k_raw
-        if x.is_cuda and not torch.is_grad_enabled() and cos.dtype == q_raw.dtype == k_raw.dtype:
-            # One kernel per tensor instead of the norm plus ~6 rotation kernels (launch-bound at small batch).
-            from dgemma.kernels.norm_rope import norm_rope_triton
-
-            q = norm_rope_triton(q_raw, self.q_norm.weight, cos, sin, self.eps)
-            k = norm_rope_triton(k_raw, self.k_norm.weight, cos, sin, self.eps)
-        else:
-            q = apply_rope(self.q_norm(q_raw), cos, sin)
-            k = apply_rope(self.k_norm(k_raw), cos, sin)
+        k = apply_rope(self.k_norm(k_raw), cos, sin)
         v = rms_norm(v_raw, None, self.eps)
 
         keys, values = cache.keys[layer], cache.values[layer]  # [rows, capacity + 1, Hkv, D]

@@ -110,18 +110,6 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return False
 
 
-# The fused Triton experts stream weights at ~3.0 TB/s on an H200 up to ~32 assignments per expert (batch 2 of
-# a 256-token canvas) against ~2.3 TB/s for torch._grouped_mm; at 64 per expert and above grouped_mm is as fast
-# or faster (scripts/moe_kernel_sweep.py).
-FUSED_MOE_MAX_PER_EXPERT = 32
-
-
-def use_fused_moe(x: torch.Tensor, experts: torch.Tensor, num_experts: int) -> bool:
-    """Fused kernels on CUDA in 16-bit dtypes (in float32 tl.dot would use TF32) for small token counts."""
-    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled()
-            and experts.numel() <= FUSED_MOE_MAX_PER_EXPERT * num_experts)
-
-
 class Experts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, moe_intermediate_size: int):
         super().__init__()
@@ -130,10 +118,6 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         # x: [N, H]; weights, experts: [N, K]
-        if use_fused_moe(x, experts, self.gate_up_proj.shape[0]):
-            from dgemma.kernels.fused_moe import fused_moe_triton
-
-            return fused_moe_triton(x, weights, experts, self.gate_up_proj, self.down_proj)
         grouped = grouped_mm_supported(x.device, x.dtype)
         impl = experts_grouped if grouped else experts_loop
         return impl(x, weights, experts, self.gate_up_proj, self.down_proj)
