@@ -240,6 +240,7 @@ class TrainResult:
     parameters: int
     checkpoint_bytes: int
     timings_s: dict = field(default_factory=dict)
+    peak_memory_bytes: int | None = None  # CUDA: the most memory the training loop's tensors held
     eval_report: object | None = None  # evaluate.EvalReport of the exported checkpoint
     sweep_choice: dict | None = None
 
@@ -593,6 +594,7 @@ class Trainer:
             final_diffusion_loss=losses["diffusion"], final_ar_loss=losses["ar"], val_loss=losses.get("val"),
             parameters=params,
             checkpoint_bytes=sum(p.stat().st_size for p in out.glob("*.safetensors")), timings_s=self.timings,
+            peak_memory_bytes=torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
         )
         del model, master, optimizer
         if cfg.final_eval or cfg.sweep:
@@ -772,7 +774,10 @@ def summary(result: TrainResult) -> str:
         "== dgemma train: done ==",
         f"steps {result.steps}, examples {_fmt_count(result.examples_seen)}, tokens {_fmt_count(tokens)} "
         f"(encoder {_fmt_count(result.encoder_tokens)} + canvas {_fmt_count(result.canvas_tokens)}) in "
-        f"{minutes:.2f} min of training ({_fmt_count(tokens / max(result.train_seconds, 1e-9))} tok/s)",
+        f"{minutes:.2f} min of training ({_fmt_count(tokens / max(result.train_seconds, 1e-9))} tok/s, "
+        f"{result.steps / max(result.train_seconds, 1e-9):.2f} steps/s"
+        + ("" if result.peak_memory_bytes is None else f", peak GPU memory {result.peak_memory_bytes / 2**30:.1f} GiB")
+        + ")",
         f"final loss {result.final_loss:.4f} (diffusion {result.final_diffusion_loss:.4f}, "
         f"ar {result.final_ar_loss:.4f}); held-out validation loss "
         + ("n/a" if result.val_loss is None else f"{result.val_loss:.4f}"),
