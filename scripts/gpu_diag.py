@@ -1,12 +1,11 @@
 """Where the GPU time of a denoising step goes, per component, at a few batch sizes (device time via events).
 
-    python scripts/gpu_diag.py [--batches 1,8,32] [--compile]
+    python scripts/gpu_diag.py [--batches 1,8,32]
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -49,7 +48,6 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--prefix", type=int, default=1024)
-    p.add_argument("--compile", action="store_true")
     args = p.parse_args()
     model = build_random_model("26b-a4b", "bfloat16", "cuda")
     cfg = model.config
@@ -79,20 +77,6 @@ def main():
             res["decode_hidden kernel busy"] = total
             print(f"== batch {b}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in res.items()))
             print("   top kernels:", top)
-            if args.compile:
-                import dgemma.model.diffusion_gemma as dg
-                t0 = time.perf_counter()
-                for layer in model.layers:
-                    layer.forward = torch.compile(layer.forward, dynamic=False)
-                model.decode_hidden(canvas, attn, cache, soft)
-                torch.cuda.synchronize()
-                print(f"   compile {time.perf_counter() - t0:.1f} s")
-                total, top = busy_ms(lambda: model.decode_hidden(canvas, attn, cache, soft))
-                print(f"   compiled decode_hidden kernel busy {total:.2f} ms, wall {gpu_ms(lambda: model.decode_hidden(canvas, attn, cache, soft)):.2f} ms")
-                print("   top kernels:", top)
-                for layer in model.layers:
-                    del layer.forward
-        del cache
 
 
 if __name__ == "__main__":

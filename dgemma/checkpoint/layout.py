@@ -13,7 +13,6 @@ import torch
 from dgemma.config import ModelConfig
 
 DECODER_PREFIX = "model.decoder."
-ENCODER_SCALAR = re.compile(r"^model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar$")
 VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 # Tied copies that some writers store under encoder names (the reference's save drops them).
 TIED_DUPLICATE = re.compile(r"^(lm_head\.weight|model\.encoder\.language_model\.(?!layers\.\d+\.layer_scalar$).+)$")

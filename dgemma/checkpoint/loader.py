@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from dgemma.checkpoint.layout import ENCODER_SCALAR, TIED_DUPLICATE, checkpoint_tensors, is_vision
+from dgemma.checkpoint.layout import TIED_DUPLICATE, checkpoint_tensors, is_vision
 from dgemma.config import ModelConfig
 from dgemma.errors import CheckpointError, ConfigError
 from dgemma.model.diffusion_gemma import DiffusionGemma

@@ -9,7 +9,6 @@ holds more than one shard.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tempfile
 from collections.abc import Iterator
