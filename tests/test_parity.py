@@ -189,3 +189,31 @@ def test_reference_cases_cover_eos_early_stopping_and_several_canvases(confident
         saw["early_stop"] |= any(f < steps for f in request.stats.forwards_per_canvas)
         saw["multi_canvas"] |= len(request.stats.forwards_per_canvas) >= 2
     assert saw == {"eos": True, "early_stop": True, "multi_canvas": True}, saw
+
+
+def test_autoregressive_mode_decodes_like_the_reference_encoder_as_a_causal_lm(pair):
+    """`--mode ar`: the encoder with its cache, one token per forward, gives the logits of re-running the
+    reference's encoder over the whole sequence (tied, softcapped head), at every step, past the window."""
+    from dgemma.engine.autoregressive import generate_ar
+
+    spec, reference, ours = pair
+    prompt = random_ids(spec, spec.window + 1, 50)
+    continuation = random_ids(spec, spec.window + 4, 51)  # teacher-forced tokens, one per forward
+    sequence = torch.cat([prompt, continuation], dim=1)
+    with torch.no_grad():
+        hidden = reference.model.encoder(input_ids=sequence).last_hidden_state  # [1, L, H]
+        expected = 30 * torch.tanh(reference.lm_head(hidden).float() / 30)
+        cache = KVCache(ours.config, 1, sequence.shape[1], torch.float32, torch.device("cpu"))
+        n = prompt.shape[1]
+        ours.encode(prompt, AttentionBatch.for_encoder([0], [0], [n], spec.window, cache), cache)
+        for i in range(continuation.shape[1]):
+            h = ours.encode(continuation[:, i : i + 1],
+                            AttentionBatch.for_encoder([0], [n + i], [1], spec.window, cache), cache)
+            assert (ours.logits(h[:, 0]) - expected[:, n + i]).abs().max() < LOGIT_TOL, f"step {i}"
+        # And the greedy loop itself follows the reference's greedy choices.
+        greedy = prompt
+        for _ in range(6):
+            h = reference.model.encoder(input_ids=greedy).last_hidden_state[:, -1]
+            greedy = torch.cat([greedy, (30 * torch.tanh(reference.lm_head(h).float() / 30)).argmax(-1, keepdim=True)], 1)
+    [result] = generate_ar(ours, [prompt[0].tolist()], 6)
+    assert result.token_ids == greedy[0, prompt.shape[1]:].tolist()
