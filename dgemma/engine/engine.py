@@ -3,7 +3,7 @@
     plan = scheduler.schedule()
     encode pending tokens (prompts, committed canvases)  -> cache
     start new canvases (uniform random tokens)
-    one batched denoising forward over every active canvas, then the sampler per row
+    one batched denoising step over every active canvas (a `denoisers` implementation: eager, or a CUDA graph)
     commit the rows that stopped; report committed tokens, drafts and finished requests
 
 The same code runs on CPU and GPU; requests come and go between steps.
@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
+from dgemma.engine.denoisers import GraphDenoiser, make_denoiser, resolve_seed
 from dgemma.engine.request import Phase, Request, RequestOutput
 from dgemma.engine.scheduler import EncodeWork, Scheduler, SchedulerConfig
 from dgemma.model.attention import AttentionBatch
 from dgemma.model.diffusion_gemma import DiffusionGemma
 from dgemma.model.kv_cache import KVCache
-from dgemma.engine.denoisers import GraphDenoiser, make_denoiser, resolve_seed
 
 
 @dataclass
