@@ -190,10 +190,7 @@ class LLM:
             raise RequestError(
                 f"prompt + max_new_tokens needs {max_len} positions; the model has {self.config.max_position_embeddings}"
             )
-        engine = Engine(self.model, SchedulerConfig(
-            max_num_seqs=len(prompts), max_queue_len=0, max_prefill_tokens=max(4096, max(len(p) for p in prompts)),
-            max_model_len=max_len, canvas_length=canvas,
-        ))
+        engine = self._engine_for(len(prompts), max_len, max(len(p) for p in prompts))
         requests = []
         for i, ids in enumerate(prompts):
             row_params = params if params.seed is None else params.with_overrides(seed=params.seed + i)
@@ -216,6 +213,22 @@ class LLM:
                 text = _cut_at_stop(text, params.stop)
             results.append(GenerationResult(r.prompt_ids, r.output_ids, text, r.finish_reason, stats_of(r), drafts[i]))
         return results
+
+    def _engine_for(self, rows: int, max_len: int, longest_prompt: int) -> Engine:
+        """An engine with room for this call, kept for the next ones: on a GPU an engine captures CUDA graphs and
+        allocates its KV cache, which a call should not pay for again. Sizes grow in steps (rows to a power of two,
+        lengths to whole 1024s) so that calls of similar size share one."""
+        engine = getattr(self, "_engine", None)
+        cfg = engine.config if engine is not None else None
+        if cfg is None or cfg.max_num_seqs < rows or cfg.max_model_len < max_len or cfg.max_prefill_tokens < longest_prompt:
+            self._engine = None  # free the old cache before allocating the new one
+            rows = 1 << (rows - 1).bit_length()
+            max_len = min(-(-max_len // 1024) * 1024, self.config.max_position_embeddings)
+            self._engine = Engine(self.model, SchedulerConfig(
+                max_num_seqs=rows, max_queue_len=0, max_prefill_tokens=max(4096, longest_prompt),
+                max_model_len=max_len, canvas_length=self.config.canvas_length,
+            ))
+        return self._engine
 
     def _stop_fn(self, params: SamplingParams, skip_special_tokens: bool):
         if not params.stop or self.tokenizer is None:

@@ -186,3 +186,16 @@ def test_cli_errors_are_one_clear_line(tiny_checkpoint, capsys, argv, message):
 
     assert main(argv[:1] + ["--model", str(tiny_checkpoint)] + argv[1:]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_llm_reuses_its_engine_and_gets_the_same_results(model):
+    llm = LLM.from_model(model)
+    ps = prompts(3, seed=4)
+    knobs = dict(PARAMS, seed=9)
+    first = llm.generate(ps, **knobs)
+    engine = llm._engine
+    again = llm.generate(ps, **knobs)
+    one = llm.generate(ps[:1], **knobs)
+    assert llm._engine is engine  # no new KV cache, no new CUDA graphs for calls that fit
+    assert [r.token_ids for r in again] == [r.token_ids for r in first]
+    assert one[0].token_ids == first[0].token_ids
