@@ -194,3 +194,18 @@ def test_full_size_preset_has_the_released_shapes():
     assert params["layers.5.self_attn.k_proj.weight"].shape == (2 * 512, 2816)  # full layer: 2 KV heads of 512
     assert params["layers.0.self_attn.v_proj.weight"].shape == (8 * 256, 2816)  # sliding: 8 KV heads of 256
     assert "layers.5.self_attn.v_proj.weight" not in params
+
+
+def test_kv_cache_sizing_matches_what_is_allocated():
+    from dgemma.model.kv_cache import KVCache, bytes_per_position, max_positions_that_fit, step_workspace_bytes
+
+    config = preset("tiny")
+    cache = KVCache(config, rows=3, capacity=100, dtype=torch.float32, device=torch.device("cpu"))
+    assert cache.nbytes == 3 * 101 * bytes_per_position(config, torch.float32)  # one trash slot per row
+    # The full-size model: 225,280 bytes per position in bf16 (25 sliding layers of 8x256, 5 full of 2x512).
+    big = preset("26b-a4b")
+    assert bytes_per_position(big, torch.bfloat16) == 25 * 2 * 8 * 256 * 2 + 5 * 2 * 2 * 512 * 2
+    free = 29_400_000_000  # an 80 GB card after 50.5 GB of weights
+    fit = max_positions_that_fit(big, torch.bfloat16, 32, free)
+    assert 32 * (fit + 1) * 225_280 + step_workspace_bytes(big, 32) <= free
+    assert fit >= 2048  # the benchmark's 32 concurrent 1024 + 1024-token requests fit

@@ -12,10 +12,48 @@ from __future__ import annotations
 import torch
 
 from dgemma.config import ModelConfig
+from dgemma.errors import ConfigError
+
+
+def bytes_per_position(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Cache bytes one position of one row takes, keys and values of every layer."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(2 * config.attention(i).num_kv_heads * config.attention(i).head_dim * size
+               for i in range(config.num_layers))
+
+
+def step_workspace_bytes(config: ModelConfig, rows: int) -> int:
+    """A generous estimate of what a denoising step of `rows` canvases needs besides weights and cache: the bf16
+    LM-head output over the vocabulary (also the self-conditioning probabilities) dominates."""
+    return int(1.5 * rows * config.canvas_length * config.vocab_size * 2) + (2 << 30)
+
+
+def max_positions_that_fit(config: ModelConfig, dtype: torch.dtype, rows: int, free_bytes: int) -> int:
+    """Positions per row a cache of `rows` rows can have in `free_bytes`, leaving the step's workspace."""
+    room = free_bytes - step_workspace_bytes(config, rows)
+    return max(0, room // (rows * bytes_per_position(config, dtype)) - 1)
+
+
+def check_fits_on_device(config: ModelConfig, rows: int, capacity: int, dtype: torch.dtype,
+                         device: torch.device) -> None:
+    """A clear error before allocating, instead of an out-of-memory error halfway through start-up."""
+    if device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    fit = max_positions_that_fit(config, dtype, rows, free)
+    if capacity > fit:
+        need = rows * (capacity + 1) * bytes_per_position(config, dtype)
+        raise ConfigError(
+            f"the KV cache for max_num_seqs={rows} x max_model_len={capacity} needs {need / 1e9:.1f} GB, but "
+            f"{free / 1e9:.1f} GB are free on {device} after the weights (and a step needs "
+            f"~{step_workspace_bytes(config, rows) / 1e9:.1f} GB of workspace): at most {fit} positions per row "
+            f"fit; lower max_model_len or max_num_seqs"
+        )
 
 
 class KVCache:
     def __init__(self, config: ModelConfig, rows: int, capacity: int, dtype: torch.dtype, device: torch.device):
+        check_fits_on_device(config, rows, capacity, dtype, torch.device(device))
         self.rows = rows
         self.capacity = capacity  # positions per row (prefix + one canvas of scratch)
         self.trash_slot = capacity
