@@ -90,11 +90,9 @@ def run(args: argparse.Namespace) -> int:
     if args.max_model_len is None and llm.model.device.type == "cuda":
         # Like vLLM, size the default to the memory the weights left: the full-size model on an 80 GB card has
         # room for fewer positions than 16 rows x 8192.
-        import torch
+        from dgemma.model.kv_cache import free_device_bytes, max_positions_that_fit
 
-        from dgemma.model.kv_cache import max_positions_that_fit
-
-        free, _ = torch.cuda.mem_get_info(llm.model.device)
+        free = free_device_bytes(llm.model.device)
         fit = max_positions_that_fit(cfg, llm.model.dtype, args.max_num_seqs, free) // 256 * 256
         if fit < max_model_len:
             log.info("max_model_len lowered from %d to %d so that %d rows of KV cache fit in GPU memory",

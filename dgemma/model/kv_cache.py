@@ -34,12 +34,19 @@ def max_positions_that_fit(config: ModelConfig, dtype: torch.dtype, rows: int, f
     return max(0, room // (rows * bytes_per_position(config, dtype)) - 1)
 
 
+def free_device_bytes(device: torch.device) -> int:
+    """Memory a new allocation can use: the driver's free memory plus what PyTorch's caching allocator holds
+    reserved but unused (it hands that out first)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 def check_fits_on_device(config: ModelConfig, rows: int, capacity: int, dtype: torch.dtype,
                          device: torch.device) -> None:
     """A clear error before allocating, instead of an out-of-memory error halfway through start-up."""
     if device.type != "cuda":
         return
-    free, _ = torch.cuda.mem_get_info(device)
+    free = free_device_bytes(device)
     fit = max_positions_that_fit(config, dtype, rows, free)
     if capacity > fit:
         need = rows * (capacity + 1) * bytes_per_position(config, dtype)
