@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 
-from dgemma.kernels.fused_sampler import fused_sample
 from dgemma.model.attention import AttentionBatch
 from dgemma.model.diffusion_gemma import DiffusionGemma
 from dgemma.model.kv_cache import KVCache
@@ -43,11 +42,18 @@ def buckets_up_to(n: int) -> list[int]:
 
 
 class _Captured:
-    """Capture `fn(b)` for each bucket b (largest first, one shared memory pool) and replay by bucket."""
+    """Capture `fn(b)` for each bucket b (largest first, one shared memory pool) and replay by bucket.
 
-    def __init__(self, fn, buckets: list[int], pool=None):
+    With `capture=False` (any device) `replay` just calls `fn(b)`: the static-buffer logic around the graphs then
+    runs, and is tested, on a CPU.
+    """
+
+    def __init__(self, fn, buckets: list[int], pool=None, capture: bool = True):
         self.buckets = sorted(buckets)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.fn = None if capture else fn
+        if not capture:
+            return
         self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -71,7 +77,10 @@ class _Captured:
 
     def replay(self, rows_needed: int) -> int:
         b = self.bucket(rows_needed)
-        self.graphs[b].replay()
+        if self.fn is not None:
+            self.fn(b)
+        else:
+            self.graphs[b].replay()
         return b
 
 
@@ -140,6 +149,8 @@ class GraphedDenoiser:
         self.graphs = _Captured(self._step, buckets, pool)
 
     def _step(self, b: int) -> None:
+        from dgemma.kernels.fused_sampler import fused_sample  # Triton: imported only where a GPU step runs
+
         model, cfg = self.model, self.model.config
         batch = self.bounds.batch(b, self.cache.capacity)
         hidden = model.decode_hidden(self.canvas[:b], batch, self.cache, self.soft[:b])  # [b, C, H]
@@ -190,14 +201,15 @@ class GraphedDenoiser:
 class GraphedPrefill:
     """Prompt chunks of one request at a time, at any cache row, padded up to a captured chunk length."""
 
-    def __init__(self, model: DiffusionGemma, cache: KVCache, chunk_lengths: list[int], pool=None):
+    def __init__(self, model: DiffusionGemma, cache: KVCache, chunk_lengths: list[int], pool=None,
+                 capture: bool = True):
         self.model, self.cache = model, cache
         device = model.device
         self.row = torch.zeros(1, dtype=torch.long, device=device)  # the cache row this replay writes
         self.lengths = sorted(chunk_lengths)
         self.bounds = {t: _RowBounds(1, t, device, cache.trash_slot) for t in self.lengths}
         self.ids = {t: torch.zeros(1, t, dtype=torch.long, device=device) for t in self.lengths}
-        self.graphs = {t: _Captured(lambda _b, t=t: self._step(t), [1], pool) for t in self.lengths}
+        self.graphs = {t: _Captured(lambda _b, t=t: self._step(t), [1], pool, capture) for t in self.lengths}
 
     def _step(self, t: int) -> None:
         self.model.encode(self.ids[t], self.bounds[t].batch(1, self.cache.capacity, self.row), self.cache)
@@ -221,14 +233,14 @@ class GraphedEncoder:
     each row's last position (autoregressive decoding)."""
 
     def __init__(self, model: DiffusionGemma, cache: KVCache, tokens: int, buckets: list[int], pool=None,
-                 next_token: bool = False):
+                 next_token: bool = False, capture: bool = True):
         n = max(buckets)
         self.model, self.cache, self.next_token = model, cache, next_token
         self.bounds = _RowBounds(n, tokens, model.device, cache.trash_slot)
         self.ids = torch.zeros(n, tokens, dtype=torch.long, device=model.device)
         self.out_token = torch.zeros(n, dtype=torch.long, device=model.device)
         self.live: set[int] = set()  # rows whose write slots are real (the others write to the trash slot)
-        self.graphs = _Captured(self._step, buckets, pool)
+        self.graphs = _Captured(self._step, buckets, pool, capture)
 
     def _step(self, b: int) -> None:
         hidden = self.model.encode(self.ids[:b], self.bounds.batch(b, self.cache.capacity), self.cache)
