@@ -13,26 +13,20 @@ from dataclasses import replace
 
 import pytest
 import torch
+from kernel_wiring import (
+    argmax_agreement,
+    attention_kernel_off_and_on,
+    experts_kernel_off_and_on,
+    rel_err,
+    run,
+    set_kernel_devices,
+    spy_on_kernels,
+)
 
 from dgemma.checkpoint.random_init import InitScale, build_random_model, preset
 from dgemma.config import FULL, SLIDING
-from dgemma.model.attention import AttentionBatch
-from dgemma.model.kv_cache import KVCache
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def run(model, prompt, canvas, soft_logits):
-    """Encoder KV of the prompt and decoder logits of a canvas, self-conditioned on soft_logits."""
-    cfg, device = model.config, model.device
-    n = prompt.shape[1]
-    cache = KVCache(cfg, 1, n + cfg.canvas_length, model.dtype, device)
-    with torch.no_grad():
-        model.encode(prompt.to(device), AttentionBatch.for_encoder([0], [0], [n], cfg.sliding_window, cache), cache)
-        soft = model.soft_embedding(soft_logits.to(device))
-        logits = model.decode(canvas.to(device), AttentionBatch.for_decoder([0], [n], cfg.canvas_length,
-                                                                              cfg.sliding_window, cache), cache, soft)
-    return cache, logits.float().cpu()
 
 
 def reference_logits(model, prompt, canvas, soft_logits):
@@ -48,10 +42,6 @@ def reference_logits(model, prompt, canvas, soft_logits):
         ref.model.encoder(input_ids=prompt.to(device), past_key_values=cache)
         return ref(decoder_input_ids=canvas.to(device), past_key_values=cache,
                    self_conditioning_logits=soft_logits.to(device, model.dtype)).logits.float().cpu()
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def compare(config, scale, prompt_len, bf16_abs_tol=None):
@@ -177,3 +167,62 @@ def test_fused_moe_matches_grouped_mm_on_gpu():
         expected = experts_grouped(x, weights, experts, gate_up, down).float()
         got = fused_moe_triton(x, weights, experts, gate_up, down).float()
         assert rel_err(got, expected) < 1e-2, (n, h, i, e, k, rel_err(got, expected))
+
+
+# The fused kernels in the model (dgemma.model.moe.use_fused_moe, dgemma.model.layers.use_fused_norm_rope decide).
+
+TINY = (preset("tiny"), InitScale(embed_std=1.0, perturb=0.1))
+# Two layers of the released shapes: head_dim 256 and 512 (proportional RoPE, k-as-v), 128 experts top-8.
+SLICE = (replace(preset("26b-a4b"), layer_types=[SLIDING, FULL]), InitScale(embed_std=0.02, perturb=0.1))
+
+
+@pytest.mark.parametrize("config,scale", [TINY, SLICE], ids=["tiny", "26b-a4b-slice"])
+def test_attention_and_experts_with_fused_kernels_match_eager_on_gpu(config, scale, monkeypatch):
+    """One module at a time, same inputs, kernel off then on. bfloat16 keeps 8 bits: the kernels round at other
+    points than the eager path (once where it rounds up to three times), so outputs differ by about one bf16 eps
+    (a CPU emulation of the kernels' rounding on the tiny model gave 0.15 to 0.9 eps in relative L2, and the
+    float16 interpreter run in tests/test_kernel_wiring.py agrees with it). Four eps leaves room; a wrong norm,
+    rotation, gather or scatter gives errors of order 1."""
+    model = build_random_model(config, "bfloat16", "cuda", seed=1, scale=scale)
+    calls = spy_on_kernels(monkeypatch)
+    tol = 4 * torch.finfo(torch.bfloat16).eps
+    gen = torch.Generator().manual_seed(0)
+    h = config.hidden_size
+    for layer in (config.layer_types.index(SLIDING), config.layer_types.index(FULL)):
+        x = torch.randn(1, 100, h, generator=gen).to("cuda", torch.bfloat16)
+        (out_eager, keys_eager), (out_fused, keys_fused) = attention_kernel_off_and_on(model, layer, x)
+        assert rel_err(keys_fused, keys_eager) < tol, (layer, rel_err(keys_fused, keys_eager))
+        assert rel_err(out_fused, out_eager) < tol, (layer, rel_err(out_fused, out_eager))
+    # As many tokens as give 32 assignments per expert: the largest call the kernel takes.
+    n = 32 * config.num_experts // config.top_k_experts
+    x = torch.randn(n, h, generator=gen).to("cuda", torch.bfloat16)
+    eager, fused = experts_kernel_off_and_on(model, 0, x)
+    assert rel_err(fused, eager) < tol, rel_err(fused, eager)
+    assert calls == {"norm_rope": 4, "fused_moe": 1}
+
+
+@pytest.mark.parametrize("config,scale,prompt_len", [(*TINY, 100), (*SLICE, 200)], ids=["tiny", "26b-a4b-slice"])
+def test_model_with_fused_kernels_is_as_accurate_as_eager_on_gpu(config, scale, prompt_len, monkeypatch):
+    """A whole bf16 encode + decode with the kernels and without, both against float32 on the same weights. Random
+    models amplify rounding (and bf16 flips near-tied top-8 routing choices), so the two bf16 runs are compared
+    through their distance to float32, with the bounds `compare` uses against the reference's own bf16 run."""
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, config.vocab_size, (1, prompt_len), generator=gen)
+    canvas = torch.randint(0, config.vocab_size, (1, config.canvas_length), generator=gen)
+    soft_logits = 3 * torch.randn(1, config.canvas_length, config.vocab_size, generator=gen)
+    model = build_random_model(config, "float32", "cuda", seed=1, scale=scale)
+    set_kernel_devices(model, ())
+    _, truth = run(model, prompt, canvas, soft_logits)
+    model = model.to(torch.bfloat16)
+    model.reset_buffers(torch.device("cuda"))
+    _, eager = run(model, prompt, canvas, soft_logits)
+    calls = spy_on_kernels(monkeypatch)
+    set_kernel_devices(model, ("cuda",))
+    _, fused = run(model, prompt, canvas, soft_logits)
+    # Every layer's q and k in both passes; the experts wherever a pass has <= 32 assignments per expert (all here).
+    assert calls == {"norm_rope": 4 * config.num_layers, "fused_moe": 2 * config.num_layers}, calls
+    report = {"fused": rel_err(fused, truth), "eager": rel_err(eager, truth),
+              "fused_argmax_agree": argmax_agreement(fused, truth), "eager_argmax_agree": argmax_agreement(eager, truth)}
+    print(config.num_layers, "layers:", report)
+    assert report["fused"] <= 1.25 * report["eager"] + 2e-3, report
+    assert report["fused_argmax_agree"] >= report["eager_argmax_agree"] - 0.05, report

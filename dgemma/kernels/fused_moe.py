@@ -15,8 +15,11 @@ product: results agree with torch._grouped_mm within bf16 tolerance, not bit for
 
 Measured (scripts/moe_kernel_sweep.py, H200, one layer's 26b-a4b experts, bf16, 2026-11-27): 256 tokens 505 us
 (3.01 TB/s) vs 661 us for experts_grouped; 512 tokens 507 vs 681 us; 1024 tokens 841 vs 815 us; 2048 tokens
-1359 vs 1102 us. So it pays up to ~32 assignments per expert (batch <= 2 of a 256-token canvas). Not yet wired
-into `dgemma.model.moe.Experts`: that needs tests/test_gpu.py to pass with it and a step measurement.
+1359 vs 1102 us. So it pays up to ~32 assignments per expert (batch <= 2 of a 256-token canvas):
+`dgemma.model.moe.use_fused_moe` routes inference calls up to that size here.
+
+The Triton interpreter (TRITON_INTERPRET=1) runs these kernels on a CPU in float16 and float32 only: it
+multiplies bfloat16 tiles as their raw 16-bit integers in `tl.dot`, so bfloat16 is checked on a GPU.
 """
 
 from __future__ import annotations

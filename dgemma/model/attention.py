@@ -15,7 +15,7 @@ from torch import nn
 
 from dgemma.config import FULL, SLIDING, AttentionSpec
 from dgemma.model.kv_cache import KVCache
-from dgemma.model.layers import RMSNorm, apply_rope, rms_norm
+from dgemma.model.layers import RMSNorm, norm_rope, rms_norm
 
 
 @dataclass
@@ -91,7 +91,8 @@ class AttentionBatch:
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, spec: AttentionSpec, eps: float):
+    def __init__(self, hidden_size: int, num_heads: int, spec: AttentionSpec, eps: float,
+                 kernel_devices: tuple[str, ...] = ("cuda",)):
         super().__init__()
         self.num_heads = num_heads
         self.spec = spec
@@ -103,6 +104,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(num_heads * spec.head_dim, hidden_size, bias=False)
         self.q_norm = RMSNorm(spec.head_dim, eps)
         self.k_norm = RMSNorm(spec.head_dim, eps)
+        # Device types that may run the fused norm+RoPE Triton kernel: () forces the eager path (tests compare
+        # the two), and tests add "cpu" under TRITON_INTERPRET=1.
+        self.kernel_devices = kernel_devices
 
     def forward(
         self,
@@ -116,10 +120,11 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         b, t, _ = x.shape
         d = self.spec.head_dim
-        q = apply_rope(self.q_norm(self.q_proj(x).view(b, t, self.num_heads, d)), cos, sin)  # [B, T, Hq, D]
+        q_raw = self.q_proj(x).view(b, t, self.num_heads, d)  # [B, T, Hq, D]
+        q = norm_rope(q_raw, self.q_norm.weight, cos, sin, self.eps, self.kernel_devices)
         k_raw = self.k_proj(x).view(b, t, self.spec.num_kv_heads, d)  # [B, T, Hkv, D]
         v_raw = self.v_proj(x).view(b, t, self.spec.num_kv_heads, d) if self.v_proj is not None else k_raw
-        k = apply_rope(self.k_norm(k_raw), cos, sin)
+        k = norm_rope(k_raw, self.k_norm.weight, cos, sin, self.eps, self.kernel_devices)
         v = rms_norm(v_raw, None, self.eps)
 
         keys, values = cache.keys[layer], cache.values[layer]  # [rows, capacity + 1, Hkv, D]

@@ -93,6 +93,16 @@ class DiffusionGemma(nn.Module):
         self.register_buffer("embed_scale_t", torch.tensor(self.embed_scale, dtype=dtype, device=device),
                              persistent=False)
 
+    def set_kernel_devices(self, devices: tuple[str, ...]) -> None:
+        """Device types on which attention and experts may run their fused Triton kernels (() = eager ops only).
+
+        The kernels serve inference on CUDA by default; training turns them off, and tests compare both paths
+        (adding "cpu" runs them under TRITON_INTERPRET=1).
+        """
+        for module in self.modules():
+            if hasattr(module, "kernel_devices"):
+                module.kernel_devices = tuple(devices)
+
     # ------------------------------------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:

@@ -75,3 +75,47 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def use_fused_norm_rope(
+    x: torch.Tensor,  # [B, T, heads, D]
+    cos: torch.Tensor,  # [B, T, D]
+    sin: torch.Tensor,  # [B, T, D]
+    kernel_devices: tuple[str, ...] = ("cuda",),
+) -> bool:
+    """Whether `norm_rope_triton` computes `norm_rope` for these tensors.
+
+    The kernel has no backward (inference only), takes a power-of-two head_dim, and reads cos/sin in x's dtype
+    (under autocast they may differ, and the eager path then returns the wider dtype). Decided from devices,
+    dtypes, shapes and the grad mode only, so a captured CUDA graph keeps the choice. `kernel_devices`: as in
+    `dgemma.model.moe.use_fused_moe` (a CPU runs Triton only under TRITON_INTERPRET=1).
+    """
+    d = x.shape[-1]
+    return (
+        x.device.type in kernel_devices
+        and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and cos.dtype == x.dtype
+        and sin.dtype == x.dtype
+        and d & (d - 1) == 0
+        and not torch.is_grad_enabled()
+    )
+
+
+def norm_rope(
+    x: torch.Tensor,  # [B, T, heads, D]
+    weight: torch.Tensor,  # [D]
+    cos: torch.Tensor,  # [B, T, D]
+    sin: torch.Tensor,  # [B, T, D]
+    eps: float,
+    kernel_devices: tuple[str, ...] = ("cuda",),
+) -> torch.Tensor:
+    """RMSNorm with weight, then half-split RoPE (the attention queries and keys): [B, T, heads, D].
+
+    Proportional RoPE needs no special case: its non-rotating pairs have cos 1 and sin 0 in both halves.
+    """
+    if use_fused_norm_rope(x, cos, sin, kernel_devices):
+        # One kernel instead of the norm's plus ~6 for the rotation.
+        from dgemma.kernels.norm_rope import norm_rope_triton
+
+        return norm_rope_triton(x, weight, cos, sin, eps)
+    return apply_rope(rms_norm(x, weight, eps), cos, sin)

@@ -98,6 +98,35 @@ def combine(out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, dtype
     return weighted.sum(dim=1)
 
 
+# The fused Triton kernel streams each expert's weights once per tile of up to 64 rows and beats torch._grouped_mm
+# while experts get few rows: on an H200 (26b-a4b shapes, top-8 of 128) it won at 256 and 512 tokens (16 and 32
+# assignments per expert) and lost from 1024 tokens (64). See dgemma/kernels/fused_moe.py.
+FUSED_MOE_MAX_ASSIGNMENTS_PER_EXPERT = 32
+
+
+def use_fused_moe(
+    x: torch.Tensor,  # [N, H]
+    experts: torch.Tensor,  # [N, K]
+    gate_up: torch.Tensor,  # [E, 2I, H]
+    kernel_devices: tuple[str, ...] = ("cuda",),
+) -> bool:
+    """Whether `fused_moe_triton` computes the routed experts of this call.
+
+    Only devices, dtypes, shapes and the grad mode decide (never tensor values): the choice costs no host sync,
+    and a captured CUDA graph, whose shapes are fixed, keeps the choice it was captured with. The kernel has no
+    backward, so it serves inference only. `kernel_devices` are the device types that run Triton kernels: a CPU
+    runs them only under TRITON_INTERPRET=1, which tests use.
+    """
+    n_tokens, k = experts.shape
+    return (
+        x.device.type in kernel_devices
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and gate_up.dtype == x.dtype
+        and not torch.is_grad_enabled()
+        and n_tokens * k <= FUSED_MOE_MAX_ASSIGNMENTS_PER_EXPERT * gate_up.shape[0]
+    )
+
+
 @functools.lru_cache(maxsize=None)
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """torch._grouped_mm runs on CPUs (any float dtype) and on Hopper-class GPUs in bfloat16."""
@@ -111,13 +140,22 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class Experts(nn.Module):
-    def __init__(self, num_experts: int, hidden_size: int, moe_intermediate_size: int):
+    def __init__(self, num_experts: int, hidden_size: int, moe_intermediate_size: int,
+                 kernel_devices: tuple[str, ...] = ("cuda",)):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * moe_intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, moe_intermediate_size))
+        # Device types that may run the Triton kernel: () forces the torch path (tests compare the two), and
+        # tests add "cpu" under TRITON_INTERPRET=1.
+        self.kernel_devices = kernel_devices
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         # x: [N, H]; weights, experts: [N, K]
+        if use_fused_moe(x, experts, self.gate_up_proj, self.kernel_devices):
+            # Imported here so that Triton loads only where a kernel runs.
+            from dgemma.kernels.fused_moe import fused_moe_triton
+
+            return fused_moe_triton(x, weights, experts, self.gate_up_proj, self.down_proj)
         grouped = grouped_mm_supported(x.device, x.dtype)
         impl = experts_grouped if grouped else experts_loop
         return impl(x, weights, experts, self.gate_up_proj, self.down_proj)

@@ -1,0 +1,83 @@
+"""Helpers shared by tests/test_kernel_wiring.py (CPU, Triton interpreter) and tests/test_gpu.py: run a model, or
+one layer's attention or experts, with the fused Triton kernels allowed or not, and count the kernel calls."""
+
+from __future__ import annotations
+
+import torch
+
+from dgemma.config import FULL
+from dgemma.model.attention import AttentionBatch
+from dgemma.model.kv_cache import KVCache
+from dgemma.model.layers import rope_cos_sin
+
+
+def set_kernel_devices(model, devices: tuple[str, ...]) -> None:
+    model.set_kernel_devices(devices)
+
+
+def spy_on_kernels(monkeypatch) -> dict[str, int]:
+    """Count calls of the two wired kernels: proves a comparison ran the kernel path and not the eager one twice."""
+    from dgemma.kernels import fused_moe, norm_rope
+
+    calls = {"fused_moe": 0, "norm_rope": 0}
+    for module, name, key in ((fused_moe, "fused_moe_triton", "fused_moe"), (norm_rope, "norm_rope_triton", "norm_rope")):
+        real = getattr(module, name)
+
+        def spy(*args, _real=real, _key=key, **kwargs):
+            calls[_key] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def run(model, prompt, canvas, soft_logits):
+    """Encoder KV of the prompt and decoder logits of a canvas, self-conditioned on soft_logits."""
+    cfg, device = model.config, model.device
+    n = prompt.shape[1]
+    cache = KVCache(cfg, 1, n + cfg.canvas_length, model.dtype, device)
+    with torch.no_grad():
+        model.encode(prompt.to(device), AttentionBatch.for_encoder([0], [0], [n], cfg.sliding_window, cache), cache)
+        soft = model.soft_embedding(soft_logits.to(device))
+        logits = model.decode(canvas.to(device), AttentionBatch.for_decoder([0], [n], cfg.canvas_length,
+                                                                              cfg.sliding_window, cache), cache, soft)
+    return cache, logits.float().cpu()
+
+
+def attention_kernel_off_and_on(model, layer: int, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One layer's attention over x [1, T, H] (a causal chunk from position 0), kernel off then on:
+    [(output [1, T, H], keys written to the cache [1, T, Hkv, D])] in float32."""
+    cfg, attn, kind = model.config, model.layers[layer].self_attn, model.layers[layer].kind
+    t = x.shape[1]
+    results = []
+    for devices in ((), (x.device.type,)):
+        cache = KVCache(cfg, 1, t, model.dtype, x.device)
+        batch = AttentionBatch.for_encoder([0], [0], [t], cfg.sliding_window, cache)
+        cos, sin = rope_cos_sin(batch.positions, model.inv_freq_full if kind == FULL else model.inv_freq_sliding,
+                                model.dtype)  # [1, T, D] each
+        attn.kernel_devices = devices
+        with torch.no_grad():
+            out = attn(x, cos, sin, batch, kind, cache, layer)
+        results.append((out.float(), cache.keys[layer][:, :t].float()))
+    return results
+
+
+def experts_kernel_off_and_on(model, layer: int, x: torch.Tensor) -> list[torch.Tensor]:
+    """One layer's routed experts over x [N, H] with its own router, kernel off then on: [[N, H] float32] * 2."""
+    router, experts = model.layers[layer].router, model.layers[layer].experts
+    results = []
+    with torch.no_grad():
+        weights, ids = router(x)  # [N, K] each
+        for devices in ((), (x.device.type,)):
+            experts.kernel_devices = devices
+            results.append(experts(x, weights, ids).float())
+    return results
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def argmax_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fraction of positions whose most likely token agrees. a, b: [..., V] logits."""
+    return (a.argmax(-1) == b.argmax(-1)).float().mean().item()

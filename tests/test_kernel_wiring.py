@@ -1,0 +1,180 @@
+"""When the fused Triton kernels replace the eager attention norm+RoPE and routed experts, and that they compute
+the same thing.
+
+The choice tests run everywhere. The numeric tests run the kernels on a CPU through the Triton interpreter and
+are skipped unless TRITON_INTERPRET=1 (they take ~20 s): `TRITON_INTERPRET=1 pytest tests/test_kernel_wiring.py`.
+The interpreter cannot check bfloat16 (its `tl.dot` multiplies bfloat16 tiles as raw 16-bit integers, and it
+rounds float32 -> bfloat16 by truncation), so these use float16 and float32; tests/test_gpu.py checks bfloat16.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from kernel_wiring import (
+    argmax_agreement,
+    attention_kernel_off_and_on,
+    experts_kernel_off_and_on,
+    rel_err,
+    run,
+    set_kernel_devices,
+    spy_on_kernels,
+)
+
+from dgemma.checkpoint.random_init import InitScale, build_random_model, preset
+from dgemma.model.layers import (
+    apply_rope,
+    rms_norm,
+    rope_cos_sin,
+    rope_inv_freq,
+    use_fused_norm_rope,
+)
+from dgemma.model.moe import (
+    FUSED_MOE_MAX_ASSIGNMENTS_PER_EXPERT,
+    experts_loop,
+    use_fused_moe,
+)
+
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="runs Triton kernels on a CPU: set TRITON_INTERPRET=1")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Which path runs (CPU tensors stand in for CUDA ones by naming "cpu" among the kernel devices)
+
+
+def test_fused_moe_runs_only_for_inference_with_at_most_32_assignments_per_expert():
+    gate_up = torch.empty(8, 64, 16, dtype=torch.bfloat16)  # E = 8
+    fits = FUSED_MOE_MAX_ASSIGNMENTS_PER_EXPERT * 8 // 2  # tokens at top-2 that give exactly 32 per expert
+    x, ids = torch.empty(fits, 16, dtype=torch.bfloat16), torch.zeros(fits, 2, dtype=torch.int64)
+    with torch.no_grad():
+        assert use_fused_moe(x, ids, gate_up, kernel_devices=("cpu",))
+        assert not use_fused_moe(x, ids, gate_up)  # a CPU is not a kernel device unless named
+        big_x, big_ids = torch.empty(fits + 1, 16, dtype=torch.bfloat16), torch.zeros(fits + 1, 2, dtype=torch.int64)
+        assert not use_fused_moe(big_x, big_ids, gate_up, kernel_devices=("cpu",))  # torch._grouped_mm wins
+        assert use_fused_moe(x.half(), ids, gate_up.half(), kernel_devices=("cpu",))
+        assert not use_fused_moe(x.float(), ids, gate_up.float(), kernel_devices=("cpu",))
+        assert not use_fused_moe(x, ids, gate_up.float(), kernel_devices=("cpu",))  # the kernel needs one dtype
+    assert not use_fused_moe(x, ids, gate_up, kernel_devices=("cpu",))  # grad enabled: the kernel has no backward
+
+
+def test_fused_norm_rope_runs_only_for_inference_with_matching_dtypes_and_power_of_two_head_dim():
+    def args(d, dtype=torch.bfloat16, rope_dtype=torch.bfloat16):
+        return torch.empty(1, 3, 2, d, dtype=dtype), torch.empty(1, 3, d, dtype=rope_dtype), torch.empty(
+            1, 3, d, dtype=rope_dtype)
+
+    with torch.no_grad():
+        assert use_fused_norm_rope(*args(256), kernel_devices=("cpu",))
+        assert use_fused_norm_rope(*args(512, torch.float32, torch.float32), kernel_devices=("cpu",))
+        assert not use_fused_norm_rope(*args(256))  # a CPU is not a kernel device unless named
+        assert not use_fused_norm_rope(*args(96), kernel_devices=("cpu",))  # not a power of two
+        # Under autocast the projection is bf16 but cos/sin float32: the eager path returns float32 there.
+        assert not use_fused_norm_rope(*args(256, torch.bfloat16, torch.float32), kernel_devices=("cpu",))
+    assert not use_fused_norm_rope(*args(256), kernel_devices=("cpu",))  # grad enabled
+
+
+def test_proportional_rope_tables_leave_the_unrotated_pairs_unchanged():
+    """The kernel applies the half-split rotation to every pair; proportional RoPE needs no special case because
+    the pairs that must not rotate have cos 1 and sin 0 at both of their positions (i and i + D/2)."""
+    spec = preset("26b-a4b").full  # head_dim 512, a quarter of the pairs rotate
+    half = spec.head_dim // 2
+    rotated = int(spec.partial_rotary_factor * half)
+    cos, sin = rope_cos_sin(torch.arange(3000)[None], rope_inv_freq(spec), torch.float32)  # [1, 3000, D]
+    frozen = torch.cat((torch.arange(rotated, half), torch.arange(half + rotated, 2 * half)))
+    assert torch.equal(cos[..., frozen], torch.ones_like(cos[..., frozen]))
+    assert torch.equal(sin[..., frozen], torch.zeros_like(sin[..., frozen]))
+    assert (sin[0, 1:, :rotated] != 0).all()  # the others do rotate
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The kernels and their wiring, on a CPU through the Triton interpreter
+
+# float16 keeps 11 bits: the kernels round at other points than the eager code (once where it rounds up to three
+# times), so results differ by about one float16 eps (measured 0.4 to 0.8 eps, relative L2). Four eps leaves room;
+# a wrong norm, rotation or routing gives errors of order 1.
+ULPS = 4
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("head_dim,partial", [(16, 1.0), (32, 0.25), (256, 1.0), (512, 0.25)])
+def test_interpreted_norm_rope_matches_the_eager_norm_then_rotation(dtype, head_dim, partial):
+    from dgemma.config import AttentionSpec
+    from dgemma.kernels.norm_rope import norm_rope_triton
+
+    gen = torch.Generator().manual_seed(head_dim)
+    spec = AttentionSpec(head_dim=head_dim, num_kv_heads=1, rope_theta=10_000.0, partial_rotary_factor=partial)
+    x = torch.randn(2, 5, 3, head_dim, generator=gen).to(dtype)
+    w = (1 + 0.1 * torch.randn(head_dim, generator=gen)).to(dtype)
+    positions = torch.randint(0, 4000, (2, 5), generator=gen)
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(spec), dtype)
+    expected = apply_rope(rms_norm(x, w, 1e-6), cos, sin).float()
+    err = rel_err(norm_rope_triton(x, w, cos, sin, 1e-6).float(), expected)
+    assert err < ULPS * torch.finfo(dtype).eps, err
+
+
+@interpreted
+@pytest.mark.parametrize("n,h,i,e,k", [(37, 64, 32, 8, 2), (20, 48, 40, 4, 2), (3, 64, 32, 8, 2)])
+def test_interpreted_fused_moe_matches_the_expert_loop(n, h, i, e, k):
+    from dgemma.kernels.fused_moe import fused_moe_triton
+
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n, h, generator=gen).half()
+    gate_up = (torch.randn(e, 2 * i, h, generator=gen) * h**-0.5).half()
+    down = (torch.randn(e, h, i, generator=gen) * i**-0.5).half()
+    weights, experts = torch.topk(torch.randn(n, e, generator=gen).softmax(-1), k)
+    expected = experts_loop(x, weights, experts, gate_up, down).float()
+    err = rel_err(fused_moe_triton(x, weights, experts, gate_up, down).float(), expected)
+    assert err < ULPS * torch.finfo(torch.float16).eps, err
+
+
+@pytest.fixture(scope="module")
+def tiny_fp16():
+    return build_random_model("tiny", "float16", "cpu", seed=1, scale=InitScale(embed_std=1.0, perturb=0.1))
+
+
+@interpreted
+@pytest.mark.parametrize("layer", [0, 5])  # a sliding layer; a full one (head_dim 32, proportional RoPE, k-as-v)
+def test_interpreted_attention_with_the_kernel_matches_eager(tiny_fp16, layer, monkeypatch):
+    calls = spy_on_kernels(monkeypatch)
+    x = torch.randn(1, 40, tiny_fp16.config.hidden_size, generator=torch.Generator().manual_seed(layer)).half()
+    (out_eager, keys_eager), (out_fused, keys_fused) = attention_kernel_off_and_on(tiny_fp16, layer, x)
+    assert calls["norm_rope"] == 2  # queries and keys
+    assert rel_err(keys_fused, keys_eager) < ULPS * torch.finfo(torch.float16).eps
+    assert rel_err(out_fused, out_eager) < ULPS * torch.finfo(torch.float16).eps
+
+
+@interpreted
+def test_interpreted_experts_with_the_kernel_match_eager(tiny_fp16, monkeypatch):
+    calls = spy_on_kernels(monkeypatch)
+    x = torch.randn(37, tiny_fp16.config.hidden_size, generator=torch.Generator().manual_seed(0)).half()
+    eager, fused = experts_kernel_off_and_on(tiny_fp16, 0, x)
+    assert calls["fused_moe"] == 1
+    assert rel_err(fused, eager) < ULPS * torch.finfo(torch.float16).eps
+
+
+@interpreted
+def test_interpreted_model_with_the_kernels_is_as_accurate_as_eager(tiny_fp16, monkeypatch):
+    """A whole encode + decode in float16, both paths against float32. The random tiny model amplifies rounding
+    (eager float16 is ~5% off float32 in relative L2), so the two float16 runs are compared through their
+    distance to float32 (as tests/test_gpu.py compares with the reference), not with each other."""
+    cfg = tiny_fp16.config
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, cfg.vocab_size, (1, 40), generator=gen)
+    canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=gen)
+    soft_logits = 3 * torch.randn(1, cfg.canvas_length, cfg.vocab_size, generator=gen)
+    fp32 = build_random_model("tiny", "float32", "cpu", seed=1, scale=InitScale(embed_std=1.0, perturb=0.1))
+    _, truth = run(fp32, prompt, canvas, soft_logits)
+    set_kernel_devices(tiny_fp16, ())
+    _, eager = run(tiny_fp16, prompt, canvas, soft_logits)
+    calls = spy_on_kernels(monkeypatch)
+    set_kernel_devices(tiny_fp16, ("cpu",))
+    _, fused = run(tiny_fp16, prompt, canvas, soft_logits)
+    # 6 layers, encoder and decoder: q and k of each; experts of each (40 and 32 tokens, top-2 of 8: <= 32 each).
+    assert calls == {"norm_rope": 24, "fused_moe": 12}
+    report = {"fused": rel_err(fused, truth), "eager": rel_err(eager, truth),
+              "fused_argmax_agree": argmax_agreement(fused, truth), "eager_argmax_agree": argmax_agreement(eager, truth)}
+    assert report["fused"] <= 1.25 * report["eager"] + 2e-3, report
+    assert report["fused_argmax_agree"] >= report["eager_argmax_agree"] - 0.05, report
