@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -388,3 +389,27 @@ def test_length_grouped_batches_respect_the_token_cap_and_cover_each_epoch_once(
         assert len(indices) <= 32 and len(indices) * max(widths) <= cap
         seen += indices
     assert len(seen) == len(set(seen)) and len(seen) >= len(corpus) - 32  # the tail short of a pool waits
+
+
+def test_a_batch_that_runs_out_of_memory_is_skipped_and_later_batches_are_capped(tmp_path, monkeypatch, caplog):
+    from dgemma.train import trainer as trainer_module
+
+    real = trainer_module.block_diffusion_loss
+    calls = {"n": 0, "shape": None}
+
+    def flaky(model, batch, *args):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second batch "does not fit"
+            calls["shape"] = tuple(batch.input_ids.shape)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, batch, *args)
+
+    monkeypatch.setattr(trainer_module, "block_diffusion_loss", flaky)
+    seen = []
+    result = train(micro_config(tmp_path / "m", max_steps=4, max_batch_tokens=4096),
+                   callback=lambda step, m: seen.append(step))
+    assert seen == [1, 2, 3, 4] and result.steps == 4  # the skipped batch is not a step
+    rows, width = calls["shape"]
+    assert f"out of GPU memory on a batch of {rows} x {width} tokens" in caplog.text
+    cap = int(re.search(r"max_batch_tokens is now (\d+)", caplog.text).group(1))
+    assert cap < rows * width and cap <= 4096  # the batch that failed would no longer be cut

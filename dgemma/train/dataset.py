@@ -358,6 +358,11 @@ class BatchSampler:
         self.rng.shuffle(batches)
         self._pending = batches
 
+    def drop_pending(self) -> None:
+        """Forget the batches cut from the current pool (after max_batch_tokens changed): the next pool is cut
+        with the new limit. Their examples are skipped for this epoch."""
+        self._pending = []
+
     def next_indices(self) -> list[int]:
         if not self._pending:
             self._refill()

@@ -460,6 +460,9 @@ class Trainer:
         model.train()
         if cfg.moe_impl == "dense" or (cfg.moe_impl == "auto" and self.device.type == "cuda"):
             use_dense_experts(model)
+        # Eager ops in every pass: the fused inference kernels have no backward, and the gradient-free
+        # self-conditioning pass should compute exactly the function the graded pass differentiates.
+        model.set_kernel_devices(())
         if cfg.compile:
             # One code object serves every layer, in several variants (layer type, encoder / decoder, with and
             # without gradient): allow more cached graphs than the default 8 before dynamo falls back to eager.
@@ -632,9 +635,16 @@ class Trainer:
                 lr = lr_at(cfg, counters["step"], progress())
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                with self._autocast():
-                    parts = block_diffusion_loss(model, batch, cfg.objective, gen)
-                parts.loss.backward()
+                try:
+                    with self._autocast():
+                        parts = block_diffusion_loss(model, batch, cfg.objective, gen)
+                    parts.loss.backward()
+                except torch.OutOfMemoryError:
+                    parts = None  # handled below, outside the except block, whose frame still holds the tensors
+                if parts is None:
+                    self._recover_from_oom(model, sampler, batch)
+                    counters["train_seconds"] += time.perf_counter() - step_start
+                    continue
                 master.gradients_to_master()
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(master.params, cfg.grad_clip)
@@ -705,6 +715,26 @@ class Trainer:
         self._save_state(master, optimizer, sampler, gen, counters, tokenizer_files)
         self._stage("checkpoint_s", t)
         return dict(shown, val=val)
+
+    def _recover_from_oom(self, model: DiffusionGemma, sampler: BatchSampler, batch: TrainBatch) -> None:
+        """Skip a batch that ran out of GPU memory and cap later batches below its size.
+
+        A long run should not die at step 3,000 because one batch of long tool prompts was bigger than the card.
+        The cap is rows x longest row (what activation memory grows with); it never goes below the longest example.
+        """
+        model.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        rows, width = batch.input_ids.shape
+        longest = int(sampler.corpus.lengths.max())
+        cap = max(longest, int(0.75 * rows * width))
+        if sampler.max_batch_tokens is not None and sampler.max_batch_tokens <= longest:
+            raise ConfigError(f"out of GPU memory on a batch of {rows} x {width} tokens with max_batch_tokens already "
+                              f"at the longest example ({longest}); use a smaller model or max_length")
+        sampler.max_batch_tokens = min(cap, sampler.max_batch_tokens or cap)
+        sampler.drop_pending()
+        log.warning("out of GPU memory on a batch of %d x %d tokens: skipped it; max_batch_tokens is now %d",
+                    rows, width, sampler.max_batch_tokens)
 
     # ------------------------------------------------------------------------------------------------
     def export(self, model: DiffusionGemma) -> Path:
