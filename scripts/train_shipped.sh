@@ -3,10 +3,11 @@
 #
 #     bash scripts/train_shipped.sh [OUT_DIR] [extra `dgemma train` options]   # default OUT_DIR: dgemma/assets/dgemma-mini
 #
-# Needs one CUDA GPU (an H100: ~9 minutes wall time in all) and the package's dependencies; runs from the repository
-# root. It trains a new model from scratch on dgemma's generated tasks, exports it (bfloat16 safetensors shards of at
-# most 15 MiB, tokenizer, chat template), sweeps the sampler settings on held-out problems and writes the chosen ones
-# into generation_config.json, then prints a summary with a 200-problem held-out evaluation. Interrupted runs resume
+# Needs one CUDA GPU (~19 minutes wall time in all on an H200: ~2.5 min of setup, a 14-minute training budget, ~2 min
+# of sweep, evaluation and export) and the package's dependencies; runs from the repository root. It trains a new
+# model from scratch on dgemma's generated tasks, exports it (bfloat16 safetensors shards of at most 15 MiB,
+# tokenizer, chat template), sweeps the sampler settings on held-out problems and writes the chosen ones into
+# generation_config.json, then prints a summary with a 200-problem held-out evaluation. Interrupted runs resume
 # from OUT_DIR.train.pt when the same command is run again (delete that file to start over).
 #
 # The model (preset "mini", see dgemma/train/trainer.py: model_preset):
@@ -20,20 +21,17 @@
 #   canvas          32 tokens, so longer answers span several canvases; 2048 positions
 #   size            11,995,088 parameters (tied embedding counted once) = 24.0 MB in bfloat16
 #
-# Training: AdamW (0.9, 0.95), peak lr 2e-3 after 200 warmup steps, cosine to 10% over a 7-minute wall-clock
-# budget (TIME_BUDGET_MIN), weight decay 0.1 on matrices, gradient clipping 1.0; a bfloat16 model under autocast with
-# float32 master weights; all 8 experts computed densely (batched matmuls, no host sync); batches of 512 examples
-# grouped by length, fewer where 512 rows would exceed 65,536 padded tokens (long tool prompts); 1.5M examples
-# generated up front by up to 16 processes (the mixture below; examples over 512 tokens dropped); encoder AR loss
-# weight 1.0; noise t ~ U(0.001, 1); self-conditioning trained two-pass on half of the rows. The mixture
-# up-weights the families with the strictest bar (multiplication most) and multi-canvas answers.
-# Wall time: ~40 s of setup (tokenizer, data), the budget, then ~1-2 min of sweep, evaluation and export.
-# Measured (NVIDIA H200, 2026-11-27, TIME_BUDGET_MIN=5.53, the only GPU run so far): setup 95 s (tokenizer 8 s,
-# 1.5M examples generated in 82 s by 16 workers), then ~1.9 steps/s = 50-117k tok/s (625 steps, 235k examples in
-# 5.5 min: the step is bound by host-side op dispatch, ~38k aten ops per step, not by the GPU), and each of the 24
-# sweep settings took 3-9 s on that undertrained model: the default 7-minute budget plus setup and the full sweep
-# does not fit a 10-minute call. Loss 13.0 -> 1.03 (diffusion 0.31, ar 0.72); held-out exact match 4%.
-# Options after OUT_DIR are passed on to `dgemma train` (e.g. --compile, --batch-size 256).
+# Training: AdamW (0.9, 0.95, fused; non-finite steps skipped), peak lr 2.5e-3 after 200 warmup steps, cosine to 10%
+# over a 14-minute wall-clock budget (TIME_BUDGET_MIN), weight decay 0.1 on matrices, gradient clipping 1.0; a
+# bfloat16 model under autocast with float32 master weights; all 8 experts computed densely (two GEMMs, no host
+# sync); batches of 1024 examples grouped by length, fewer where 1024 rows would exceed 98,304 padded tokens (long
+# tool prompts; ~43 GiB peak); 2M examples generated up front by up to 16 processes (the mixture below; examples
+# over 512 tokens dropped); encoder AR loss weight 1.0; noise t ~ U(0.001, 1); self-conditioning trained two-pass on
+# half of the rows. The mixture up-weights the families with the strictest bar (multiplication most) and
+# multi-canvas answers. These settings were the best of three run side by side (docs/benchmarks.md).
+# Measured (NVIDIA H200, 2026-11-27, this recipe before the step speedups that followed): 1420 steps, 1.1M examples
+# in 14 min; loss 0.65, held-out exact match 20.5%: far below the quality bar, so nothing is shipped yet.
+# Options after OUT_DIR are passed on to `dgemma train` (e.g. --batch-size 512).
 set -euo pipefail
 
 OUT="${1:-dgemma/assets/dgemma-mini}"
@@ -44,13 +42,13 @@ exec "$PYTHON" -m dgemma train \
     --out "$OUT" \
     --preset mini \
     --device cuda \
-    --time-budget-min "${TIME_BUDGET_MIN:-7}" \
-    --batch-size 512 \
-    --max-batch-tokens 65536 \
+    --time-budget-min "${TIME_BUDGET_MIN:-14}" \
+    --batch-size 1024 \
+    --max-batch-tokens 98304 \
     --max-length 512 \
-    --lr 2e-3 \
+    --lr 2.5e-3 \
     --warmup-steps 200 \
-    --train-examples 1500000 \
+    --train-examples 2000000 \
     --family-weights "$MIXTURE" \
     --eval-every 1000 \
     --max-shard-mb 15 \

@@ -201,28 +201,38 @@ def test_attention_and_experts_with_fused_kernels_match_eager_on_gpu(config, sca
     assert calls == {"norm_rope": 4, "fused_moe": 1}
 
 
-@pytest.mark.parametrize("config,scale,prompt_len", [(*TINY, 100), (*SLICE, 200)], ids=["tiny", "26b-a4b-slice"])
-def test_model_with_fused_kernels_is_as_accurate_as_eager_on_gpu(config, scale, prompt_len, monkeypatch):
+@pytest.mark.parametrize("config,scale,prompt_len,draws", [(*TINY, 100, 8), (*SLICE, 200, 2)],
+                         ids=["tiny", "26b-a4b-slice"])
+def test_model_with_fused_kernels_is_as_accurate_as_eager_on_gpu(config, scale, prompt_len, draws, monkeypatch):
     """A whole bf16 encode + decode with the kernels and without, both against float32 on the same weights. Random
     models amplify rounding (and bf16 flips near-tied top-8 routing choices), so the two bf16 runs are compared
-    through their distance to float32, with the bounds `compare` uses against the reference's own bf16 run."""
+    through their distance to float32, with the bounds `compare` uses against the reference's own bf16 run.
+
+    The argmax agreement is pooled over `draws` prompts: on the tiny random model bf16 alone moves ~45% of the
+    argmaxes, so one 32-token canvas has a binomial standard error of ~0.09 and two correct paths differed by 3
+    tokens in 32 on an H200. Over 8 canvases (256 tokens) the error is ~0.03: a slack of 0.1 is 3 errors, and a
+    broken kernel agrees on almost no token."""
     gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, config.vocab_size, (1, prompt_len), generator=gen)
-    canvas = torch.randint(0, config.vocab_size, (1, config.canvas_length), generator=gen)
-    soft_logits = 3 * torch.randn(1, config.canvas_length, config.vocab_size, generator=gen)
+    prompts = [torch.randint(3, config.vocab_size, (1, prompt_len), generator=gen) for _ in range(draws)]
+    canvases = [torch.randint(0, config.vocab_size, (1, config.canvas_length), generator=gen) for _ in range(draws)]
+    soft = [3 * torch.randn(1, config.canvas_length, config.vocab_size, generator=gen) for _ in range(draws)]
+
+    def logits_of(model) -> torch.Tensor:  # [draws, C, V]
+        return torch.cat([run(model, p, c, s)[1] for p, c, s in zip(prompts, canvases, soft)])
+
     model = build_random_model(config, "float32", "cuda", seed=1, scale=scale)
     set_kernel_devices(model, ())
-    _, truth = run(model, prompt, canvas, soft_logits)
+    truth = logits_of(model)
     model = model.to(torch.bfloat16)
     model.reset_buffers(torch.device("cuda"))
-    _, eager = run(model, prompt, canvas, soft_logits)
+    eager = logits_of(model)
     calls = spy_on_kernels(monkeypatch)
     set_kernel_devices(model, ("cuda",))
-    _, fused = run(model, prompt, canvas, soft_logits)
+    fused = logits_of(model)
     # Every layer's q and k in both passes; the experts wherever a pass has <= 32 assignments per expert (all here).
-    assert calls == {"norm_rope": 4 * config.num_layers, "fused_moe": 2 * config.num_layers}, calls
+    assert calls == {"norm_rope": 4 * config.num_layers * draws, "fused_moe": 2 * config.num_layers * draws}, calls
     report = {"fused": rel_err(fused, truth), "eager": rel_err(eager, truth),
               "fused_argmax_agree": argmax_agreement(fused, truth), "eager_argmax_agree": argmax_agreement(eager, truth)}
     print(config.num_layers, "layers:", report)
     assert report["fused"] <= 1.25 * report["eager"] + 2e-3, report
-    assert report["fused_argmax_agree"] >= report["eager_argmax_agree"] - 0.05, report
+    assert report["fused_argmax_agree"] >= report["eager_argmax_agree"] - 0.1, report

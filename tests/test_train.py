@@ -413,3 +413,25 @@ def test_a_batch_that_runs_out_of_memory_is_skipped_and_later_batches_are_capped
     assert f"out of GPU memory on a batch of {rows} x {width} tokens" in caplog.text
     cap = int(re.search(r"max_batch_tokens is now (\d+)", caplog.text).group(1))
     assert cap < rows * width and cap <= 4096  # the batch that failed would no longer be cut
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    from dgemma.train import trainer as trainer_module
+
+    real = trainer_module.block_diffusion_loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch, *args):
+        parts = real(model, batch, *args)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            parts.loss = parts.loss * float("nan")
+        return parts
+
+    monkeypatch.setattr(trainer_module, "block_diffusion_loss", poisoned)
+    config = micro_config(tmp_path / "m", max_steps=12)
+    result = train(config)
+    weights = torch.load(config.state_path, weights_only=False)["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values())  # the NaN step did not reach the weights
+    assert result.steps == 12 and math.isfinite(result.final_loss)
+    assert "1 of the last steps had non-finite gradients and were skipped (1 in all)" in caplog.text

@@ -102,9 +102,11 @@ def block_diffusion_loss(
     hidden = model.encode(ids, AttentionBatch.for_encoder(rows, [0] * b, batch.lengths, cfg.sliding_window, cache),
                           cache)  # [B, T, H]
     if config.ar_loss_weight > 0:
-        scored = batch.ar_targets != IGNORE  # [B, T]
-        ar_logits = model.logits(hidden[scored])  # [N, V] float32: only response positions reach the LM head
-        ar = F.cross_entropy(ar_logits, batch.ar_targets[scored])
+        # Every position goes through the (small) LM head and ignore_index drops prompt and padding: selecting the
+        # response positions first would need their count on the host (a sync per step) and a slow scatter in
+        # backward.
+        ar_logits = model.logits(hidden)  # [B, T, V] float32
+        ar = F.cross_entropy(ar_logits.flatten(0, 1), batch.ar_targets.flatten(), ignore_index=IGNORE)
     else:
         ar = torch.zeros((), device=device)
 

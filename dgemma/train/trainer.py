@@ -255,15 +255,18 @@ def experts_dense(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
     """Routed experts computed densely: every expert on every token, weighted by the router (0 if not chosen).
 
     x: [N, H]; weights, experts: [N, K]; gate_up: [E, 2I, H]; down: [E, H, I] -> [N, H]. Same function as
-    `moe.experts_loop`; E/K times its expert FLOPs, but three plain batched matmuls with no host synchronisation
-    and no alignment rules, which on a GPU is fast for a small model (the loop reads per-expert token counts back
-    to the host every layer) and differentiates like any matmul.
+    `moe.experts_loop`; E/K times its expert FLOPs, but as two plain GEMMs over all experts side by side (no host
+    synchronisation, no alignment rules, no per-expert launches), which on a GPU is fast for a small model and
+    differentiates like any matmul. The router weight scales each expert's hidden activations before the down
+    projection, so the sum over experts is part of that GEMM.
     """
-    mix = torch.zeros(x.shape[0], gate_up.shape[0], dtype=weights.dtype, device=x.device)
+    e, two_i, h = gate_up.shape
+    i = two_i // 2
+    mix = torch.zeros(x.shape[0], e, dtype=weights.dtype, device=x.device)
     mix = mix.scatter(1, experts, weights)  # [N, E]
-    gate, up = torch.matmul(x.unsqueeze(0), gate_up.transpose(1, 2)).chunk(2, dim=-1)  # [E, N, I] each
-    out = torch.matmul(F.gelu(gate, approximate="tanh") * up, down.transpose(1, 2))  # [E, N, H]
-    return torch.einsum("enh,ne->nh", out, mix.to(out.dtype)).to(x.dtype)
+    gate, up = (x @ gate_up.reshape(e * two_i, h).t()).view(-1, e, two_i).split(i, dim=-1)  # [N, E, I] each
+    act = F.gelu(gate, approximate="tanh") * up * mix.to(up.dtype)[:, :, None]  # [N, E, I]
+    return (act.reshape(-1, e * i) @ down.transpose(1, 2).reshape(e * i, h)).to(x.dtype)  # [N, H]
 
 
 class DenseExperts(Experts):
@@ -564,9 +567,9 @@ class Trainer:
 
         sampler = BatchSampler(corpus, cfg.batch_size, mc.canvas_length, mc.pad_token_id, cfg.seed,
                                max_batch_tokens=cfg.max_batch_tokens)
-        fused = self.device.type == "cuda"
+        # Fused: one kernel per step on GPUs and CPUs alike, and it skips non-finite steps on the device (found_inf).
         optimizer = torch.optim.AdamW(master.param_groups(cfg.weight_decay), lr=cfg.lr,
-                                      betas=(cfg.beta1, cfg.beta2), fused=fused)
+                                      betas=(cfg.beta1, cfg.beta2), fused=True)
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         counters = {"step": 0, "train_seconds": 0.0, "examples": 0, "encoder_tokens": 0, "canvas_tokens": 0}
         if state is not None:
@@ -610,7 +613,7 @@ class Trainer:
         cfg = self.config
         budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min is not None else None
         progress_bar = Progress(cfg.log_every_s)
-        window = {"loss": [], "diffusion": [], "ar": [], "accuracy": []}  # device scalars since the last read
+        window = {"loss": [], "diffusion": [], "ar": [], "accuracy": [], "skipped": []}  # device scalars since the last read
         shown = {"loss": float("nan"), "diffusion": float("nan"), "ar": float("nan"), "accuracy": float("nan")}
         last_save = time.monotonic()
         rate_start, rate_tokens = time.perf_counter(), 0
@@ -623,6 +626,12 @@ class Trainer:
             return done
 
         def read_window() -> None:
+            skipped = int(torch.stack(window.pop("skipped")).sum()) if window["skipped"] else 0
+            window["skipped"] = []
+            if skipped:
+                counters["skipped_steps"] = counters.get("skipped_steps", 0) + skipped
+                log.warning("%d of the last steps had non-finite gradients and were skipped (%d in all); "
+                            "a lower lr may be needed", skipped, counters["skipped_steps"])
             for key, values in window.items():
                 if values:
                     shown[key] = float(torch.stack(values).mean())  # one host sync per read, not per step
@@ -646,13 +655,16 @@ class Trainer:
                     counters["train_seconds"] += time.perf_counter() - step_start
                     continue
                 master.gradients_to_master()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(master.params, cfg.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(master.params, cfg.grad_clip or math.inf)  # [] on the device
+                # A step whose gradients are not finite is skipped inside the fused optimizer (its step count too),
+                # decided on the device: no host sync per step. One bad batch then costs one step, not the run.
+                bad = ~torch.isfinite(norm)
+                optimizer.found_inf = bad.float()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 master.master_to_model()
                 for key, value in (("loss", parts.loss), ("diffusion", parts.diffusion), ("ar", parts.ar),
-                                   ("accuracy", parts.canvas_accuracy)):
+                                   ("accuracy", parts.canvas_accuracy), ("skipped", bad)):
                     window[key].append(value.detach().float())
                 counters["step"] += 1
                 counters["examples"] += batch.input_ids.shape[0]
