@@ -25,6 +25,7 @@ from kernel_wiring import (
 
 from dgemma.checkpoint.random_init import InitScale, build_random_model, preset
 from dgemma.config import FULL, SLIDING
+from dgemma.model.moe import FUSED_MOE_MAX_ASSIGNMENTS_PER_EXPERT
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -193,12 +194,13 @@ def test_attention_and_experts_with_fused_kernels_match_eager_on_gpu(config, sca
         (out_eager, keys_eager), (out_fused, keys_fused) = attention_kernel_off_and_on(model, layer, x)
         assert rel_err(keys_fused, keys_eager) < tol, (layer, rel_err(keys_fused, keys_eager))
         assert rel_err(out_fused, out_eager) < tol, (layer, rel_err(out_fused, out_eager))
-    # As many tokens as give 32 assignments per expert: the largest call the kernel takes.
-    n = 32 * config.num_experts // config.top_k_experts
-    x = torch.randn(n, h, generator=gen).to("cuda", torch.bfloat16)
-    eager, fused = experts_kernel_off_and_on(model, 0, x)
-    assert rel_err(fused, eager) < tol, rel_err(fused, eager)
-    assert calls == {"norm_rope": 4, "fused_moe": 1}
+    # 16, 64 and 128 assignments per expert: each tile set, up to the largest call the kernel takes.
+    for per_expert in (16, 64, FUSED_MOE_MAX_ASSIGNMENTS_PER_EXPERT):
+        n = per_expert * config.num_experts // config.top_k_experts
+        x = torch.randn(n, h, generator=gen).to("cuda", torch.bfloat16)
+        eager, fused = experts_kernel_off_and_on(model, 0, x)
+        assert rel_err(fused, eager) < tol, (per_expert, rel_err(fused, eager))
+    assert calls == {"norm_rope": 4, "fused_moe": 3}
 
 
 @pytest.mark.parametrize("config,scale,prompt_len,draws", [(*TINY, 100, 8), (*SLICE, 200, 2)],

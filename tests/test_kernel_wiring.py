@@ -45,9 +45,9 @@ interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 # Which path runs (CPU tensors stand in for CUDA ones by naming "cpu" among the kernel devices)
 
 
-def test_fused_moe_runs_only_for_inference_with_at_most_32_assignments_per_expert():
+def test_fused_moe_runs_only_for_inference_with_at_most_128_assignments_per_expert():
     gate_up = torch.empty(8, 64, 16, dtype=torch.bfloat16)  # E = 8
-    fits = FUSED_MOE_MAX_ASSIGNMENTS_PER_EXPERT * 8 // 2  # tokens at top-2 that give exactly 32 per expert
+    fits = FUSED_MOE_MAX_ASSIGNMENTS_PER_EXPERT * 8 // 2  # tokens at top-2 that give exactly 128 per expert
     x, ids = torch.empty(fits, 16, dtype=torch.bfloat16), torch.zeros(fits, 2, dtype=torch.int64)
     with torch.no_grad():
         assert use_fused_moe(x, ids, gate_up, kernel_devices=("cpu",))
@@ -58,6 +58,16 @@ def test_fused_moe_runs_only_for_inference_with_at_most_32_assignments_per_exper
         assert not use_fused_moe(x.float(), ids, gate_up.float(), kernel_devices=("cpu",))
         assert not use_fused_moe(x, ids, gate_up.float(), kernel_devices=("cpu",))  # the kernel needs one dtype
     assert not use_fused_moe(x, ids, gate_up, kernel_devices=("cpu",))  # grad enabled: the kernel has no backward
+
+
+def test_busier_experts_get_the_tiles_measured_for_their_load():
+    from dgemma.kernels.fused_moe import DOWN_TILE, GATE_UP_TILE, LARGE_TILES, tiles_for
+
+    assert tiles_for(32 * 128, 128) == (GATE_UP_TILE, DOWN_TILE)  # a batch-2 canvas: the small-load tiles
+    assert tiles_for(33 * 128, 128)[0]["BLOCK_M"] == 128
+    assert tiles_for(64 * 128, 128) == LARGE_TILES[0][1:]
+    assert tiles_for(128 * 128, 128) == LARGE_TILES[1][1:]
+    assert LARGE_TILES[-1][0] == FUSED_MOE_MAX_ASSIGNMENTS_PER_EXPERT  # every load the model sends has a tile
 
 
 def test_fused_norm_rope_runs_only_for_inference_with_matching_dtypes_and_power_of_two_head_dim():
@@ -116,7 +126,8 @@ def test_interpreted_norm_rope_matches_the_eager_norm_then_rotation(dtype, head_
 
 
 @interpreted
-@pytest.mark.parametrize("n,h,i,e,k", [(37, 64, 32, 8, 2), (20, 48, 40, 4, 2), (3, 64, 32, 8, 2)])
+@pytest.mark.parametrize("n,h,i,e,k", [(37, 64, 32, 8, 2), (20, 48, 40, 4, 2), (3, 64, 32, 8, 2),
+                                       (100, 64, 32, 4, 2), (250, 48, 40, 4, 2)])  # last two: 128-row tiles
 def test_interpreted_fused_moe_matches_the_expert_loop(n, h, i, e, k):
     from dgemma.kernels.fused_moe import fused_moe_triton
 

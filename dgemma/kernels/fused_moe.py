@@ -118,6 +118,27 @@ def _down_kernel(h_ptr, w_ptr, dest_ptr, ends_ptr, out_ptr, H, I, BLOCK_M: tl.co
 GATE_UP_TILE = dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
 DOWN_TILE = dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
 
+# Busier experts (batches of 4 and 8 canvases) want 128-row tiles and 8 warps. A sweep of 32 + 48 tiles on an H200
+# (2026-11-27, one layer's 26b-a4b experts, bf16): 1024 tokens (64 per expert) 691 us vs 821 us for
+# torch._grouped_mm; 2048 tokens (128 per expert) 970 vs 1117 us. Outputs equal to _grouped_mm's.
+# (max mean assignments per expert, gate_up tile, down tile), first match wins.
+LARGE_TILES = (
+    (64, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
+     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4)),
+    (128, dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
+     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4)),
+)
+
+
+def tiles_for(assignments: int, num_experts: int) -> tuple[dict, dict]:
+    """(gate_up tile, down tile) for a call with this many token-expert assignments."""
+    per_expert = assignments / num_experts
+    if per_expert > 32:
+        for limit, gate_up, down in LARGE_TILES:
+            if per_expert <= limit:
+                return gate_up, down
+    return GATE_UP_TILE, DOWN_TILE
+
 
 def _block_m(assignments: int, num_experts: int) -> int:
     """Rows per tile: about twice the mean tokens per expert, so most experts take one pass over their weights."""
@@ -166,14 +187,17 @@ def fused_moe_triton(
     block_m = _block_m(assignments, num_experts)
 
     hidden_act = torch.empty((assignments, inter), dtype=x.dtype, device=x.device)  # expert-sorted
-    t1 = _fit(tile_gate_up or GATE_UP_TILE, inter, hidden)
+    default_gate_up, default_down = tiles_for(assignments, num_experts)
+    t1 = _fit(tile_gate_up or default_gate_up, inter, hidden)
+    bm1 = t1.pop("BLOCK_M", block_m)  # a tile may fix its rows per pass (tile sweeps)
     _gate_up_kernel[(num_experts, triton.cdiv(inter, t1["BLOCK_N"]))](
-        x, gate_up, token_of, ends, hidden_act, hidden, inter, BLOCK_M=block_m,
+        x, gate_up, token_of, ends, hidden_act, hidden, inter, BLOCK_M=bm1,
         EVEN_N=inter % t1["BLOCK_N"] == 0, EVEN_K=hidden % t1["BLOCK_K"] == 0, **t1)
     out = torch.empty((assignments, hidden), dtype=x.dtype, device=x.device)  # token-major
-    t2 = _fit(tile_down or DOWN_TILE, hidden, inter)
+    t2 = _fit(tile_down or default_down, hidden, inter)
+    bm2 = t2.pop("BLOCK_M", block_m)
     _down_kernel[(num_experts, triton.cdiv(hidden, t2["BLOCK_N"]))](
-        hidden_act, down, order, ends, out, hidden, inter, BLOCK_M=block_m,
+        hidden_act, down, order, ends, out, hidden, inter, BLOCK_M=bm2,
         EVEN_N=hidden % t2["BLOCK_N"] == 0, EVEN_K=inter % t2["BLOCK_K"] == 0, **t2)
     # Deterministic weighted sum over K with float32 accumulation (as `combine` does on CUDA).
     return torch.bmm(weights.to(x.dtype)[:, None, :], out.view(n_tokens, k, hidden))[:, 0]

@@ -98,10 +98,11 @@ def combine(out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, dtype
     return weighted.sum(dim=1)
 
 
-# The fused Triton kernel streams each expert's weights once per tile of up to 64 rows and beats torch._grouped_mm
-# while experts get few rows: on an H200 (26b-a4b shapes, top-8 of 128) it won at 256 and 512 tokens (16 and 32
-# assignments per expert) and lost from 1024 tokens (64). See dgemma/kernels/fused_moe.py.
-FUSED_MOE_MAX_ASSIGNMENTS_PER_EXPERT = 32
+# The fused Triton kernel streams each expert's weights once per tile of rows and beat torch._grouped_mm on an
+# H200 (26b-a4b shapes, top-8 of 128) from 256 to 2048 tokens (16 to 128 assignments per expert) with tiles chosen
+# per load (dgemma/kernels/fused_moe.py: tiles_for). Larger calls (prefill chunks, batches over 8 canvases) keep
+# _grouped_mm, which was not measured to lose there.
+FUSED_MOE_MAX_ASSIGNMENTS_PER_EXPERT = 128
 
 
 def use_fused_moe(
