@@ -165,6 +165,19 @@ def test_long_prompt_is_encoded_in_chunks_of_the_token_budget():
     assert started == ["long"]  # only once the last chunk is in the cache
 
 
+def test_one_request_gets_at_most_max_chunk_tokens_per_step_and_the_budget_goes_on_to_others():
+    """A chunk is what one forward writes into the request's cache row; sliding layers' rings are sized for it."""
+    s = Scheduler(SchedulerConfig(max_num_seqs=2, max_prefill_tokens=32, max_chunk_tokens=12, max_model_len=256,
+                                  canvas_length=C))
+    s.add(req("long", prompt_len=30))
+    s.add(req("short", prompt_len=5))
+    plan = s.schedule()
+    assert [(w.request.request_id, w.num_tokens) for w in plan.encode] == [("long", 12), ("short", 5)]
+    assert s.config.max_write_tokens == 12  # max(canvas, min(budget, chunk))
+    apply(plan)
+    assert [w.num_tokens for w in s.schedule().encode] == [12]
+
+
 def test_prefill_budget_is_shared_across_prompts_in_arrival_order():
     s = make(max_num_seqs=3, max_prefill_tokens=16)
     s.add(req("a", prompt_len=10))

@@ -17,7 +17,7 @@ import torch
 from dgemma.engine.denoisers import use_cuda_graphs
 from dgemma.engine.engine import Engine
 from dgemma.engine.request import Request
-from dgemma.engine.scheduler import SchedulerConfig
+from dgemma.engine.scheduler import SchedulerConfig, max_write_tokens
 from dgemma.model.attention import AttentionBatch
 from dgemma.model.diffusion_gemma import DiffusionGemma
 from dgemma.model.kv_cache import KVCache
@@ -65,14 +65,21 @@ def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]
 
 @torch.no_grad()
 def decoder_step_ms(model: DiffusionGemma, batch: int, prefix_len: int, repeats: int = 5,
-                    forward_only: bool = False) -> float:
+                    forward_only: bool = False, chunk: int = SchedulerConfig.max_prefill_tokens) -> float:
     """One whole denoising step (decoder forward, sampler, self-conditioning input) for `batch` canvases;
-    with `forward_only`, the decoder forward alone (what the reference's step time measures)."""
+    with `forward_only`, the decoder forward alone (what the reference's step time measures).
+
+    The cache is the engine's for an encoder budget of `chunk` tokens per step (the serving default): the prefix
+    is encoded in chunks of that many tokens, and sliding layers keep a ring sized for them."""
     device, cfg = model.device, model.config
-    cache = KVCache(cfg, batch, prefix_len + cfg.canvas_length, model.dtype, device)
+    write = max_write_tokens(cfg.canvas_length, chunk)
+    cache = KVCache(cfg, batch, prefix_len + cfg.canvas_length, model.dtype, device, max_write_tokens=write)
     rows = list(range(batch))
     ids = torch.randint(3, cfg.vocab_size, (batch, prefix_len), device=device)
-    model.encode(ids, AttentionBatch.for_encoder(rows, [0] * batch, [prefix_len] * batch, cfg.sliding_window, cache), cache)
+    for start in range(0, prefix_len, write):
+        n = min(write, prefix_len - start)
+        model.encode(ids[:, start : start + n],
+                     AttentionBatch.for_encoder(rows, [start] * batch, [n] * batch, cfg.sliding_window, cache), cache)
     canvas = torch.randint(0, cfg.vocab_size, (batch, cfg.canvas_length), device=device)
     soft = torch.zeros(batch, cfg.canvas_length, cfg.hidden_size, dtype=model.dtype, device=device)
     attn = AttentionBatch.for_decoder(rows, [prefix_len] * batch, cfg.canvas_length, cfg.sliding_window, cache)
@@ -110,7 +117,9 @@ def decoder_step_ms(model: DiffusionGemma, batch: int, prefix_len: int, repeats:
 def prefill_ms(model: DiffusionGemma, length: int, chunk: int = 8192, repeats: int = 3) -> float:
     """Encoder time for one prompt of `length` tokens, encoded in chunks of at most `chunk` (as the engine does)."""
     device, cfg = model.device, model.config
-    cache = KVCache(cfg, 1, length + cfg.canvas_length, model.dtype, device)
+    write = max_write_tokens(cfg.canvas_length, chunk)  # the engine's: sliding layers keep a ring sized for it
+    chunk = min(chunk, write)  # the engine never encodes more of one request in one forward
+    cache = KVCache(cfg, 1, length + cfg.canvas_length, model.dtype, device, max_write_tokens=write)
     ids = torch.randint(3, cfg.vocab_size, (1, length), device=device)
     if use_cuda_graphs(model) and length <= 2048:  # what the engine does: replay a captured chunk
         from dgemma.engine.cuda_graphs import GraphedPrefill

@@ -90,10 +90,12 @@ def run(args: argparse.Namespace) -> int:
     if args.max_model_len is None and llm.model.device.type == "cuda":
         # Like vLLM, size the default to the memory the weights left: the full-size model on an 80 GB card has
         # room for fewer positions than 16 rows x 8192.
+        from dgemma.engine.scheduler import max_write_tokens
         from dgemma.model.kv_cache import free_device_bytes, max_positions_that_fit
 
         free = free_device_bytes(llm.model.device)
-        fit = max_positions_that_fit(cfg, llm.model.dtype, args.max_num_seqs, free) // 256 * 256
+        write = max_write_tokens(cfg.canvas_length, args.max_num_batched_tokens)  # sizes the sliding layers' rings
+        fit = max_positions_that_fit(cfg, llm.model.dtype, args.max_num_seqs, free, write) // 256 * 256
         if fit < max_model_len:
             log.info("max_model_len lowered from %d to %d so that %d rows of KV cache fit in GPU memory",
                      max_model_len, fit, args.max_num_seqs)

@@ -44,7 +44,9 @@ def generate_ar(
     device = model.device
     b = len(prompts)
     lengths = [len(p) for p in prompts]
-    cache = KVCache(model.config, b, max(lengths) + max_new_tokens, model.dtype, device)
+    # The prompts are encoded in one forward, then one token per forward: sliding layers need a ring of only
+    # W - 1 + max(lengths) slots (the whole capacity when that is no smaller).
+    cache = KVCache(model.config, b, max(lengths) + max_new_tokens, model.dtype, device, max_write_tokens=max(lengths))
     rows = list(range(b))
     gen = torch.Generator(device=device).manual_seed(seed if seed is not None else secrets.randbits(63))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -10,6 +10,8 @@ Three steps have fixed shapes and are captured:
     T = 1 is autoregressive decoding.
 Rows in [0, B) that take no part in a step (free, or encoding a prompt) still run, on garbage, with their cache
 writes sent to the trash slot; keeping busy rows low (the scheduler hands out the lowest free row) keeps B small.
+Shapes are fixed, so attention reads fixed slot ranges: full layers the whole capacity, sliding layers their whole
+ring (kv_cache.py; as long as the capacity in the full layout), masked on the device from per-row bounds.
 Static tensors are updated in place (`copy_`, `fill_`) because the graphs read their addresses.
 """
 
@@ -94,12 +96,16 @@ class _RowBounds:
         self.write_slots = torch.full((rows, tokens), trash_slot, dtype=torch.long, device=device)
         self.key_start = torch.zeros(rows, tokens, dtype=torch.long, device=device)  # sliding layers
         self.key_end = torch.ones(rows, tokens, dtype=torch.long, device=device)
+        # One past the row's last written position (places a sliding ring's slots). 1, not 0, before a row is first
+        # set: a garbage row then still sees one key (position 0), so it computes finite values, as in the full layout.
+        self.written_end = torch.ones(rows, dtype=torch.long, device=device)
         self.offsets = torch.arange(tokens, device=device)
 
     def set_row(self, row: int, prefix_len: int, window: int, causal: bool) -> None:
         pos = self.offsets + prefix_len
         self.positions[row].copy_(pos)
         self.write_slots[row].copy_(pos)
+        self.written_end[row] = prefix_len + self.tokens
         if causal:  # encoder: query i sees (i - W, i]
             self.key_start[row].copy_(pos - window + 1)
             self.key_end[row].copy_(pos + 1)
@@ -110,18 +116,21 @@ class _RowBounds:
     def deactivate(self, row: int) -> None:
         self.write_slots[row].fill_(self.trash_slot)
 
-    def batch(self, b: int, kv_len: int, rows: torch.Tensor | None = None) -> AttentionBatch:
-        """Rows [0, b) read in place, or (with `rows`, a static [b] tensor) the cache rows it names, gathered."""
+    def batch(self, b: int, cache: KVCache, rows: torch.Tensor | None = None) -> AttentionBatch:
+        """Rows [0, b) read in place, or (with `rows`, a static [b] tensor) the cache rows it names, gathered.
+        Full layers scan the whole capacity, sliding layers their ring (the capacity too in the full layout)."""
         if rows is None:
-            return AttentionBatch.from_bounds(torch.arange(b, device=self.positions.device), self.positions[:b],
-                                              self.write_slots[:b], self.key_start[:b], self.key_end[:b], kv_len, 0,
-                                              (0, b))
+            rows, row_range = torch.arange(b, device=self.positions.device), (0, b)
+        else:
+            row_range = None
         return AttentionBatch.from_bounds(rows, self.positions[:b], self.write_slots[:b], self.key_start[:b],
-                                          self.key_end[:b], kv_len, 0, None)
+                                          self.key_end[:b], self.written_end[:b], cache.capacity, cache,
+                                          row_range=row_range)
 
     def set_prompt_chunk(self, prefix_len: int, n: int, window: int) -> None:
         """Row 0 holds a chunk of n <= tokens prompt tokens; the padding after it writes to the trash slot."""
         self.set_row(0, prefix_len, window, causal=True)
+        self.written_end[0] = prefix_len + n
         if n < self.tokens:
             self.write_slots[0, n:].fill_(self.trash_slot)
 
@@ -131,6 +140,7 @@ class GraphedDenoiser:
         cfg, device = model.config, model.device
         self.model, self.cache = model, cache
         n, c = max(buckets), cfg.canvas_length
+        cache.check_write(c)
         self.bounds = _RowBounds(n, c, device, cache.trash_slot)
         self.canvas = torch.zeros(n, c, dtype=torch.long, device=device)  # [N, C] current noisy canvas
         self.soft = torch.zeros(n, c, cfg.hidden_size, dtype=model.dtype, device=device)  # [N, C, H]
@@ -152,7 +162,7 @@ class GraphedDenoiser:
         from dgemma.kernels.fused_sampler import fused_sample  # Triton: imported only where a GPU step runs
 
         model, cfg = self.model, self.model.config
-        batch = self.bounds.batch(b, self.cache.capacity)
+        batch = self.bounds.batch(b, self.cache)
         hidden = model.decode_hidden(self.canvas[:b], batch, self.cache, self.soft[:b])  # [b, C, H]
         logits = hidden @ model.embed_tokens.weight.T  # [b, C, V] bf16: softcapping happens in the sampler
         entropy, argmax, sample, noise = fused_sample(
@@ -212,7 +222,7 @@ class GraphedPrefill:
         self.graphs = {t: _Captured(lambda _b, t=t: self._step(t), [1], pool, capture) for t in self.lengths}
 
     def _step(self, t: int) -> None:
-        self.model.encode(self.ids[t], self.bounds[t].batch(1, self.cache.capacity, self.row), self.cache)
+        self.model.encode(self.ids[t], self.bounds[t].batch(1, self.cache, self.row), self.cache)
 
     @property
     def max_chunk(self) -> int:
@@ -220,6 +230,7 @@ class GraphedPrefill:
 
     def run(self, row: int, ids: list[int], prefix_len: int) -> None:
         n = len(ids)
+        self.cache.check_write(n)  # padding writes to the trash slot: only the n real tokens count
         t = next(t for t in self.lengths if t >= n)
         self.row.fill_(row)
         self.bounds[t].set_prompt_chunk(prefix_len, n, self.model.config.sliding_window)
@@ -235,6 +246,7 @@ class GraphedEncoder:
     def __init__(self, model: DiffusionGemma, cache: KVCache, tokens: int, buckets: list[int], pool=None,
                  next_token: bool = False, capture: bool = True):
         n = max(buckets)
+        cache.check_write(tokens)
         self.model, self.cache, self.next_token = model, cache, next_token
         self.bounds = _RowBounds(n, tokens, model.device, cache.trash_slot)
         self.ids = torch.zeros(n, tokens, dtype=torch.long, device=model.device)
@@ -243,7 +255,7 @@ class GraphedEncoder:
         self.graphs = _Captured(self._step, buckets, pool, capture)
 
     def _step(self, b: int) -> None:
-        hidden = self.model.encode(self.ids[:b], self.bounds.batch(b, self.cache.capacity), self.cache)
+        hidden = self.model.encode(self.ids[:b], self.bounds.batch(b, self.cache), self.cache)
         if self.next_token:
             self.out_token[:b].copy_(self.model.logits(hidden[:, -1]).argmax(dim=-1))
 

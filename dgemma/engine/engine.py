@@ -46,7 +46,10 @@ class Engine:
                 f"{model.config.canvas_length}"
             )
         self.scheduler = Scheduler(self.config)
-        self.cache = KVCache(model.config, self.config.max_num_seqs, self.config.max_model_len, model.dtype, model.device)
+        # Sliding layers keep a ring sized for the most tokens one forward writes per row (a canvas, or one encode
+        # work: the scheduler caps a request's chunk at max_chunk_tokens); the cache refuses any larger write.
+        self.cache = KVCache(model.config, self.config.max_num_seqs, self.config.max_model_len, model.dtype,
+                             model.device, max_write_tokens=self.config.max_write_tokens)
         pool = torch.cuda.graph_pool_handle() if model.device.type == "cuda" else None
         self.denoiser = make_denoiser(model, self.cache, self.config.max_num_seqs, cuda_graphs, pool)
         self.canvas_encoder = self.prefill = None

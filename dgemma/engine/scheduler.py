@@ -24,16 +24,24 @@ class QueueFull(DgemmaError):
     """The waiting queue is at its limit: the caller should answer 503/429 and let the client retry."""
 
 
+# Big enough that one chunk keeps a GPU busy (in the 26B model each of 128 experts gets ~8192 * 8 / 128 = 512 rows),
+# small enough that the sliding layers' rings (W - 1 + this many slots per row) stay far below long contexts.
+DEFAULT_MAX_CHUNK_TOKENS = 8192
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 16  # requests holding a cache row (being encoded or denoised) at once
     max_queue_len: int = 256  # requests waiting for a row; more are refused
     max_prefill_tokens: int = 2048  # encoder tokens per step
+    # Encoder tokens of one request per step: a longer prompt takes several steps even if the budget allows more,
+    # because the sliding layers' ring caches are sized for the most tokens one forward writes (`max_write_tokens`).
+    max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS
     max_model_len: int = 4096  # prompt + generated canvases, per request
     canvas_length: int = 256
 
     def __post_init__(self):
-        for name in ("max_num_seqs", "max_prefill_tokens", "max_model_len", "canvas_length"):
+        for name in ("max_num_seqs", "max_prefill_tokens", "max_chunk_tokens", "max_model_len", "canvas_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise RequestError(f"{name} must be a positive integer, got {value!r}")
@@ -43,6 +51,17 @@ class SchedulerConfig:
             raise RequestError(
                 f"max_model_len ({self.max_model_len}) must exceed the canvas length ({self.canvas_length})"
             )
+
+    @property
+    def max_write_tokens(self) -> int:
+        """The most tokens one engine forward writes into a cache row: a canvas, or one encode work."""
+        return max_write_tokens(self.canvas_length, self.max_prefill_tokens, self.max_chunk_tokens)
+
+
+def max_write_tokens(canvas_length: int, max_prefill_tokens: int,
+                     max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS) -> int:
+    """`SchedulerConfig.max_write_tokens` from plain numbers (to size a cache before the config exists)."""
+    return max(canvas_length, min(max_prefill_tokens, max_chunk_tokens))
 
 
 @dataclass
@@ -153,7 +172,7 @@ class Scheduler:
         for request in needs_encoding:
             if budget == 0:
                 break
-            n = min(request.pending, budget)
+            n = min(request.pending, budget, self.config.max_chunk_tokens)
             budget -= n
             plan.encode.append(EncodeWork(request, n, is_prompt=request.in_prompt))
             if n == request.pending:

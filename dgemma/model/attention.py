@@ -2,7 +2,8 @@
 
 Encoder and decoder run the same code; they differ only in the `AttentionBatch` they are given:
 the encoder's queries are causal (and windowed on sliding layers), the decoder's canvas queries see the
-cached prefix (its last W-1 positions on sliding layers) plus the whole canvas.
+cached prefix (its last W-1 positions on sliding layers) plus the whole canvas. Visibility is stated in positions;
+a cache whose sliding layers keep a ring (kv_cache.py) has its masks built from the position each slot holds.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dgemma.config import FULL, SLIDING, AttentionSpec
-from dgemma.model.kv_cache import KVCache
+from dgemma.model.kv_cache import KVCache, ring_positions
 from dgemma.model.layers import RMSNorm, norm_rope, rms_norm
 
 
@@ -24,10 +25,11 @@ class AttentionBatch:
 
     rows: torch.Tensor  # [B] cache row of each batch row
     positions: torch.Tensor  # [B, T] absolute position of each token (drives RoPE)
-    write_slots: torch.Tensor  # [B, T] cache slot each token's K/V goes to (the trash slot for padding)
-    kv_len: int  # cache slots [kv_start[type], kv_len) are read
-    kv_start: dict[str, int]  # layer type -> first slot any query may see (sliding layers skip the far past)
-    masks: dict[str, torch.Tensor]  # layer type -> [B, 1, T, kv_len - kv_start] bool, True = may attend
+    write_slots: dict[str, torch.Tensor]  # layer type -> [B, T] slot each token's K/V goes to (trash for padding)
+    # Layer type -> the slots [start, end) that are read, in this order; on a sliding ring end may pass the ring's
+    # size S, and slots wrap around (slot i is i mod S), so a window read across the end stays in position order.
+    kv_range: dict[str, tuple[int, int]]
+    masks: dict[str, torch.Tensor]  # layer type -> [B, 1, T, end - start] bool, True = may attend
     row_range: tuple[int, int] | None  # rows are the contiguous range [a, b): read the cache in place, no gather
 
     @classmethod
@@ -35,35 +37,67 @@ class AttentionBatch:
         cls,
         rows: torch.Tensor,  # [B]
         positions: torch.Tensor,  # [B, T]
-        write_slots: torch.Tensor,  # [B, T]
-        key_start_sliding: torch.Tensor,  # [B, T] first slot a query may see on sliding layers
-        key_end: torch.Tensor,  # [B, T] one past the last slot a query may see
-        kv_len: int,
-        sliding_start: int = 0,
+        write_slots: torch.Tensor,  # [B, T] a token's position, or cache.trash_slot for padding
+        key_start_sliding: torch.Tensor,  # [B, T] first position a query may see on sliding layers
+        key_end: torch.Tensor,  # [B, T] one past the last position a query may see
+        written_end: torch.Tensor,  # [B] one past the last position of the row written, this forward included
+        kv_len: int,  # full layers read positions [0, kv_len)
+        cache: KVCache,
+        sliding_range: tuple[int, int] | None = None,  # slots sliding layers read; None: [0, kv_len) or the ring
         row_range: tuple[int, int] | None = None,
     ) -> "AttentionBatch":
-        """Masks computed on the device from per-query bounds: usable inside a CUDA graph capture."""
-        full_slots = torch.arange(kv_len, device=positions.device)  # [S]
-        sliding_slots = full_slots[sliding_start:]
-        masks = {
-            FULL: (full_slots < key_end[..., None])[:, None],  # [B, 1, T, S]
-            SLIDING: ((sliding_slots < key_end[..., None]) & (sliding_slots >= key_start_sliding[..., None]))[:, None],
-        }
-        return cls(rows, positions, write_slots, kv_len, {FULL: 0, SLIDING: sliding_start}, masks, row_range)
+        """Masks computed on the device from per-query bounds in positions: usable inside a CUDA graph capture."""
+        device = positions.device
+        full_slots = torch.arange(kv_len, device=device)  # [K]: slot = position
+        masks = {FULL: (full_slots < key_end[..., None])[:, None]}  # [B, 1, T, K]
+        if not cache.ring:
+            start, end = sliding_range or (0, kv_len)
+            held = torch.arange(start, end, device=device)  # [K'] the position a slot holds is the slot
+            sliding_slots = write_slots
+        else:
+            ring = cache.sliding_slots
+            start, end = sliding_range or (0, ring)
+            # Each slot read is judged by the position it holds, with the full layout's rule (`ring_positions`
+            # proves the slot really holds that position wherever the window can open it); held >= 0 keeps
+            # slots this request never wrote closed.
+            read = torch.remainder(torch.arange(start, end, device=device), ring)  # [K'] slots in reading order
+            held = ring_positions(written_end, ring)[:, read][:, None, :]  # [B, 1, K']
+            padding = write_slots == cache.trash_slot
+            sliding_slots = torch.where(padding, ring, torch.remainder(write_slots, ring))  # ring: its trash slot
+        masks[SLIDING] = ((held < key_end[..., None]) & (held >= key_start_sliding[..., None])
+                          & (held >= 0))[:, None]  # [B, 1, T, K']
+        return cls(rows, positions, {FULL: write_slots, SLIDING: sliding_slots},
+                   {FULL: (0, kv_len), SLIDING: (start, end)}, masks, row_range)
 
     @classmethod
-    def _build(cls, rows, positions, write_slots, key_start_sliding, key_end, kv_len, sliding_start):
+    def _build(cls, rows: list[int], positions, write_slots, key_start_sliding, key_end, written_end: list[int],
+               sliding_start: int, cache: KVCache) -> "AttentionBatch":
+        """From host-side bounds: reads only the slots some query may see (`sliding_start`: the earliest position
+        any query may see on sliding layers), and no gather when the rows are contiguous."""
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         row_range = (rows[0], rows[0] + len(rows)) if contiguous else None
+        kv_len = max(written_end)
+        first = max(0, sliding_start)
+        if cache.ring:
+            ring = cache.sliding_slots
+            first = max(first, kv_len - ring)  # at most the whole ring
+            # The slots of positions [first, kv_len), in position order (a window that wraps costs a copy): a row's
+            # keys then sit at the index they have in the full layout, so results are bit-identical to it, unless
+            # ragged rows spread wider than the ring (then a row's oldest keys sit after its newest).
+            sliding = (first % ring, first % ring + kv_len - first)
+        else:
+            sliding = (first, kv_len)
         rows_t = torch.tensor(rows, device=positions.device)
-        return cls.from_bounds(rows_t, positions, write_slots, key_start_sliding, key_end, kv_len,
-                               max(0, sliding_start), row_range)
+        written_t = torch.tensor(written_end, device=positions.device)
+        return cls.from_bounds(rows_t, positions, write_slots, key_start_sliding, key_end, written_t, kv_len, cache,
+                               sliding, row_range)
 
     @classmethod
     def for_encoder(
         cls, rows: list[int], prefix_lens: list[int], new_lens: list[int], sliding_window: int, cache: KVCache
     ) -> "AttentionBatch":
         """Causal chunk: row b appends new_lens[b] tokens after its prefix_lens[b] cached ones (right-padded)."""
+        cache.check_write(max(new_lens))
         device = cache.keys[0].device
         width = max(new_lens)
         prefix = torch.tensor(prefix_lens, device=device)[:, None]  # [B, 1]
@@ -71,23 +105,24 @@ class AttentionBatch:
         positions = prefix + offsets  # [B, T]
         valid = offsets < torch.tensor(new_lens, device=device)[:, None]
         write_slots = torch.where(valid, positions, torch.full_like(positions, cache.trash_slot))
-        kv_len = max(p + n for p, n in zip(prefix_lens, new_lens))
-        return cls._build(rows, positions, write_slots, positions - sliding_window + 1, positions + 1, kv_len,
-                          min(prefix_lens) - sliding_window + 1)
+        written_end = [p + n for p, n in zip(prefix_lens, new_lens)]
+        return cls._build(rows, positions, write_slots, positions - sliding_window + 1, positions + 1, written_end,
+                          min(prefix_lens) - sliding_window + 1, cache)
 
     @classmethod
     def for_decoder(
         cls, rows: list[int], prefix_lens: list[int], canvas_length: int, sliding_window: int, cache: KVCache
     ) -> "AttentionBatch":
         """Bidirectional canvas after each row's prefix: sliding layers see the last W-1 cached positions."""
+        cache.check_write(canvas_length)
         device = cache.keys[0].device
         prefix = torch.tensor(prefix_lens, device=device)[:, None]  # [B, 1]
         positions = prefix + torch.arange(canvas_length, device=device)[None, :]  # [B, C]
         key_end = (prefix + canvas_length).expand_as(positions)
         key_start = (prefix - (sliding_window - 1)).expand_as(positions)
-        kv_len = max(prefix_lens) + canvas_length
-        return cls._build(rows, positions, positions, key_start, key_end, kv_len,
-                          min(prefix_lens) - (sliding_window - 1))
+        written_end = [p + canvas_length for p in prefix_lens]
+        return cls._build(rows, positions, positions, key_start, key_end, written_end,
+                          min(prefix_lens) - (sliding_window - 1), cache)
 
 
 class Attention(nn.Module):
@@ -127,16 +162,12 @@ class Attention(nn.Module):
         k = norm_rope(k_raw, self.k_norm.weight, cos, sin, self.eps, self.kernel_devices)
         v = rms_norm(v_raw, None, self.eps)
 
-        keys, values = cache.keys[layer], cache.values[layer]  # [rows, capacity + 1, Hkv, D]
-        keys[batch.rows[:, None], batch.write_slots] = k.to(keys.dtype)  # autocast may compute k in float32
-        values[batch.rows[:, None], batch.write_slots] = v.to(values.dtype)
-        start = batch.kv_start[kind]
-        if batch.row_range is not None:
-            first, last = batch.row_range
-            keys, values = keys[first:last, start : batch.kv_len], values[first:last, start : batch.kv_len]
-        else:
-            keys = keys.index_select(0, batch.rows)[:, start : batch.kv_len]
-            values = values.index_select(0, batch.rows)[:, start : batch.kv_len]
+        # Write first, then attend: the canvas (and a causal chunk) attends to its own keys through the cache.
+        keys, values = cache.keys[layer], cache.values[layer]  # [rows, slots + 1, Hkv, D]
+        slots = batch.write_slots[kind]  # [B, T]
+        keys[batch.rows[:, None], slots] = k.to(keys.dtype)  # autocast may compute k in float32
+        values[batch.rows[:, None], slots] = v.to(values.dtype)
+        keys, values = read_slots(keys, batch, kind, cache), read_slots(values, batch, kind, cache)
 
         mask = batch.masks[kind]
         if q.is_cuda and d > 256:
@@ -148,6 +179,20 @@ class Attention(nn.Module):
             attn_mask=mask, scale=1.0, enable_gqa=True,
         )  # [B, Hq, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * d))
+
+
+def read_slots(t: torch.Tensor, batch: AttentionBatch, kind: str, cache: KVCache) -> torch.Tensor:
+    """The batch's rows and the slots its `kind` layers read: [rows, slots + 1, Hkv, D] -> [B, end - start, Hkv, D].
+    A view when nothing wraps around a ring's end and the rows are contiguous, else a copy."""
+    start, end = batch.kv_range[kind]
+    if batch.row_range is not None:
+        t = t[batch.row_range[0] : batch.row_range[1]]
+    else:
+        t = t.index_select(0, batch.rows)
+    slots = cache.slots_of_kind[kind]
+    if end <= slots:
+        return t[:, start:end]
+    return torch.cat([t[:, start:slots], t[:, : end - slots]], dim=1)  # wrapped: the ring's end, then its start
 
 
 def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
