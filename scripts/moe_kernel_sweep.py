@@ -1,6 +1,7 @@
 """Time the fused Triton MoE kernels against torch._grouped_mm on the 26b-a4b expert shapes, and sweep tiles.
 
-python scripts/moe_kernel_sweep.py  (needs a Hopper GPU). Also times the fused q/k norm+RoPE kernel.
+python scripts/moe_kernel_sweep.py [--quick]  (needs a Hopper GPU). Also times the fused q/k norm+RoPE kernel.
+Without --quick it sweeps both kernels' tiles (rows per pass included) at every size: a few minutes.
 """
 
 from __future__ import annotations
@@ -52,32 +53,30 @@ def main() -> None:
         t_ref, t_f = bench(run_ref), bench(run_fused)
         print(f"N={n}: grouped_mm {t_ref*1e3:.0f} us ({nbytes/t_ref/1e9:.2f} TB/s), fused {t_f*1e3:.0f} us "
               f"({nbytes/t_f/1e9:.2f} TB/s), rel err {err:.2e}", flush=True)
-        if quick or n > 256:
+        if quick:
             continue
-        best = None
-        for bn, bk, nw, ns in itertools.product([32, 64], [64, 128, 256], [4, 8], [3, 4]):
-            t1 = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+        # Tiles are swept per size, rows per pass (BLOCK_M) included: busier experts want taller tiles.
+        best = (t_f, None)
+        for bm, bn, bk, nw, ns in itertools.product([64, 128], [64, 128], [64, 128], [4, 8], [3, 4]):
+            t1 = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
             try:
                 t = bench(lambda: run_fused(t1, None))
             except Exception as exc:  # out of shared memory etc.
                 print("  gate_up", t1, "failed", type(exc).__name__)
                 continue
-            if best is None or t < best[0]:
+            if t < best[0]:
                 best = (t, t1)
-            print(f"  gate_up {t1}: {t*1e3:.0f} us", flush=True)
-        print("  best gate_up", best)
-        best2 = None
-        for bn, bk, nw, ns in itertools.product([64, 128, 256], [64, 128], [4, 8], [3, 4]):
-            t2 = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+        best2 = (best[0], None)
+        for bm, bn, bk, nw, ns in itertools.product([64, 128], [64, 128, 256], [64, 128], [4, 8], [3, 4]):
+            t2 = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
             try:
                 t = bench(lambda: run_fused(best[1], t2))
             except Exception as exc:
                 print("  down", t2, "failed", type(exc).__name__)
                 continue
-            if best2 is None or t < best2[0]:
+            if t < best2[0]:
                 best2 = (t, t2)
-            print(f"  down {t2}: {t*1e3:.0f} us", flush=True)
-        print("  best down", best2, flush=True)
+        print(f"  best: {best2[0]*1e3:.0f} us with gate_up {best[1]} and down {best2[1]}", flush=True)
 
     for d, heads in [(256, 16), (256, 8), (512, 16)]:
         xq = torch.randn(1, 256, heads, d, device=dev, dtype=dt)
