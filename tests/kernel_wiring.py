@@ -81,3 +81,25 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def argmax_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     """Fraction of positions whose most likely token agrees. a, b: [..., V] logits."""
     return (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+
+
+def decoder_attention_kernel_off_and_on(model, layer: int, rows: list[int], prefixes: list[int], seed: int = 0
+                                        ) -> list[torch.Tensor]:
+    """One sliding layer's decoder attention for canvases of `rows` after `prefixes` cached positions of random
+    keys, kernel off (masked attention) then on (`canvas_attention` on a GPU): [[B, C, H] float32] * 2."""
+    cfg, attn, kind = model.config, model.layers[layer].self_attn, model.layers[layer].kind
+    device, c = model.device, cfg.canvas_length
+    gen = torch.Generator().manual_seed(seed)
+    capacity = max(prefixes) + c
+    cache = KVCache(cfg, max(rows) + 1, capacity, model.dtype, device)
+    for t in (cache.keys[layer], cache.values[layer]):
+        t.copy_(torch.randn(t.shape, generator=gen).to(t.dtype))  # stands in for an encoded prefix
+    x = torch.randn(len(rows), c, cfg.hidden_size, generator=gen).to(device, model.dtype)
+    batch = AttentionBatch.for_decoder(rows, prefixes, c, cfg.sliding_window, cache)
+    cos, sin = rope_cos_sin(batch.positions, model.inv_freq_sliding, model.dtype)  # [B, C, D] each
+    results = []
+    for devices in ((), (device.type,)):
+        attn.kernel_devices = devices
+        with torch.no_grad():
+            results.append(attn(x, cos, sin, batch, kind, cache, layer).float())
+    return results

@@ -399,3 +399,25 @@ def test_captured_ring_steps_replay_exactly_what_they_compute_uncaptured(config)
     assert all(torch.equal(a[[0, 2], :-1], b[[0, 2], :-1]) for a, b in zip(keys_eager, keys_graph))
     assert torch.equal(logits_eager, logits_graph)
     assert tokens_eager == tokens_graph
+
+
+def test_a_decoder_batch_names_the_key_range_its_masks_open(config):
+    """Decoder canvases see one contiguous key range per row on sliding layers, which lets the GPU skip the mask
+    (`canvas_attention`): the range a batch names must be exactly the keys its sliding mask opens."""
+    cache = KVCache(config, 4, 64, torch.float32, CPU)
+    rows, prefixes = [2, 0, 3], [3, 20, 41]  # a window start before 0, and two past it
+    batches = [AttentionBatch.for_decoder(rows, prefixes, C, W, cache)]
+    bounds = _RowBounds(4, C, CPU, cache.trash_slot)
+    for row, prefix in enumerate(prefixes):
+        bounds.set_row(row, prefix, W, causal=False)
+    batches.append(bounds.batch(3, cache, canvas=True))  # the graphed denoiser's batch
+    for batch in batches:
+        start, end = batch.canvas_keys
+        first, _ = batch.kv_range[SLIDING]
+        mask = batch.masks[SLIDING][:, 0]  # [B, C, K]: slot first + k
+        for b, prefix in enumerate(prefixes):
+            assert (start[b].item(), end[b].item()) == (max(0, prefix - (W - 1)), prefix + C)
+            opened = (mask[b].nonzero()[:, 1] + first).unique().tolist()
+            assert opened == list(range(start[b].item(), end[b].item()))
+            assert mask[b].all(dim=0).sum() == len(opened)  # every query of the canvas opens the same keys
+    assert AttentionBatch.for_encoder([0], [0], [5], W, cache).canvas_keys is None  # causal: per-query ranges

@@ -116,7 +116,7 @@ class _RowBounds:
     def deactivate(self, row: int) -> None:
         self.write_slots[row].fill_(self.trash_slot)
 
-    def batch(self, b: int, cache: KVCache, rows: torch.Tensor | None = None) -> AttentionBatch:
+    def batch(self, b: int, cache: KVCache, rows: torch.Tensor | None = None, canvas: bool = False) -> AttentionBatch:
         """Rows [0, b) read in place, or (with `rows`, a static [b] tensor) the cache rows it names, gathered.
         Full layers scan the whole capacity, sliding layers their ring (the capacity too in the full layout)."""
         if rows is None:
@@ -125,7 +125,7 @@ class _RowBounds:
             row_range = None
         return AttentionBatch.from_bounds(rows, self.positions[:b], self.write_slots[:b], self.key_start[:b],
                                           self.key_end[:b], self.written_end[:b], cache.capacity, cache,
-                                          row_range=row_range)
+                                          row_range=row_range, canvas=canvas)
 
     def set_prompt_chunk(self, prefix_len: int, n: int, window: int) -> None:
         """Row 0 holds a chunk of n <= tokens prompt tokens; the padding after it writes to the trash slot."""
@@ -162,7 +162,7 @@ class GraphedDenoiser:
         from dgemma.kernels.fused_sampler import fused_sample  # Triton: imported only where a GPU step runs
 
         model, cfg = self.model, self.model.config
-        batch = self.bounds.batch(b, self.cache)
+        batch = self.bounds.batch(b, self.cache, canvas=True)
         hidden = model.decode_hidden(self.canvas[:b], batch, self.cache, self.soft[:b])  # [b, C, H]
         logits = hidden @ model.embed_tokens.weight.T  # [b, C, V] bf16: softcapping happens in the sampler
         entropy, argmax, sample, noise = fused_sample(
