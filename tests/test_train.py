@@ -266,6 +266,7 @@ def test_resume_refuses_a_state_saved_with_other_settings(tmp_path):
     (dict(precision="fp8"), "precision"),
     (dict(objective=ObjectiveConfig(min_noise=0.0)), "min_noise"),
     (dict(objective=ObjectiveConfig(self_cond_prob=1.5)), "self_cond_prob"),
+    (dict(objective=ObjectiveConfig(filler_weight=-0.1)), "filler_weight"),
 ])
 def test_train_config_names_the_bad_field(tmp_path, changes, field):
     with pytest.raises(ConfigError, match=field):
@@ -435,3 +436,26 @@ def test_a_step_with_non_finite_gradients_is_skipped_and_training_goes_on(tmp_pa
     assert all(torch.isfinite(w).all() for w in weights.values())  # the NaN step did not reach the weights
     assert result.steps == 12 and math.isfinite(result.final_loss)
     assert "1 of the last steps had non-finite gradients and were skipped (1 in all)" in caplog.text
+
+
+def test_filler_weight_scales_the_pad_filler_against_the_answer_tokens(monkeypatch):
+    """Logits that are uniform on answer positions and certain on the filler: the filler costs nothing, so the
+    plain mean (weight 1) is log V times the answer's share of the canvas, and weight 0 scores the answer alone."""
+    from dgemma.checkpoint.random_init import build_random_model
+
+    model = build_random_model(model_preset("micro", 64, [1]), "float32", "cpu", seed=0)
+    c, v = model.config.canvas_length, model.config.vocab_size
+    rows = [([2, 5, 6, 7, 8, 9, 10, 11, 12], 3), ([2, 5, 6, 40, 41], 3)]
+    batch = collate(rows, c, 0, random.Random(0))
+
+    def decode(noisy, *args, **kwargs):  # [B, C, V]: uniform where the answer is, the right filler elsewhere
+        logits = torch.zeros(noisy.shape[0], c, v)
+        logits[~batch.canvas_real] = torch.nn.functional.one_hot(batch.canvas[~batch.canvas_real], v).float() * 1e4
+        return logits
+
+    monkeypatch.setattr(model, "decode", decode)
+    share = batch.canvas_real.float().mean().item()
+    losses = {w: float(block_diffusion_loss(model, batch, ObjectiveConfig(filler_weight=w, self_cond_prob=0.0),
+                                            torch.Generator().manual_seed(0)).diffusion) for w in (1.0, 0.0)}
+    assert losses[1.0] == pytest.approx(math.log(v) * share, rel=1e-5)
+    assert losses[0.0] == pytest.approx(math.log(v), rel=1e-5)

@@ -45,12 +45,17 @@ class ObjectiveConfig:
     self_cond_t_min: float = 0.4  # the first pass's logits are divided by T ~ U(t_min, t_max) ...
     self_cond_t_max: float = 0.8  # ... the range of the sampler's temperature schedule
     weight_by_t: bool = False  # weight each row's denoising loss by 1/t (the ELBO weighting)
+    # Weight of the <pad> filler after the answer in the denoising loss, relative to the answer's own tokens. At 1
+    # the loss is a plain mean over the canvas; short answers then leave most of it to trivially predictable filler.
+    filler_weight: float = 1.0
 
     def validate(self) -> "ObjectiveConfig":
         if not (self.ar_loss_weight >= 0 and math.isfinite(self.ar_loss_weight)):
             raise ConfigError(f"ar_loss_weight must be a finite number >= 0, got {self.ar_loss_weight!r}")
         if not 0 < self.min_noise < 1:
             raise ConfigError(f"min_noise must be in (0, 1), got {self.min_noise!r}")
+        if not (0 <= self.filler_weight <= 1):
+            raise ConfigError(f"filler_weight must be in [0, 1], got {self.filler_weight!r}")
         if not 0 <= self.self_cond_prob <= 1:
             raise ConfigError(f"self_cond_prob must be in [0, 1], got {self.self_cond_prob!r}")
         if not 0 < self.self_cond_t_min <= self.self_cond_t_max:
@@ -131,7 +136,11 @@ def block_diffusion_loss(
     ce = F.cross_entropy(logits.reshape(b * c, -1), batch.canvas.reshape(-1), reduction="none").view(b, c)
     if config.weight_by_t:
         ce = ce / noise[:, None]
-    diffusion = ce.mean()
+    if config.filler_weight == 1.0:
+        diffusion = ce.mean()
+    else:
+        weights = torch.where(batch.canvas_real, 1.0, config.filler_weight)  # [B, C]
+        diffusion = (ce * weights).sum() / weights.sum()
     with torch.no_grad():
         real = batch.canvas_real
         hits = (logits.argmax(-1) == batch.canvas) & real
