@@ -61,7 +61,7 @@ def test_fused_moe_runs_only_for_inference_with_at_most_128_assignments_per_expe
 
 
 def test_busier_experts_get_the_tiles_measured_for_their_load():
-    from dgemma.kernels.fused_moe import DOWN_TILE, GATE_UP_TILE, LARGE_TILES, tiles_for
+    from dgemma.kernels.moe_tiles import DOWN_TILE, GATE_UP_TILE, LARGE_TILES, tiles_for
 
     assert tiles_for(32 * 128, 128) == (GATE_UP_TILE, DOWN_TILE)  # a batch-2 canvas: the small-load tiles
     assert tiles_for(33 * 128, 128)[0]["BLOCK_M"] == 128

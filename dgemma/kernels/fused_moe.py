@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dgemma.kernels.moe_tiles import tiles_for
+
 
 @triton.jit
 def _gelu_tanh(x):
@@ -111,33 +113,6 @@ def _down_kernel(h_ptr, w_ptr, dest_ptr, ends_ptr, out_ptr, H, I, BLOCK_M: tl.co
         dest = tl.load(dest_ptr + rows, mask=r_mask, other=0).to(tl.int64)
         tl.store(out_ptr + dest[:, None] * H + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=r_mask[:, None] & n_mask[None, :])
-
-
-# Tile shapes from scripts/moe_kernel_sweep.py on an H200 (26b-a4b shapes, 256 tokens): 481 us for both kernels
-# of one layer (3.0 TB/s); the best of 24 + 24 tiles was within 1% of this.
-GATE_UP_TILE = dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
-DOWN_TILE = dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
-
-# Busier experts (batches of 4 and 8 canvases) want 128-row tiles and 8 warps. A sweep of 32 + 48 tiles on an H200
-# (2026-11-27, one layer's 26b-a4b experts, bf16): 1024 tokens (64 per expert) 691 us vs 821 us for
-# torch._grouped_mm; 2048 tokens (128 per expert) 970 vs 1117 us. Outputs equal to _grouped_mm's.
-# (max mean assignments per expert, gate_up tile, down tile), first match wins.
-LARGE_TILES = (
-    (64, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
-     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4)),
-    (128, dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
-     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4)),
-)
-
-
-def tiles_for(assignments: int, num_experts: int) -> tuple[dict, dict]:
-    """(gate_up tile, down tile) for a call with this many token-expert assignments."""
-    per_expert = assignments / num_experts
-    if per_expert > 32:
-        for limit, gate_up, down in LARGE_TILES:
-            if per_expert <= limit:
-                return gate_up, down
-    return GATE_UP_TILE, DOWN_TILE
 
 
 def _block_m(assignments: int, num_experts: int) -> int:
