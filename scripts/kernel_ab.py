@@ -1,4 +1,5 @@
-"""A/B of the fused Triton kernels (MoE experts, q/k norm + RoPE) on the full-size model, in one process.
+"""A/B of the fused kernels (MoE experts, q/k norm + RoPE, mask-free decoder attention on sliding layers) on the
+full-size model, in one process: `model.set_kernel_devices` switches all of them.
 
     python scripts/kernel_ab.py [--preset 26b-a4b] [--batches 1,2,8] [--prefix 1024]
 

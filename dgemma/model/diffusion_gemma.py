@@ -94,7 +94,8 @@ class DiffusionGemma(nn.Module):
                              persistent=False)
 
     def set_kernel_devices(self, devices: tuple[str, ...]) -> None:
-        """Device types on which attention and experts may run their fused Triton kernels (() = eager ops only).
+        """Device types on which attention and experts may run their fused kernels (() = eager ops only): the
+        Triton MoE and q/k norm+RoPE kernels, and flash attention without a mask for decoder canvases.
 
         The kernels serve inference on CUDA by default; training turns them off, and tests compare both paths
         (adding "cpu" runs them under TRITON_INTERPRET=1).
