@@ -14,9 +14,10 @@ eager path (gate and up rounded to the activation dtype before the gelu product)
 product: results agree with torch._grouped_mm within bf16 tolerance, not bit for bit.
 
 Measured (scripts/moe_kernel_sweep.py, H200, one layer's 26b-a4b experts, bf16, 2026-11-27): 256 tokens 505 us
-(3.01 TB/s) vs 661 us for experts_grouped; 512 tokens 507 vs 681 us; 1024 tokens 841 vs 815 us; 2048 tokens
-1359 vs 1102 us. So it pays up to ~32 assignments per expert (batch <= 2 of a 256-token canvas):
-`dgemma.model.moe.use_fused_moe` routes inference calls up to that size here.
+(3.01 TB/s) vs 661 us for experts_grouped; 512 tokens 507 vs 681 us. With the small-load tiles it lost from 1024
+tokens on (841 vs 815 us); 128-row tiles for busier experts (`moe_tiles.py`) win there too: 1024 tokens 691 vs
+821 us, 2048 tokens 970 vs 1117 us. `dgemma.model.moe.use_fused_moe` routes inference calls of up to 128
+assignments per expert (batches of up to 8 canvases) here.
 
 The Triton interpreter (TRITON_INTERPRET=1) runs these kernels on a CPU in float16 and float32 only: it
 multiplies bfloat16 tiles as their raw 16-bit integers in `tl.dot`, so bfloat16 is checked on a GPU.
