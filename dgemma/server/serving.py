@@ -528,6 +528,47 @@ class _Run:
         err = APIError(503, str(exc), code="engine_dead")
         return sse(err.body())
 
+    def _feed(self, u):
+        """What a committed or finished update adds to its choice; records the stats and finish reason of the last."""
+        choice = self.choices[u.index]
+        added = choice.feed(u.new_token_ids, u.finished)
+        if u.finished:
+            self.stats[u.index] = u.stats
+            self.reasons[u.index] = choice.finish_reason(u.finish_reason)
+        return added
+
+    async def _fed(self) -> AsyncIterator[tuple[int, Any]]:
+        """(choice index, what it adds) for every committed or finished update; an engine failure is a 503."""
+        try:
+            async for u in self.group:
+                if u.committed or u.finished:
+                    yield u.index, self._feed(u)
+        except EngineDeadError as exc:
+            raise APIError(503, str(exc), code="engine_dead") from None
+
+    async def _stream(self, chunk, include_usage: bool, field: str, empty: Any, render) -> AsyncIterator[str]:
+        """The event stream both APIs send: a chunk per update, `field` holding render(what the update adds)
+        (`empty` for a draft-only update), then usage if asked and [DONE]; an engine failure ends it with an error."""
+        try:
+            async for u in self.group:
+                entry: dict[str, Any] = {"index": u.index, field: empty, "logprobs": None, "finish_reason": None}
+                if u.committed or u.finished:
+                    entry[field] = render(self._feed(u))
+                    if u.finished:
+                        entry["finish_reason"] = self.reasons[u.index]
+                    elif not entry[field] and not self.include_drafts:
+                        continue
+                if self.include_drafts:
+                    entry["draft"] = self.draft(u)
+                yield chunk([entry])
+        except EngineDeadError as exc:
+            yield self.error_chunk(exc)
+            yield sse("[DONE]")
+            return
+        if include_usage:
+            yield chunk([], self.usage())
+        yield sse("[DONE]")
+
 
 class _ChatRun(_Run):
     choices: list[ChatChoice]
@@ -548,45 +589,16 @@ class _ChatRun(_Run):
                                                              usage_))
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(len(self.choices))])
-        try:
-            async for u in self.group:
-                entry: dict[str, Any] = {"index": u.index, "delta": {}, "logprobs": None, "finish_reason": None}
-                if u.committed or u.finished:
-                    choice = self.choices[u.index]
-                    entry["delta"] = self._delta_json(choice.feed(u.new_token_ids, u.finished))
-                    if u.finished:
-                        self.stats[u.index] = u.stats
-                        entry["finish_reason"] = choice.finish_reason(u.finish_reason)
-                    elif not entry["delta"] and not self.include_drafts:
-                        continue
-                if self.include_drafts:
-                    entry["draft"] = self.draft(u)
-                yield chunk([entry])
-        except EngineDeadError as exc:
-            yield self.error_chunk(exc)
-            yield sse("[DONE]")
-            return
-        if include_usage:
-            yield chunk([], self.usage())
-        yield sse("[DONE]")
+        async for line in self._stream(chunk, include_usage, "delta", {}, self._delta_json):
+            yield line
 
     async def collect(self) -> dict:
         parts = [Delta() for _ in self.choices]
-        try:
-            async for u in self.group:
-                if not (u.committed or u.finished):
-                    continue
-                choice = self.choices[u.index]
-                d = choice.feed(u.new_token_ids, u.finished)
-                acc = parts[u.index]
-                acc.reasoning += d.reasoning
-                acc.content += d.content
-                acc.tool_calls += d.tool_calls
-                if u.finished:
-                    self.stats[u.index] = u.stats
-                    self.reasons[u.index] = choice.finish_reason(u.finish_reason)
-        except EngineDeadError as exc:
-            raise APIError(503, str(exc), code="engine_dead") from None
+        async for i, d in self._fed():
+            acc = parts[i]
+            acc.reasoning += d.reasoning
+            acc.content += d.content
+            acc.tool_calls += d.tool_calls
         out = []
         for i, (choice, acc) in enumerate(zip(self.choices, parts)):
             calls = [{k: v for k, v in c.items() if k != "index"} for c in acc.tool_calls]
@@ -605,41 +617,13 @@ class _CompletionRun(_Run):
     async def stream(self, include_usage: bool) -> AsyncIterator[str]:
         chunk = lambda choices, usage_=None: sse(P.completion_chunk(self.response_id, self.model, self.created,  # noqa: E731
                                                                    choices, usage_))
-        try:
-            async for u in self.group:
-                entry: dict[str, Any] = {"index": u.index, "text": "", "logprobs": None, "finish_reason": None}
-                if u.committed or u.finished:
-                    choice = self.choices[u.index]
-                    entry["text"] = choice.feed(u.new_token_ids, u.finished)
-                    if u.finished:
-                        self.stats[u.index] = u.stats
-                        entry["finish_reason"] = choice.finish_reason(u.finish_reason)
-                    elif not entry["text"] and not self.include_drafts:
-                        continue
-                if self.include_drafts:
-                    entry["draft"] = self.draft(u)
-                yield chunk([entry])
-        except EngineDeadError as exc:
-            yield self.error_chunk(exc)
-            yield sse("[DONE]")
-            return
-        if include_usage:
-            yield chunk([], self.usage())
-        yield sse("[DONE]")
+        async for line in self._stream(chunk, include_usage, "text", "", lambda text: text):
+            yield line
 
     async def collect(self) -> dict:
         texts = [""] * len(self.choices)
-        try:
-            async for u in self.group:
-                if not (u.committed or u.finished):
-                    continue
-                choice = self.choices[u.index]
-                texts[u.index] += choice.feed(u.new_token_ids, u.finished)
-                if u.finished:
-                    self.stats[u.index] = u.stats
-                    self.reasons[u.index] = choice.finish_reason(u.finish_reason)
-        except EngineDeadError as exc:
-            raise APIError(503, str(exc), code="engine_dead") from None
+        async for i, text in self._fed():
+            texts[i] += text
         out = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": self.reasons[i]}
                for i in range(len(self.choices))]
         return P.completion_response(self.response_id, self.model, self.created, out, self.usage())
