@@ -65,3 +65,46 @@ def build_reference(spec: TinySpec, seed: int = 0):
                 b.copy_(0.7 + 0.6 * torch.rand_like(b))
         model.model.decoder.embed_tokens.weight.normal_(0.0, spec.embed_std)
     return model
+
+
+def reference_prefix(reference, ids_chunks):
+    """The reference's cache after encoding the chunks [1, n] one after another."""
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache(config=reference.config.get_text_config())
+    with torch.no_grad():
+        for ids in ids_chunks:
+            reference.model.encoder(input_ids=ids, past_key_values=cache)
+    return cache
+
+
+def our_prefix(model, ids_chunks, capacity=256):
+    """(our cache, its length) after encoding the chunks [1, n] one after another into row 0."""
+    from dgemma.model.attention import AttentionBatch
+    from dgemma.model.kv_cache import KVCache
+
+    cache = KVCache(model.config, 1, capacity, torch.float32, torch.device("cpu"))
+    done = 0
+    with torch.no_grad():
+        for ids in ids_chunks:
+            n = ids.shape[1]
+            batch = AttentionBatch.for_encoder([0], [done], [n], model.config.sliding_window, cache)
+            model.encode(ids, batch, cache)
+            done += n
+    return cache, done
+
+
+def decoder_logits(ours, reference, ids_chunks, canvas, sc_logits=None, capacity=256):
+    """(our logits, the reference's) of one denoising forward of canvas [1, C] after the encoded chunks,
+    self-conditioned on sc_logits [1, C, V] (None: the first step's zero signal). float32, CPU."""
+    from dgemma.model.attention import AttentionBatch
+
+    with torch.no_grad():
+        ref = reference(decoder_input_ids=canvas, past_key_values=reference_prefix(reference, ids_chunks),
+                        self_conditioning_logits=sc_logits).logits
+        cache, length = our_prefix(ours, ids_chunks, capacity)
+        cfg = ours.config
+        batch = AttentionBatch.for_decoder([0], [length], cfg.canvas_length, cfg.sliding_window, cache)
+        soft = ours.soft_embedding(sc_logits) if sc_logits is not None else None
+        logits = ours.decode(canvas, batch, cache, soft)
+    return logits, ref

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from reference import SPECS, build_reference
+from reference import SPECS, build_reference, decoder_logits, our_prefix, reference_prefix
 
 from dgemma.checkpoint.loader import load_model
 from dgemma.engine.engine import Engine
@@ -52,28 +52,6 @@ def confident_pair(request, tmp_path_factory):
     return _pair(replace(request.param, embed_std=3.0), tmp_path_factory, eos_boost=1.6)
 
 
-def reference_prefix(reference, ids_chunks):
-    from transformers.cache_utils import DynamicCache
-
-    cache = DynamicCache(config=reference.config.get_text_config())
-    with torch.no_grad():
-        for ids in ids_chunks:
-            reference.model.encoder(input_ids=ids, past_key_values=cache)
-    return cache
-
-
-def our_prefix(model, ids_chunks, capacity=256):
-    cache = KVCache(model.config, 1, capacity, torch.float32, torch.device("cpu"))
-    done = 0
-    with torch.no_grad():
-        for ids in ids_chunks:
-            n = ids.shape[1]
-            batch = AttentionBatch.for_encoder([0], [done], [n], model.config.sliding_window, cache)
-            model.encode(ids, batch, cache)
-            done += n
-    return cache, done
-
-
 def random_ids(spec, length, seed):
     return torch.randint(3, spec.vocab, (1, length), generator=torch.Generator().manual_seed(seed))
 
@@ -100,13 +78,7 @@ def test_decoder_logits_match_reference_after_two_encoded_chunks(pair, self_cond
     chunks = [random_ids(spec, 2 * spec.window + 3, 2), random_ids(spec, spec.canvas, 3)]
     canvas = random_ids(spec, spec.canvas, 4)
     sc_logits = 4 * torch.randn(1, spec.canvas, spec.vocab, generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        ref = reference(decoder_input_ids=canvas, past_key_values=reference_prefix(reference, chunks),
-                        self_conditioning_logits=sc_logits if self_conditioning else None).logits
-        cache, length = our_prefix(ours, chunks)
-        batch = AttentionBatch.for_decoder([0], [length], spec.canvas, spec.window, cache)
-        soft = ours.soft_embedding(sc_logits) if self_conditioning else None
-        logits = ours.decode(canvas, batch, cache, soft)
+    logits, ref = decoder_logits(ours, reference, chunks, canvas, sc_logits if self_conditioning else None)
     assert logits.dtype == torch.float32 and logits.shape == ref.shape
     assert (logits - ref).abs().max() < LOGIT_TOL
 

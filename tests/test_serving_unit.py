@@ -91,9 +91,10 @@ def chat(serving, body) -> dict:
     return asyncio.run(go())
 
 
-def chat_stream(serving, body) -> list[dict]:
+def events(endpoint, body) -> list[dict]:
+    """The events a streamed call of `endpoint` (serving.chat or serving.completions) sends before [DONE]."""
     async def go():
-        stream = await serving.chat({**body, "stream": True}, _never)
+        stream = await endpoint({**body, "stream": True}, _never)
         try:
             return [line async for line in stream.lines]
         finally:
@@ -101,18 +102,14 @@ def chat_stream(serving, body) -> list[dict]:
     lines = asyncio.run(go())
     assert lines[-1] == "data: [DONE]\n\n"
     return [json.loads(line[len("data: "):]) for line in lines[:-1]]
+
+
+def chat_stream(serving, body) -> list[dict]:
+    return events(serving.chat, body)
 
 
 def completion_stream(serving, body) -> list[dict]:
-    async def go():
-        stream = await serving.completions({**body, "stream": True}, _never)
-        try:
-            return [line async for line in stream.lines]
-        finally:
-            stream.close()
-    lines = asyncio.run(go())
-    assert lines[-1] == "data: [DONE]\n\n"
-    return [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    return events(serving.completions, body)
 
 
 USER = [{"role": "user", "content": "Weather in Paris?"}]

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from reference import decoder_logits
 
 from dgemma.default_model import shipped_model_path
 
@@ -78,10 +79,6 @@ def test_shipped_model_thinks_in_thinking_mode(llm):
 def test_shipped_checkpoint_gives_the_reference_logits(path, llm):
     """transformers loads the shipped checkpoint and computes the same decoder logits (float32, within 1e-4)."""
     from transformers import DiffusionGemmaForBlockDiffusion
-    from transformers.cache_utils import DynamicCache
-
-    from dgemma.model.attention import AttentionBatch
-    from dgemma.model.kv_cache import KVCache
 
     ours, cfg = llm.model, llm.config
     reference = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.float32).eval()
@@ -89,15 +86,7 @@ def test_shipped_checkpoint_gives_the_reference_logits(path, llm):
     assert ids.shape[1] > cfg.sliding_window
     canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=torch.Generator().manual_seed(0))
     sc_logits = 3 * torch.randn(1, cfg.canvas_length, cfg.vocab_size, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref_cache = DynamicCache(config=reference.config.get_text_config())
-        reference.model.encoder(input_ids=ids, past_key_values=ref_cache)
-        ref = reference(decoder_input_ids=canvas, past_key_values=ref_cache, self_conditioning_logits=sc_logits).logits
-        cache = KVCache(cfg, 1, 512, torch.float32, torch.device("cpu"))
-        n = ids.shape[1]
-        ours.encode(ids, AttentionBatch.for_encoder([0], [0], [n], cfg.sliding_window, cache), cache)
-        logits = ours.decode(canvas, AttentionBatch.for_decoder([0], [n], cfg.canvas_length, cfg.sliding_window, cache),
-                             cache, ours.soft_embedding(sc_logits))
+    logits, ref = decoder_logits(ours, reference, [ids], canvas, sc_logits, capacity=512)
     # Trained logits reach ~30 (the softcap); float32 rounding of two summation orders stays well under 1e-4 there.
     assert (logits - ref).abs().max() < 1e-4
 

@@ -13,6 +13,7 @@ import re
 
 import pytest
 import torch
+from reference import decoder_logits
 
 from dgemma.chat_format import parse_tool_calls
 from dgemma.cli import main
@@ -192,11 +193,8 @@ def test_tiny_training_run_loss_falls_clearly(trained):
 def test_export_loads_in_dgemma_and_the_reference_with_the_same_logits(trained):
     """The exported (bfloat16) checkpoint read by both, in float32: logits within 1e-4 (rounding only)."""
     from transformers import DiffusionGemmaForBlockDiffusion
-    from transformers.cache_utils import DynamicCache
 
     from dgemma.checkpoint.loader import load_model
-    from dgemma.model.attention import AttentionBatch
-    from dgemma.model.kv_cache import KVCache
 
     result, _ = trained
     ours, _, _ = load_model(result.out_dir, "float32", "cpu")
@@ -207,15 +205,7 @@ def test_export_loads_in_dgemma_and_the_reference_with_the_same_logits(trained):
     assert ids.shape[1] > cfg.sliding_window  # the prompt crosses the window
     canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=torch.Generator().manual_seed(0))
     sc_logits = 3 * torch.randn(1, cfg.canvas_length, cfg.vocab_size, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref_cache = DynamicCache(config=reference.config.get_text_config())
-        reference.model.encoder(input_ids=ids, past_key_values=ref_cache)
-        ref = reference(decoder_input_ids=canvas, past_key_values=ref_cache, self_conditioning_logits=sc_logits).logits
-        cache = KVCache(cfg, 1, 256, torch.float32, torch.device("cpu"))
-        n = ids.shape[1]
-        ours.encode(ids, AttentionBatch.for_encoder([0], [0], [n], cfg.sliding_window, cache), cache)
-        logits = ours.decode(canvas, AttentionBatch.for_decoder([0], [n], cfg.canvas_length, cfg.sliding_window, cache),
-                             cache, ours.soft_embedding(sc_logits))
+    logits, ref = decoder_logits(ours, reference, [ids], canvas, sc_logits)
     assert (logits - ref).abs().max() < 1e-4
 
 
