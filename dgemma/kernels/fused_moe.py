@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from dgemma.kernels.moe_tiles import tiles_for
+from dgemma.model.moe import group_by_expert
 
 
 @triton.jit
@@ -153,13 +154,8 @@ def fused_moe_triton(
     if not (x.is_contiguous() and gate_up.is_contiguous() and down.is_contiguous()):
         raise ValueError("fused_moe needs contiguous x, gate_up and down")
     k = experts.shape[1]
-    flat = experts.reshape(-1)  # [N*K]
-    order = torch.argsort(flat, stable=True)  # sorted slot -> token-major assignment index
-    token_of = order // k  # [N*K]
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=x.device).scatter_add_(
-        0, flat, torch.ones_like(flat, dtype=torch.int32))
-    ends = torch.cumsum(counts, 0, dtype=torch.int32)  # [E] group ends, on the device
-    assignments = flat.numel()
+    order, token_of, ends = group_by_expert(experts, num_experts)  # ends: [E] group ends, on the device
+    assignments = order.numel()
     block_m = _block_m(assignments, num_experts)
 
     hidden_act = torch.empty((assignments, inter), dtype=x.dtype, device=x.device)  # expert-sorted

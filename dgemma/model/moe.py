@@ -32,6 +32,20 @@ class Router(nn.Module):
         return weights * self.per_expert_scale[experts], experts
 
 
+def group_by_expert(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The token-expert assignments grouped by expert (stable: token order within an expert), with no host sync.
+
+    experts: [N, K] -> order [N*K] (sorted slot -> token-major assignment index), token_of [N*K] (the token of each
+    sorted slot), ends [E] int32 (one past each expert's last slot).
+    """
+    flat = experts.reshape(-1)  # [N*K]
+    order = torch.argsort(flat, stable=True)
+    # bincount would size its output from the data (a host sync); scatter_add keeps a step capturable.
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=experts.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))
+    return order, order // experts.shape[1], torch.cumsum(counts, 0, dtype=torch.int32)
+
+
 def experts_loop(
     x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
 ) -> torch.Tensor:
@@ -41,20 +55,14 @@ def experts_loop(
     Tokens are sorted by expert so each expert's weights are read once per call. This is the portable
     path (CPU, and any GPU); the grouped-GEMM path replaces it where available.
     """
-    n_tokens, k = experts.shape
-    flat = experts.reshape(-1)  # [N*K]
-    order = torch.argsort(flat, stable=True)  # assignments grouped by expert
-    token_of = order // k  # [N*K] token index of each sorted assignment
-    counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
+    order, token_of, ends = group_by_expert(experts, gate_up.shape[0])
     xs = x[token_of]  # [N*K, H]
     out = torch.empty_like(xs)
     start = 0
-    for e, count in enumerate(counts):
-        if count == 0:
-            continue
-        end = start + count
-        gate, up = F.linear(xs[start:end], gate_up[e]).chunk(2, dim=-1)  # [n, I] each
-        out[start:end] = F.linear(F.gelu(gate, approximate="tanh") * up, down[e])
+    for e, end in enumerate(ends.tolist()):  # the loop needs the group sizes on the host
+        if end > start:
+            gate, up = F.linear(xs[start:end], gate_up[e]).chunk(2, dim=-1)  # [n, I] each
+            out[start:end] = F.linear(F.gelu(gate, approximate="tanh") * up, down[e])
         start = end
     return combine(out, order, weights, x.dtype)
 
@@ -65,14 +73,7 @@ def experts_grouped(
     """Routed experts as two grouped matrix products: every expert's weights are read once, with no host sync
     (group offsets stay on the device), so the step can be captured in a CUDA graph. Same shapes as `experts_loop`.
     """
-    n_tokens, k = experts.shape
-    flat = experts.reshape(-1)  # [N*K]
-    order = torch.argsort(flat, stable=True)
-    token_of = order // k
-    # bincount would size its output from the data (a host sync); scatter_add keeps the step capturable.
-    counts = torch.zeros(gate_up.shape[0], dtype=torch.int32, device=x.device).scatter_add_(
-        0, flat, torch.ones_like(flat, dtype=torch.int32))
-    offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # [E] group ends
+    order, token_of, offsets = group_by_expert(experts, gate_up.shape[0])  # offsets: [E] group ends
     xs = x[token_of]  # [N*K, H], grouped by expert
     gate, up = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)  # [N*K, I] each
     out = torch._grouped_mm(F.gelu(gate, approximate="tanh") * up, down.transpose(1, 2), offs=offsets)  # [N*K, H]
