@@ -9,10 +9,10 @@ import argparse
 
 import torch
 
+from dgemma.bench.measure import encoded_prefix
 from dgemma.checkpoint.random_init import build_random_model
 from dgemma.kernels.fused_sampler import fused_sample
 from dgemma.model.attention import AttentionBatch
-from dgemma.model.kv_cache import KVCache
 
 
 def gpu_ms(fn, repeats=5):
@@ -52,11 +52,9 @@ def main():
     model = build_random_model("26b-a4b", "bfloat16", "cuda")
     cfg = model.config
     for b in [int(x) for x in args.batches.split(",")]:
-        cache = KVCache(cfg, b, args.prefix + 2 * cfg.canvas_length, model.dtype, model.device)
+        cache = encoded_prefix(model, b, args.prefix, args.prefix + 2 * cfg.canvas_length)
         rows = list(range(b))
         with torch.no_grad():
-            ids = torch.randint(3, cfg.vocab_size, (b, args.prefix), device="cuda")
-            model.encode(ids, AttentionBatch.for_encoder(rows, [0] * b, [args.prefix] * b, cfg.sliding_window, cache), cache)
             canvas = torch.randint(0, cfg.vocab_size, (b, cfg.canvas_length), device="cuda")
             soft = torch.zeros(b, cfg.canvas_length, cfg.hidden_size, dtype=model.dtype, device="cuda")
             attn = AttentionBatch.for_decoder(rows, [args.prefix] * b, cfg.canvas_length, cfg.sliding_window, cache)

@@ -14,20 +14,18 @@ import argparse
 
 import torch
 
-from dgemma.bench.measure import copy_bandwidth_gbps, decoder_step_ms, prefill_ms, timed_ms, weight_bytes
+from dgemma.bench.measure import (copy_bandwidth_gbps, decoder_step_ms, encoded_prefix, prefill_ms, timed_ms,
+                                  weight_bytes)
 from dgemma.checkpoint.random_init import build_random_model
 from dgemma.model.attention import AttentionBatch
-from dgemma.model.kv_cache import KVCache
 
 
 @torch.no_grad()
 def one_forward(model, prefix: int, batch: int) -> torch.Tensor:
     cfg = model.config
     gen = torch.Generator(device="cuda").manual_seed(0)
-    cache = KVCache(cfg, batch, prefix + cfg.canvas_length, model.dtype, model.device)
+    cache = encoded_prefix(model, batch, prefix, prefix + cfg.canvas_length, generator=gen)
     rows = list(range(batch))
-    ids = torch.randint(3, cfg.vocab_size, (batch, prefix), device="cuda", generator=gen)
-    model.encode(ids, AttentionBatch.for_encoder(rows, [0] * batch, [prefix] * batch, cfg.sliding_window, cache), cache)
     canvas = torch.randint(0, cfg.vocab_size, (batch, cfg.canvas_length), device="cuda", generator=gen)
     attn = AttentionBatch.for_decoder(rows, [prefix] * batch, cfg.canvas_length, cfg.sliding_window, cache)
     return model.decode(canvas, attn, cache).float()  # [B, C, V]
@@ -36,10 +34,8 @@ def one_forward(model, prefix: int, batch: int) -> torch.Tensor:
 @torch.no_grad()
 def ar_token_ms(model, prefix: int) -> float:
     cfg = model.config
-    cache = KVCache(cfg, 1, prefix + 8, model.dtype, model.device)
-    ids = torch.randint(3, cfg.vocab_size, (1, prefix), device="cuda")
-    model.encode(ids, AttentionBatch.for_encoder([0], [0], [prefix], cfg.sliding_window, cache), cache)
-    token = ids[:, :1]
+    cache = encoded_prefix(model, 1, prefix, prefix + 8)
+    token = torch.randint(3, cfg.vocab_size, (1, 1), device="cuda")
 
     def step():
         attn = AttentionBatch.for_encoder([0], [prefix], [1], cfg.sliding_window, cache)

@@ -10,9 +10,9 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from dgemma.bench.measure import encoded_prefix
 from dgemma.checkpoint.random_init import build_random_model
 from dgemma.model.attention import AttentionBatch
-from dgemma.model.kv_cache import KVCache
 from dgemma.sampling.entropy_bound import EntropyBoundSampler
 
 
@@ -25,11 +25,9 @@ def main() -> None:
     args = p.parse_args()
     model = build_random_model(args.preset, "bfloat16", "cuda")
     cfg, b = model.config, args.batch
-    cache = KVCache(cfg, b, args.prefix + cfg.canvas_length + 8, model.dtype, model.device)
+    cache = encoded_prefix(model, b, args.prefix, args.prefix + cfg.canvas_length + 8)
     rows = list(range(b))
     with torch.no_grad():
-        ids = torch.randint(3, cfg.vocab_size, (b, args.prefix), device="cuda")
-        model.encode(ids, AttentionBatch.for_encoder(rows, [0] * b, [args.prefix] * b, cfg.sliding_window, cache), cache)
         canvas = torch.randint(0, cfg.vocab_size, (b, cfg.canvas_length), device="cuda")
         soft = torch.zeros(b, cfg.canvas_length, cfg.hidden_size, dtype=model.dtype, device="cuda")
         sampler = EntropyBoundSampler()

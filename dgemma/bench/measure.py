@@ -64,6 +64,23 @@ def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]
 
 
 @torch.no_grad()
+def encoded_prefix(model: DiffusionGemma, rows: int, prefix_len: int, capacity: int, max_write: int | None = None,
+                   generator: torch.Generator | None = None) -> KVCache:
+    """A cache of `rows` rows, each holding a random prompt of `prefix_len` tokens encoded in chunks of at most
+    `max_write` tokens (one forward when None; a cache with `max_write` keeps sliding rings sized for it)."""
+    device, cfg = model.device, model.config
+    cache = KVCache(cfg, rows, capacity, model.dtype, device, max_write_tokens=max_write)
+    ids = torch.randint(3, cfg.vocab_size, (rows, prefix_len), device=device, generator=generator)
+    chunk = max_write or prefix_len
+    for start in range(0, prefix_len, chunk):
+        n = min(chunk, prefix_len - start)
+        model.encode(ids[:, start : start + n],
+                     AttentionBatch.for_encoder(list(range(rows)), [start] * rows, [n] * rows, cfg.sliding_window,
+                                                cache), cache)
+    return cache
+
+
+@torch.no_grad()
 def decoder_step_ms(model: DiffusionGemma, batch: int, prefix_len: int, repeats: int = 5,
                     forward_only: bool = False, chunk: int = SchedulerConfig.max_prefill_tokens) -> float:
     """One whole denoising step (decoder forward, sampler, self-conditioning input) for `batch` canvases;
@@ -72,14 +89,9 @@ def decoder_step_ms(model: DiffusionGemma, batch: int, prefix_len: int, repeats:
     The cache is the engine's for an encoder budget of `chunk` tokens per step (the serving default): the prefix
     is encoded in chunks of that many tokens, and sliding layers keep a ring sized for them."""
     device, cfg = model.device, model.config
-    write = max_write_tokens(cfg.canvas_length, chunk)
-    cache = KVCache(cfg, batch, prefix_len + cfg.canvas_length, model.dtype, device, max_write_tokens=write)
+    cache = encoded_prefix(model, batch, prefix_len, prefix_len + cfg.canvas_length,
+                           max_write_tokens(cfg.canvas_length, chunk))
     rows = list(range(batch))
-    ids = torch.randint(3, cfg.vocab_size, (batch, prefix_len), device=device)
-    for start in range(0, prefix_len, write):
-        n = min(write, prefix_len - start)
-        model.encode(ids[:, start : start + n],
-                     AttentionBatch.for_encoder(rows, [start] * batch, [n] * batch, cfg.sliding_window, cache), cache)
     canvas = torch.randint(0, cfg.vocab_size, (batch, cfg.canvas_length), device=device)
     soft = torch.zeros(batch, cfg.canvas_length, cfg.hidden_size, dtype=model.dtype, device=device)
     attn = AttentionBatch.for_decoder(rows, [prefix_len] * batch, cfg.canvas_length, cfg.sliding_window, cache)
