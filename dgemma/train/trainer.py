@@ -626,8 +626,8 @@ class Trainer:
             return done
 
         def read_window() -> None:
-            skipped = int(torch.stack(window.pop("skipped")).sum()) if window["skipped"] else 0
-            window["skipped"] = []
+            skipped = int(torch.stack(window["skipped"]).sum()) if window["skipped"] else 0
+            window["skipped"].clear()  # a count, not a mean: the loop below then passes over it
             if skipped:
                 counters["skipped_steps"] = counters.get("skipped_steps", 0) + skipped
                 log.warning("%d of the last steps had non-finite gradients and were skipped (%d in all); "
