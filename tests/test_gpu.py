@@ -264,3 +264,116 @@ def test_decoder_attention_without_a_mask_matches_masked_attention_on_gpu(config
     masked, flash = decoder_attention_kernel_off_and_on(model, layer, rows, prefixes)
     assert calls["n"] == 1
     assert rel_err(flash, masked) < 4 * torch.finfo(torch.bfloat16).eps, rel_err(flash, masked)
+
+
+# A committed canvas encoded by the next canvas's first denoising forward (tests/test_fused_canvas_encode.py on CPU).
+
+
+def test_cuda_graph_engine_fuses_canvas_encodes_and_stays_reproducible():
+    """Three requests in lock-step start their second and third canvases with the fused graph.
+
+    Tokens are not compared with the unfused engine beyond the first canvas: in bf16 the fused forward rounds
+    differently (matmuls over 2C rows may pick other kernels, and masked attention replaces the mask-free canvas
+    attention on sliding layers), a random model amplifies rounding (bf16 alone moves ~45% of its argmaxes away
+    from float32), and one flipped token changes every later step of a generation. What must agree exactly: the
+    first canvas, which no fused step touches, and a fused run with itself. The next test checks the fused step's
+    accuracy against float32."""
+    from dgemma.engine.engine import Engine
+    from dgemma.engine.request import Request
+    from dgemma.engine.scheduler import SchedulerConfig
+    from dgemma.sampling.params import SamplingParams
+
+    model = build_random_model("tiny", "bfloat16", "cuda", seed=3, scale=InitScale(embed_std=3.0, perturb=0.1))
+    params = SamplingParams(max_new_tokens=96, max_denoising_steps=8, ignore_eos=True, adaptive_stopping=False)
+
+    def generate(fuse: bool):
+        engine = Engine(model, SchedulerConfig(max_num_seqs=4, max_model_len=512, canvas_length=32),
+                        fuse_canvas_encode=fuse)
+        assert engine.canvas_encoder is not None and engine.fuse_canvas_encode == fuse
+        reqs = [Request(str(i), list(range(5 + i, 45 + i)), params.with_overrides(seed=i)) for i in range(3)]
+        for r in reqs:
+            engine.add_request(r)
+        fused_steps = []
+        while engine.has_work:
+            engine.step()
+            if engine.last_step.fused_encodes:
+                fused_steps.append(engine.last_step.fused_encodes)
+        assert all(len(r.output_ids) == 96 and r.stats.forwards_per_canvas == [8, 8, 8] for r in reqs)
+        return [r.output_ids for r in reqs], fused_steps
+
+    first, fused_steps = generate(True)
+    again, _ = generate(True)
+    plain, plain_fused_steps = generate(False)
+    assert fused_steps == [3, 3] and plain_fused_steps == []
+    assert first == again
+    assert [out[:32] for out in first] == [out[:32] for out in plain]
+
+
+def test_fused_graph_step_is_as_accurate_as_the_encoder_and_denoiser_graphs_on_gpu():
+    """The first step of a canvas after a committed one, replayed as CUDA graphs in bf16: the fused graph, and the
+    encoder graph then the denoiser graph, each against float32 (same weights, eager). As for the fused kernels,
+    the two bf16 paths are compared through their distance to float32: the committed tokens' keys in the cache
+    (relative L2) and the step's argmax, pooled over 4 draws of 3 rows (384 positions: a binomial standard error
+    of ~0.025, so a slack of 0.1 is 4 errors; a wrong scalar, bound or row gives near-random argmaxes)."""
+    from dgemma.engine.cuda_graphs import GraphedDenoiser, GraphedEncoder
+    from dgemma.model.attention import AttentionBatch
+    from dgemma.model.kv_cache import KVCache
+
+    config, scale = TINY
+    c, w, device = config.canvas_length, config.sliding_window, torch.device("cuda")
+    rows = [0, 1, 2]
+    gen = torch.Generator().manual_seed(0)
+    draws = []
+    for _ in range(4):
+        prefixes = torch.randint(w + 1, 3 * w, (3,), generator=gen).tolist()  # longer than the window
+        prompts = [torch.randint(3, config.vocab_size, (p,), generator=gen) for p in prefixes]
+        committed = torch.randint(3, config.vocab_size, (3, c), generator=gen)  # [3, C]
+        canvas = torch.randint(0, config.vocab_size, (3, c), generator=gen)  # [3, C]
+        draws.append((prefixes, prompts, committed, canvas))
+    capacity = 3 * w + 2 * c
+
+    def encode_prompts(model, cache, prompts):
+        for row, ids in zip(rows, prompts):
+            model.encode(ids[None].to(device), AttentionBatch.for_encoder([row], [0], [len(ids)], w, cache), cache)
+
+    def committed_keys(cache, prefixes) -> torch.Tensor:  # every layer's keys of the committed canvases, flat
+        return torch.cat([cache.keys[layer][row, p : p + c].float().flatten()
+                          for layer in range(config.num_layers) for row, p in zip(rows, prefixes)])
+
+    model = build_random_model(config, "float32", "cuda", seed=1, scale=scale)
+    set_kernel_devices(model, ())
+    truth = []
+    with torch.no_grad():
+        for prefixes, prompts, committed, canvas in draws:
+            cache = KVCache(config, 3, capacity, torch.float32, device)
+            encode_prompts(model, cache, prompts)
+            model.encode(committed.to(device), AttentionBatch.for_encoder(rows, prefixes, [c] * 3, w, cache), cache)
+            batch = AttentionBatch.for_decoder(rows, [p + c for p in prefixes], c, w, cache)
+            truth.append((model.decode(canvas.to(device), batch, cache).argmax(-1), committed_keys(cache, prefixes)))
+    model = model.to(torch.bfloat16)
+    model.reset_buffers(device)
+    set_kernel_devices(model, ("cuda",))
+    knobs = [(1.0, 0.1, 0.0, 7 + row, 1, 1) for row in rows]  # greedy
+    report = {}
+    with torch.no_grad():  # as the engine's steps run (the kernels serve inference only)
+        for fused in (False, True):
+            cache = KVCache(config, 3, capacity, torch.bfloat16, device)
+            denoiser = GraphedDenoiser(model, cache, [3], fuse_canvas_encode=fused)
+            encoder = GraphedEncoder(model, cache, c, [3])
+            agree, errors = [], []
+            for (prefixes, prompts, committed, canvas), (truth_argmax, truth_keys) in zip(draws, truth):
+                encode_prompts(model, cache, prompts)
+                if not fused:
+                    encoder.run(rows, committed, prefixes)
+                for row, p in zip(rows, prefixes):
+                    denoiser.start_canvas(row, p + c, torch.Generator(device=device).manual_seed(row))
+                denoiser.canvas[:3].copy_(canvas)
+                denoiser.step(rows, knobs, committed if fused else None)
+                agree.append((denoiser.argmax[:3] == truth_argmax).float().mean().item())
+                errors.append(rel_err(committed_keys(cache, prefixes), truth_keys))
+            report["fused" if fused else "separate"] = {"argmax_agree": sum(agree) / len(agree),
+                                                        "keys_rel_err": max(errors)}
+    print(report)
+    fused, separate = report["fused"], report["separate"]
+    assert fused["keys_rel_err"] <= 1.25 * separate["keys_rel_err"] + 2e-3, report
+    assert fused["argmax_agree"] >= separate["argmax_agree"] - 0.1, report

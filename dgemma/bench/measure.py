@@ -179,14 +179,14 @@ def percentile(values: list[float], q: float) -> float:
 @torch.no_grad()
 def run_concurrency(
     model: DiffusionGemma, concurrency: int, requests: int, prompt_len: int, output_len: int, steps: int,
-    seed: int = 0, max_prefill_tokens: int = 8192,
+    seed: int = 0, max_prefill_tokens: int = 8192, fuse_canvas_encode: bool = True,
 ) -> ConcurrencyResult:
     cfg = model.config
     canvases = -(-output_len // cfg.canvas_length)
     engine = Engine(model, SchedulerConfig(
         max_num_seqs=concurrency, max_queue_len=requests, max_prefill_tokens=max_prefill_tokens,
         max_model_len=prompt_len + canvases * cfg.canvas_length, canvas_length=cfg.canvas_length,
-    ))
+    ), fuse_canvas_encode=fuse_canvas_encode)
     params = SamplingParams(max_new_tokens=output_len, max_denoising_steps=steps, ignore_eos=True,
                             adaptive_stopping=False)
     prompts = random_prompts(requests, prompt_len, cfg.vocab_size, seed)

@@ -37,6 +37,9 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=1024)
     p.add_argument("--steps", type=int, default=16, help="denoising steps per canvas")
+    p.add_argument("--no-fuse-canvas-encode", dest="fuse_canvas_encode", action="store_false",
+                   help="encode each committed canvas in a forward of its own, not in the next canvas's first "
+                        "denoising forward (the engine's default; for an A/B)")
     p.add_argument("--ar-output-len", type=int, default=256, help="tokens decoded in AR mode")
     p.add_argument("--compare-reference", action="store_true",
                    help="also run the transformers reference on the same weights (shared tensors) and print ratios")
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         "date": date.today().isoformat(), "command": "dgemma " + " ".join(sys.argv[1:]),
         "model": source, "dtype": str(dtype).replace("torch.", ""),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
+        "torch": torch.__version__, "fuse_canvas_encode": args.fuse_canvas_encode,
     }
     bw = measure.copy_bandwidth_gbps(device)
     wbytes = measure.weight_bytes(model)
@@ -98,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         res["concurrency"] = []
         for c in ints(args.concurrency):
             n = args.requests_per_level or max(4, 2 * c)
-            r = measure.run_concurrency(model, c, n, args.prompt_len, args.output_len, args.steps, seed=args.seed)
+            r = measure.run_concurrency(model, c, n, args.prompt_len, args.output_len, args.steps, seed=args.seed,
+                                        fuse_canvas_encode=args.fuse_canvas_encode)
             res["concurrency"].append(vars(r))
             log(f"concurrency {c}: {r.output_tok_s:.1f} tok/s, decode {r.decode_tok_s:.1f} tok/s, "
                 f"TTFC p50 {r.ttfc_ms_p50:.0f} ms, latency p50 {r.latency_ms_p50:.0f} / p99 {r.latency_ms_p99:.0f} ms")
@@ -118,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
         ref = {"decoder_forward_ms_b1": measure.reference_decoder_step_ms(reference, args.step_prefix, cfg.vocab_size)}
         ref.update(measure.reference_generate_tok_s(reference, args.prompt_len, args.reference_output_len, args.steps,
                                                     cfg.vocab_size, args.seed))
-        ours = measure.run_concurrency(model, 1, 1, args.prompt_len, args.reference_output_len, args.steps, args.seed)
+        ours = measure.run_concurrency(model, 1, 1, args.prompt_len, args.reference_output_len, args.steps, args.seed,
+                                       fuse_canvas_encode=args.fuse_canvas_encode)
         ref["dgemma_output_tok_s_same_protocol"] = ours.output_tok_s
         ref["speedup_end_to_end"] = ours.output_tok_s / ref["output_tok_s"]
         if "decoder_forward_ms_b1" in res:

@@ -5,7 +5,8 @@ Three steps have fixed shapes and are captured:
   * `GraphedDenoiser`: a whole denoising step: decoder forward, LM head in bf16, the fused Triton sampler
     (entropy, argmax, Gumbel sample, noise, self-conditioning probabilities), Entropy Bound acceptance,
     renoising, and the stable-and-confident stop test. Each request's denoising state lives in the static
-    buffers at its cache row, so a step moves nothing but a few per-row scalars host -> device.
+    buffers at its cache row, so a step moves nothing but a few per-row scalars host -> device. A second set of
+    graphs runs the first step of a canvas with the encoding of the canvas committed before it in the same forward.
   * `GraphedEncoder(T)`: the encoder over T tokens per row: T = canvas length encodes committed canvases,
     T = 1 is autoregressive decoding.
 Rows in [0, B) that take no part in a step (free, or encoding a prompt) still run, on garbage, with their cache
@@ -102,16 +103,20 @@ class _RowBounds:
         self.offsets = torch.arange(tokens, device=device)
 
     def set_row(self, row: int, prefix_len: int, window: int, causal: bool) -> None:
-        pos = self.offsets + prefix_len
+        """All the row's tokens are encoder tokens (`causal`) or all one decoder canvas."""
+        self.set_split_row(row, prefix_len, window, self.tokens if causal else 0)
+
+    def set_split_row(self, row: int, prefix_len: int, window: int, causal_tokens: int) -> None:
+        """The row's first `causal_tokens` tokens are encoder tokens: query i sees (i - W, i]. The rest are a
+        decoder canvas after them: it sees the last W-1 positions before it and the whole canvas."""
+        pos = self.offsets + prefix_len  # [T]
+        causal = self.offsets < causal_tokens  # [T]
+        canvas_start = prefix_len + causal_tokens
         self.positions[row].copy_(pos)
         self.write_slots[row].copy_(pos)
         self.written_end[row] = prefix_len + self.tokens
-        if causal:  # encoder: query i sees (i - W, i]
-            self.key_start[row].copy_(pos - window + 1)
-            self.key_end[row].copy_(pos + 1)
-        else:  # decoder: the last W-1 cached positions and the whole canvas
-            self.key_start[row].fill_(prefix_len - (window - 1))
-            self.key_end[row].fill_(prefix_len + self.tokens)
+        self.key_start[row].copy_(torch.where(causal, pos - window + 1, canvas_start - (window - 1)))
+        self.key_end[row].copy_(torch.where(causal, pos + 1, prefix_len + self.tokens))
 
     def deactivate(self, row: int) -> None:
         self.write_slots[row].fill_(self.trash_slot)
@@ -136,12 +141,22 @@ class _RowBounds:
 
 
 class GraphedDenoiser:
-    def __init__(self, model: DiffusionGemma, cache: KVCache, buckets: list[int], pool=None):
+    """A denoising step per bucket; with `fuse_canvas_encode`, a second graph per bucket whose forward also encodes
+    the canvas each row committed just before (`DiffusionGemma.encode_and_decode_hidden`), for the first step of
+    the next canvas. Both sets share the memory pool: they never run at once, and their outputs are static.
+
+    Memory: a fused forward over b rows holds the activations of 2bC tokens, as a plain step over 2b rows would
+    (the LM head and sampler still see bC). Where the full layers' attention scores dominate (long capacities:
+    b x 2C x heads x capacity float32 scores), the pool's peak is about twice the plain set's."""
+
+    def __init__(self, model: DiffusionGemma, cache: KVCache, buckets: list[int], pool=None,
+                 fuse_canvas_encode: bool = False, capture: bool = True):
         cfg, device = model.config, model.device
         self.model, self.cache = model, cache
         n, c = max(buckets), cfg.canvas_length
         cache.check_write(c)
         self.bounds = _RowBounds(n, c, device, cache.trash_slot)
+        self.canvas_start = [0] * n  # per row: the prefix length its current canvas follows
         self.canvas = torch.zeros(n, c, dtype=torch.long, device=device)  # [N, C] current noisy canvas
         self.soft = torch.zeros(n, c, cfg.hidden_size, dtype=model.dtype, device=device)  # [N, C, H]
         self.prev_argmax = torch.full((n, c), -1, dtype=torch.long, device=device)
@@ -156,14 +171,28 @@ class GraphedDenoiser:
         # Outputs.
         self.argmax = torch.zeros(n, c, dtype=torch.long, device=device)
         self.stop = torch.zeros(n, dtype=torch.bool, device=device)
-        self.graphs = _Captured(self._step, buckets, pool)
+        self.graphs = _Captured(self._step, buckets, pool, capture)
+        self.fused_graphs = None
+        if fuse_canvas_encode:
+            cache.check_write(2 * c)
+            # Bounds of the committed canvas and the new canvas after it, live only for the rows of the last fused
+            # step (the others write to the trash slot).
+            self.fused_bounds = _RowBounds(n, 2 * c, device, cache.trash_slot)
+            self.fused_live: set[int] = set()
+            self.committed = torch.zeros(n, c, dtype=torch.long, device=device)  # [N, C] ids the fused step encodes
+            self.fused_graphs = _Captured(lambda b: self._step(b, fused=True), buckets, pool, capture)
 
-    def _step(self, b: int) -> None:
+    def _step(self, b: int, fused: bool = False) -> None:
         from dgemma.kernels.fused_sampler import fused_sample  # Triton: imported only where a GPU step runs
 
         model, cfg = self.model, self.model.config
-        batch = self.bounds.batch(b, self.cache, canvas=True)
-        hidden = model.decode_hidden(self.canvas[:b], batch, self.cache, self.soft[:b])  # [b, C, H]
+        if fused:
+            batch = self.fused_bounds.batch(b, self.cache)
+            hidden = model.encode_and_decode_hidden(self.committed[:b], self.canvas[:b], batch, self.cache,
+                                                    self.soft[:b])  # [b, C, H]
+        else:
+            batch = self.bounds.batch(b, self.cache, canvas=True)
+            hidden = model.decode_hidden(self.canvas[:b], batch, self.cache, self.soft[:b])  # [b, C, H]
         logits = hidden @ model.embed_tokens.weight.T  # [b, C, V] bf16: softcapping happens in the sampler
         entropy, argmax, sample, noise = fused_sample(
             logits, self.temperature[:b], self.seeds[:b], self.greedy[:b], cfg.final_logit_softcapping
@@ -186,13 +215,17 @@ class GraphedDenoiser:
         self.prev_argmax[row].fill_(-1)
         self.stable_steps[row] = 0
         self.bounds.set_row(row, prefix_len, cfg.sliding_window, causal=False)
+        self.canvas_start[row] = prefix_len
 
     def end_canvas(self, row: int) -> None:
         self.bounds.deactivate(row)
 
-    def step(self, rows: list[int], knobs: list[tuple[float, float, float, int, int, int]]) -> int:
+    def step(self, rows: list[int], knobs: list[tuple[float, float, float, int, int, int]],
+             committed: torch.Tensor | None = None) -> int:
         """Run one step for `rows`; knobs per row: (temperature, bound, confidence, seed, greedy, stability).
-        Returns the bucket that ran; results are in `stop` and `argmax`."""
+        `committed` [len(rows), C]: the canvas each row committed just before its current one, at the C positions
+        before it, encoded by this step's forward (the fused graphs). Returns the bucket that ran; results are in
+        `stop` and `argmax`."""
         floats = torch.tensor([[k[0], k[1], k[2]] for k in knobs], dtype=torch.float32)
         ints = torch.tensor([[k[3], k[4], k[5]] for k in knobs], dtype=torch.int64)
         index = torch.tensor(rows)
@@ -205,7 +238,18 @@ class GraphedDenoiser:
         self.seeds.index_copy_(0, index_d, ints_d[:, 0])
         self.greedy.index_copy_(0, index_d, ints_d[:, 1].to(torch.int32))
         self.stability.index_copy_(0, index_d, ints_d[:, 2].to(torch.int32))
-        return self.graphs.replay(max(rows) + 1)
+        if committed is None:
+            return self.graphs.replay(max(rows) + 1)
+        if self.fused_graphs is None:
+            raise ValueError("this denoiser was built without fuse_canvas_encode: it has no fused graphs")
+        c = self.model.config.canvas_length
+        for row in self.fused_live - set(rows):
+            self.fused_bounds.deactivate(row)
+        for row in rows:
+            self.fused_bounds.set_split_row(row, self.canvas_start[row] - c, self.model.config.sliding_window, c)
+        self.fused_live = set(rows)
+        self.committed.index_copy_(0, index_d, committed.to(dev, non_blocking=True))
+        return self.fused_graphs.replay(max(rows) + 1)
 
 
 class GraphedPrefill:

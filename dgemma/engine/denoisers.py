@@ -39,18 +39,29 @@ class EagerDenoiser:
     def end_canvas(self, r: Request) -> None:
         r.canvas, r.soft, r.history = None, None, []
 
-    def step(self, requests: list[Request]) -> tuple[list[bool], list[list[int] | None]]:
+    def step(self, requests: list[Request], committed: torch.Tensor | None = None
+             ) -> tuple[list[bool], list[list[int] | None]]:
         """One step for `requests` (sorted by row). Returns per request: stopped, and the argmax canvas
-        (as a list) for those that stopped or asked for drafts."""
+        (as a list) for those that stopped or asked for drafts.
+
+        `committed` [B, C] ids: the canvas each request committed just before its current one (counted in its
+        cached_len, at the C positions before the canvas), encoded by this step's forward instead of its own."""
         cfg, device = self.model.config, self.model.device
+        c, rows = cfg.canvas_length, [r.row for r in requests]
         canvas = torch.stack([r.canvas for r in requests])  # [B, C]
         soft = None
         if any(r.soft is not None for r in requests):
-            zeros = torch.zeros(cfg.canvas_length, cfg.hidden_size, dtype=self.model.dtype, device=device)
+            zeros = torch.zeros(c, cfg.hidden_size, dtype=self.model.dtype, device=device)
             soft = torch.stack([zeros if r.soft is None else r.soft for r in requests])  # [B, C, H]
-        batch = AttentionBatch.for_decoder([r.row for r in requests], [r.cached_len for r in requests],
-                                           cfg.canvas_length, cfg.sliding_window, self.cache)
-        logits = self.model.decode(canvas, batch, self.cache, soft)  # [B, C, V] float32
+        if committed is None:
+            batch = AttentionBatch.for_decoder(rows, [r.cached_len for r in requests], c, cfg.sliding_window,
+                                               self.cache)
+            logits = self.model.decode(canvas, batch, self.cache, soft)  # [B, C, V] float32
+        else:
+            batch = AttentionBatch.for_encode_and_decode(rows, [r.cached_len - c for r in requests], c,
+                                                         cfg.sliding_window, self.cache)
+            hidden = self.model.encode_and_decode_hidden(committed.to(device), canvas, batch, self.cache, soft)
+            logits = self.model.logits(hidden)  # [B, C, V] float32
         temperature = torch.tensor([step_temperature(r) for r in requests], device=device)
         bound = torch.tensor([r.params.entropy_bound for r in requests], device=device)
         result = self.sampler.step(logits, temperature, [r.params.temperature == 0 for r in requests], bound,
@@ -75,11 +86,12 @@ class EagerDenoiser:
 
 
 class GraphDenoiser:
-    def __init__(self, model: DiffusionGemma, cache: KVCache, max_rows: int, pool=None):
+    def __init__(self, model: DiffusionGemma, cache: KVCache, max_rows: int, pool=None,
+                 fuse_canvas_encode: bool = False):
         from dgemma.engine.cuda_graphs import GraphedDenoiser, buckets_up_to
 
         self.model = model
-        self.graph = GraphedDenoiser(model, cache, buckets_up_to(max_rows), pool)
+        self.graph = GraphedDenoiser(model, cache, buckets_up_to(max_rows), pool, fuse_canvas_encode)
 
     def start_canvas(self, r: Request) -> None:
         if r.generator is None:
@@ -89,7 +101,9 @@ class GraphDenoiser:
     def end_canvas(self, r: Request) -> None:
         self.graph.end_canvas(r.row)
 
-    def step(self, requests: list[Request]) -> tuple[list[bool], list[list[int] | None]]:
+    def step(self, requests: list[Request], committed: torch.Tensor | None = None
+             ) -> tuple[list[bool], list[list[int] | None]]:
+        """As `EagerDenoiser.step`."""
         from dgemma.engine.cuda_graphs import step_seed
 
         knobs = []
@@ -102,7 +116,7 @@ class GraphDenoiser:
                           step_seed(r.seed, canvas_index, r.canvas_forwards), int(p.temperature == 0),
                           p.stability_threshold))
         rows = [r.row for r in requests]
-        b = self.graph.step(rows, knobs)
+        b = self.graph.step(rows, knobs, committed)
         stop_all = self.graph.stop[:b].tolist()  # the one host sync of a step
         stop = [stop_all[row] for row in rows]
         wanted = [i for i, r in enumerate(requests) if stop[i] or r.remaining_steps == 1 or r.want_drafts]
@@ -121,10 +135,15 @@ def use_cuda_graphs(model: DiffusionGemma) -> bool:
             and grouped_mm_supported(model.device, model.dtype))
 
 
-def make_denoiser(model: DiffusionGemma, cache: KVCache, max_rows: int, cuda_graphs: bool | None, pool=None):
+def make_denoiser(model: DiffusionGemma, cache: KVCache, max_rows: int, cuda_graphs: bool | None, pool=None,
+                  fuse_canvas_encode: bool = False):
+    """`fuse_canvas_encode`: whether steps may be given committed canvases to encode (the graphed denoiser then
+    captures a second graph set; the eager one needs nothing)."""
     if cuda_graphs is None:
         cuda_graphs = use_cuda_graphs(model)
-    return GraphDenoiser(model, cache, max_rows, pool) if cuda_graphs else EagerDenoiser(model, cache)
+    if cuda_graphs:
+        return GraphDenoiser(model, cache, max_rows, pool, fuse_canvas_encode)
+    return EagerDenoiser(model, cache)
 
 
 def resolve_seed(r: Request) -> None:

@@ -6,6 +6,10 @@
     one batched denoising step over every active canvas (a `denoisers` implementation: eager, or a CUDA graph)
     commit the rows that stopped; report committed tokens, drafts and finished requests
 
+When every canvas of the step is the first after a canvas committed by the previous step (batch 1, or requests
+in lock-step), the committed canvases are encoded by the denoising forward itself (`_fusable`): one read of the
+weights instead of two.
+
 The same code runs on CPU and GPU; requests come and go between steps.
 """
 
@@ -18,7 +22,7 @@ import torch
 
 from dgemma.engine.denoisers import GraphDenoiser, make_denoiser, resolve_seed
 from dgemma.engine.request import Phase, Request, RequestOutput
-from dgemma.engine.scheduler import EncodeWork, Scheduler, SchedulerConfig
+from dgemma.engine.scheduler import EncodeWork, Scheduler, SchedulerConfig, StepPlan
 from dgemma.model.attention import AttentionBatch
 from dgemma.model.diffusion_gemma import DiffusionGemma
 from dgemma.model.kv_cache import KVCache
@@ -26,17 +30,21 @@ from dgemma.model.kv_cache import KVCache
 
 @dataclass
 class StepStats:
-    encode_tokens: int = 0
-    encode_batch: int = 0
+    encode_tokens: int = 0  # encoder tokens, fused ones included
+    encode_batch: int = 0  # encode works, fused ones included
+    fused_encodes: int = 0  # encode works done by the denoising forward (their time is in decode_ms)
     decode_batch: int = 0
-    encode_ms: float = 0.0
+    encode_ms: float = 0.0  # the separate encoder forwards
     decode_ms: float = 0.0
     committed_canvases: int = 0
 
 
 class Engine:
-    def __init__(self, model: DiffusionGemma, config: SchedulerConfig | None = None, cuda_graphs: bool | None = None):
-        """`cuda_graphs`: None picks them on a CUDA device in bfloat16 (see `denoisers.make_denoiser`)."""
+    def __init__(self, model: DiffusionGemma, config: SchedulerConfig | None = None, cuda_graphs: bool | None = None,
+                 fuse_canvas_encode: bool = True):
+        """`cuda_graphs`: None picks them on a CUDA device in bfloat16 (see `denoisers.make_denoiser`).
+        `fuse_canvas_encode`: encode a committed canvas in the next canvas's first denoising forward where the
+        step allows it (off: always a separate encoder forward; the results are the same up to rounding)."""
         self.model = model
         self.model_config = model.config
         self.config = config or SchedulerConfig(canvas_length=model.config.canvas_length)
@@ -50,8 +58,13 @@ class Engine:
         # work: the scheduler caps a request's chunk at max_chunk_tokens); the cache refuses any larger write.
         self.cache = KVCache(model.config, self.config.max_num_seqs, self.config.max_model_len, model.dtype,
                              model.device, max_write_tokens=self.config.max_write_tokens)
+        # A fused forward writes 2C tokens per row. The ring is not grown for it: the default encoder budgets (2048
+        # tokens and up; 2C = 512) already size it for 2C, and growing it for a smaller budget would cost C more
+        # slots per row on every sliding layer; an engine whose ring cannot take 2C keeps the separate forward.
+        self.fuse_canvas_encode = fuse_canvas_encode and self.cache.fits_write(2 * model.config.canvas_length)
         pool = torch.cuda.graph_pool_handle() if model.device.type == "cuda" else None
-        self.denoiser = make_denoiser(model, self.cache, self.config.max_num_seqs, cuda_graphs, pool)
+        self.denoiser = make_denoiser(model, self.cache, self.config.max_num_seqs, cuda_graphs, pool,
+                                      self.fuse_canvas_encode)
         self.canvas_encoder = self.prefill = None
         if isinstance(self.denoiser, GraphDenoiser):
             from dgemma.engine.cuda_graphs import GraphedEncoder, GraphedPrefill, buckets_up_to
@@ -85,16 +98,40 @@ class Engine:
         plan = self.scheduler.schedule()
         self.last_step = StepStats()
         outputs: list[RequestOutput] = []
-        if plan.encode:
-            self._encode(plan.encode)
+        fused = self._fusable(plan)
+        separate = [w for w in plan.encode if all(w is not f for f in fused)]
+        if separate:
+            self._encode(separate)
+        committed = {w.request: w.request.pending_ids[: w.num_tokens] for w in fused}  # request -> [C] ids
+        for w in fused:  # counted as cached from here on: the new canvas starts after them
+            self._advance(w)
+        self.last_step.encode_tokens += sum(w.num_tokens for w in fused)
+        self.last_step.encode_batch += len(fused)
+        self.last_step.fused_encodes = len(fused)
         for request in plan.start_canvas:
             self._start_canvas(request)
         if plan.decode:
-            outputs = self._denoise(plan.decode)
+            outputs = self._denoise(plan.decode, committed)
         self.total_steps += 1
         return outputs
 
     # ------------------------------------------------------------------------------------------------------
+    def _fusable(self, plan: StepPlan) -> list[EncodeWork]:
+        """The encode works this step's denoising forward does itself (none: a separate encoder forward).
+
+        One forward has one shape, so every request it denoises must be starting its canvas after a committed
+        canvas of exactly C tokens encoded this step: batch 1, and requests in lock-step. A request mid-canvas
+        (or one whose prompt or a piece of a canvas is encoded) keeps the step unfused. Encode works of requests
+        that do not denoise this step (prompt chunks) touch other cache rows: they run first, separately."""
+        if not (self.fuse_canvas_encode and plan.decode):
+            return []
+        c = self.model_config.canvas_length
+        canvases = {w.request: w for w in plan.encode if not w.is_prompt and w.num_tokens == c}
+        starting = set(plan.start_canvas)
+        if all(r in canvases and r in starting for r in plan.decode):
+            return [canvases[r] for r in plan.decode]
+        return []
+
     def _sync(self) -> None:
         # Timing needs the device to be done; on CPU this is free.
         if self.model.device.type == "cuda":
@@ -118,16 +155,20 @@ class Engine:
         self._sync()
         elapsed_ms = (time.perf_counter() - start) * 1e3
         for w in works:
-            request = w.request
-            request.cached_len += w.num_tokens
-            del request.pending_ids[: w.num_tokens]
+            self._advance(w)
             if w.is_prompt:
-                request.stats.prefill_ms += elapsed_ms
+                w.request.stats.prefill_ms += elapsed_ms
             else:
-                request.stats.encode_ms += elapsed_ms
-        self.last_step.encode_tokens = sum(w.num_tokens for w in works)
-        self.last_step.encode_batch = len(works)
+                w.request.stats.encode_ms += elapsed_ms
+        self.last_step.encode_tokens += sum(w.num_tokens for w in works)
+        self.last_step.encode_batch += len(works)
         self.last_step.encode_ms = elapsed_ms
+
+    @staticmethod
+    def _advance(work: EncodeWork) -> None:
+        """The work's tokens are (or, fused, are about to be) in the cache."""
+        work.request.cached_len += work.num_tokens
+        del work.request.pending_ids[: work.num_tokens]
 
     def _encode_eager(self, works: list[EncodeWork]) -> None:
         width = max(w.num_tokens for w in works)
@@ -147,10 +188,13 @@ class Engine:
         request.phase = Phase.DENOISING
         self.denoiser.start_canvas(request)
 
-    def _denoise(self, requests: list[Request]) -> list[RequestOutput]:
+    def _denoise(self, requests: list[Request], committed: dict[Request, list[int]]) -> list[RequestOutput]:
+        """One denoising step; `committed`: the ids of the canvas each request committed before, for a step that
+        encodes them too (empty, or one entry per request)."""
         start = time.perf_counter()
         requests = sorted(requests, key=lambda r: r.row)  # contiguous rows are read in place, without a gather
-        stop, argmaxes = self.denoiser.step(requests)
+        fused_ids = torch.tensor([committed[r] for r in requests]) if committed else None  # [B, C]
+        stop, argmaxes = self.denoiser.step(requests, fused_ids)
         outputs = []
         now = time.perf_counter()
         elapsed_ms = (now - start) * 1e3

@@ -24,7 +24,9 @@ class RequestStats:
     arrival_s: float = field(default_factory=time.perf_counter)
     admitted_s: float | None = None  # when it got a cache row (queueing ends)
     prefill_ms: float = 0.0  # encoder time of the steps that encoded this prompt
-    encode_ms: float = 0.0  # encoder time of the steps that encoded committed canvases
+    # Encoder time of the steps that encoded committed canvases in a forward of their own (a canvas encoded by the
+    # next canvas's first denoising forward costs no separate time: it is in denoise_ms).
+    encode_ms: float = 0.0
     denoise_ms: float = 0.0  # decoder + sampler time of the steps this request took part in
     first_canvas_s: float | None = None  # when the first canvas was committed
     commit_s: list[float] = field(default_factory=list)  # when each canvas was committed

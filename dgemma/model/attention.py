@@ -130,6 +130,26 @@ class AttentionBatch:
         return cls._build(rows, positions, positions, key_start, key_end, written_end,
                           min(prefix_lens) - (sliding_window - 1), cache, canvas=True)
 
+    @classmethod
+    def for_encode_and_decode(
+        cls, rows: list[int], prefix_lens: list[int], canvas_length: int, sliding_window: int, cache: KVCache
+    ) -> AttentionBatch:
+        """A committed canvas and the next canvas in one forward (`DiffusionGemma.encode_and_decode_hidden`):
+        per row, C causal encoder tokens after the prefix P, as `for_encoder`, then a decoder canvas whose prefix
+        is P + C, as `for_decoder`. The bounds differ per query, so attention takes the masked path."""
+        c = canvas_length
+        cache.check_write(2 * c)
+        device = cache.keys[0].device
+        prefix = torch.tensor(prefix_lens, device=device)[:, None]  # [B, 1]
+        offsets = torch.arange(2 * c, device=device)[None, :]  # [1, 2C]
+        positions = prefix + offsets  # [B, 2C]
+        encoder = offsets < c  # [1, 2C]
+        key_start = torch.where(encoder, positions - sliding_window + 1, prefix + c - (sliding_window - 1))  # [B, 2C]
+        key_end = torch.where(encoder, positions + 1, prefix + 2 * c)  # [B, 2C]
+        written_end = [p + 2 * c for p in prefix_lens]
+        return cls._build(rows, positions, positions, key_start, key_end, written_end,
+                          min(prefix_lens) - sliding_window + 1, cache)
+
 
 class Attention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, spec: AttentionSpec, eps: float,

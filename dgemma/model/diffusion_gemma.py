@@ -3,7 +3,8 @@
 `encode` is the causal encoder: it appends the K/V of new tokens (prompt, or a committed canvas) to the cache.
 `decode` is the bidirectional decoder: it denoises a canvas that reads the cached prefix, and returns logits.
 The only weights that differ between the two are the per-layer `layer_scalar`s; the decoder alone has the
-self-conditioning block.
+self-conditioning block. `encode_and_decode_hidden` runs both in one pass: a committed canvas's encoding and the
+next canvas's first denoising step share one read of the weights.
 
 Parameter names equal the checkpoint's `model.decoder.*` names (minus that prefix), so loading is a rename-free
 assignment; the encoder's own scalars live in `encoder_layer_scalars`.
@@ -43,7 +44,7 @@ class Layer(nn.Module):
         self.layer_scalar = nn.Parameter(torch.ones(1))  # the decoder's; the encoder's is kept by the model
 
     def forward(self, x, cos, sin, batch: AttentionBatch, cache: KVCache, scalar: torch.Tensor) -> torch.Tensor:
-        # x: [B, T, H]
+        # x: [B, T, H]; scalar: [1], or [T, 1] when encoder and decoder tokens share the forward
         attn = self.self_attn(self.input_layernorm(x), cos, sin, batch, self.kind, cache, self.index)
         h = x + self.post_attention_layernorm(attn)
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
@@ -117,20 +118,32 @@ class DiffusionGemma(nn.Module):
         """ids: [B, T] -> [B, T, H]. The sqrt(H) scale is rounded to the weight dtype first (53.0 in bf16)."""
         return self.embed_tokens(ids) * self.embed_scale_t
 
-    def _run_layers(self, x: torch.Tensor, batch: AttentionBatch, cache: KVCache, decoder: bool) -> torch.Tensor:
+    def _layer_scalar(self, i: int, encoder_tokens: int, tokens: int) -> torch.Tensor:
+        """Layer i's output scale when the first `encoder_tokens` of `tokens` are the encoder's: [1] when one side
+        has every token (the plain encoder or decoder), else one per token, [T, 1]."""
+        encoder = self.encoder_layer_scalars[i : i + 1]  # [1]
+        decoder = self.layers[i].layer_scalar  # [1]
+        if encoder_tokens == tokens:
+            return encoder
+        if encoder_tokens == 0:
+            return decoder
+        return torch.cat([encoder.expand(encoder_tokens), decoder.expand(tokens - encoder_tokens)])[:, None]
+
+    def _run_layers(self, x: torch.Tensor, batch: AttentionBatch, cache: KVCache, encoder_tokens: int) -> torch.Tensor:
+        """The layers over x [B, T, H] whose first `encoder_tokens` tokens are the encoder's (T: `encode`, 0: the
+        decoder, between: `encode_and_decode_hidden`); the batch's bounds say what each token attends to."""
         rope = {
             SLIDING: rope_cos_sin(batch.positions, self.inv_freq_sliding, x.dtype),
             FULL: rope_cos_sin(batch.positions, self.inv_freq_full, x.dtype),
         }
         for i, layer in enumerate(self.layers):
-            scalar = layer.layer_scalar if decoder else self.encoder_layer_scalars[i : i + 1]
             cos, sin = rope[layer.kind]
-            x = layer(x, cos, sin, batch, cache, scalar)
+            x = layer(x, cos, sin, batch, cache, self._layer_scalar(i, encoder_tokens, x.shape[1]))
         return x
 
     def encode(self, ids: torch.Tensor, batch: AttentionBatch, cache: KVCache) -> torch.Tensor:
         """Causal encoder over ids [B, T]: writes their K/V into the cache; returns final hidden states [B, T, H]."""
-        return self.norm(self._run_layers(self.embed(ids), batch, cache, decoder=False))
+        return self.norm(self._run_layers(self.embed(ids), batch, cache, encoder_tokens=ids.shape[1]))
 
     def decode(
         self,
@@ -146,9 +159,30 @@ class DiffusionGemma(nn.Module):
         self, canvas: torch.Tensor, batch: AttentionBatch, cache: KVCache, soft: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The decoder up to its final norm: [B, C] ids -> [B, C, H] (the fused GPU sampler applies the head)."""
+        return self.norm(self._run_layers(self._canvas_input(canvas, soft), batch, cache, encoder_tokens=0))
+
+    def encode_and_decode_hidden(
+        self,
+        committed: torch.Tensor,  # [B, C] ids of the canvas just committed, at positions [P, P + C)
+        canvas: torch.Tensor,  # [B, C] ids of the next canvas, at [P + C, P + 2C)
+        batch: AttentionBatch,  # `AttentionBatch.for_encode_and_decode`
+        cache: KVCache,
+        soft: torch.Tensor | None = None,  # [B, C, H] as in `decode`; None = zeros
+    ) -> torch.Tensor:
+        """`encode(committed)` then `decode_hidden(canvas)` in one pass over the layers: returns the canvas's
+        [B, C, H] and writes the committed tokens' K/V as `encode` does (and the canvas's, as the decoder does).
+
+        The two passes share every weight but the layer scalars, and at small batches a forward costs one read of
+        all the weights: one pass over 2C tokens saves the encoder's read. Per token, the arithmetic is that of the
+        two separate passes (the batch's bounds keep the committed tokens causal and blind to the canvas)."""
+        n = committed.shape[1]
+        x = torch.cat([self.embed(committed), self._canvas_input(canvas, soft)], dim=1)  # [B, 2C, H]
+        return self.norm(self._run_layers(x, batch, cache, encoder_tokens=n)[:, n:])
+
+    def _canvas_input(self, canvas: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
+        """The decoder's input: canvas embeddings mixed with the self-conditioning signal. [B, C] -> [B, C, H]."""
         embeds = self.embed(canvas)  # [B, C, H]
-        x = self.self_conditioning(embeds, torch.zeros_like(embeds) if soft is None else soft)
-        return self.norm(self._run_layers(x, batch, cache, decoder=True))
+        return self.self_conditioning(embeds, torch.zeros_like(embeds) if soft is None else soft)
 
     def soft_embedding(self, scaled_logits: torch.Tensor) -> torch.Tensor:
         """Self-conditioning input for the next step: softmax(z) @ E * sqrt(H). [..., C, V] -> [..., C, H].

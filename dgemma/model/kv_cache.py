@@ -113,10 +113,11 @@ def ring_positions(written_end: torch.Tensor, ring: int) -> torch.Tensor:
     refuses forwards that write more tokens per row, and every forward writes its K/V before its queries attend.
     Take a forward writing positions [a, a + T) of a row, T <= T_max, so L = a + T. Its queries sit at t >= a (the
     decoder's canvas starts at the prefix P = a) and may see, on sliding layers, only positions q >= a - W + 1
-    (causal: q > t - W; canvas: q >= P - W + 1), and q < L. These at most W - 1 + T <= ring positions fall in
-    distinct slots. Each such q was written: by this forward if q >= a; else it is committed, and the last write
-    of q was the encoder's (a canvas's scratch write of q came before the commit that encoded q). Its slot was
-    written again only if some forward wrote a position q + k * ring, k >= 1, i.e. >= a - W + 1 + ring >=
+    (causal: q > t - W; canvas: q >= P - W + 1, and a canvas that follows a committed canvas encoded in the same
+    forward has P = a + C), and q < L. These at most W - 1 + T <= ring positions fall in distinct slots. Each such
+    q was written: by this forward if q >= a; else it is committed, and the last write of q was the encoder's (a
+    canvas's scratch write of q came before the commit that encoded q). Its slot was written again only if some
+    forward wrote a position q + k * ring, k >= 1, i.e. >= a - W + 1 + ring >=
     a + T_max. None did: every forward of the row's request so far started at a position <= a (prefixes only grow,
     and an earlier canvas started at an earlier prefix) and wrote only positions below its start + T_max. So every
     slot a mask may open holds exactly ring_positions(L). A slot holding anything else (an older position, a
@@ -151,10 +152,14 @@ class KVCache:
             self.keys.append(torch.zeros(shape, dtype=dtype, device=device))
             self.values.append(torch.zeros(shape, dtype=dtype, device=device))
 
+    def fits_write(self, tokens: int) -> bool:
+        """Whether one forward may write `tokens` tokens per row (see `check_write`)."""
+        return not self.ring or tokens <= self.max_write_tokens
+
     def check_write(self, tokens: int) -> None:
         """Refuse a forward that writes more tokens per row than the sliding ring was sized for: it would
         overwrite keys that its own queries still need (see `ring_positions`)."""
-        if self.ring and tokens > self.max_write_tokens:
+        if not self.fits_write(tokens):
             raise ValueError(
                 f"a forward writes {tokens} tokens into a cache row, but this cache's sliding layers keep a ring of "
                 f"{self.sliding_slots} slots (window {self.sliding_window} - 1 + {self.max_write_tokens}), sized for "
