@@ -82,3 +82,22 @@ def test_one_token_steps_give_the_greedy_tokens_of_eager_decoding(model):
         token = step.out_token[:1].clone()
         tokens.append(token.item())
     assert tokens == eager.token_ids
+
+
+def test_the_engine_builds_its_steps_without_gradient_whatever_the_caller_left_on(monkeypatch):
+    # CUDA graphs keep the ops they were captured with, and the fused kernels are chosen only without gradient:
+    # an engine built by a caller with grad enabled (the server, LLM) must still capture the kernel path.
+    import dgemma.engine.engine as engine_module
+
+    seen = []
+    real = engine_module.make_denoiser
+
+    def spy(*args, **kwargs):
+        seen.append(torch.is_grad_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "make_denoiser", spy)
+    model = build_random_model("tiny", "float32", "cpu", seed=0)
+    assert torch.is_grad_enabled()
+    engine_module.Engine(model)
+    assert seen == [False]

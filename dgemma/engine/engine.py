@@ -40,6 +40,9 @@ class StepStats:
 
 
 class Engine:
+    # No gradient while the CUDA graphs are captured: the fused kernels (MoE, norm+RoPE, canvas attention) are
+    # chosen only without grad, and a graph keeps the ops it was captured with.
+    @torch.no_grad()
     def __init__(self, model: DiffusionGemma, config: SchedulerConfig | None = None, cuda_graphs: bool | None = None,
                  fuse_canvas_encode: bool = True):
         """`cuda_graphs`: None picks them on a CUDA device in bfloat16 (see `denoisers.make_denoiser`).
