@@ -126,6 +126,26 @@ def test_interpreted_norm_rope_matches_the_eager_norm_then_rotation(dtype, head_
 
 
 @interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 37, 96), (1, 1, 256), (200, 64)])  # 200 rows: several rows per program
+def test_interpreted_training_norm_matches_eager_values_and_gradients(dtype, shape):
+    from dgemma.kernels.rms_norm import rms_norm_train_triton
+
+    gen = torch.Generator().manual_seed(shape[-1])
+    x = (3 * torch.randn(shape, generator=gen)).to(dtype).requires_grad_(True)
+    w = (1 + 0.1 * torch.randn(shape[-1], generator=gen)).to(dtype).requires_grad_(True)
+    dy = torch.randn(shape, generator=gen).to(dtype)
+    fused = rms_norm_train_triton(x, w, 1e-6)
+    fused_dx, fused_dw = torch.autograd.grad(fused, (x, w), dy)
+    eager = rms_norm(x, w, 1e-6)  # a CPU tensor: the eager float32 formula
+    eager_dx, eager_dw = torch.autograd.grad(eager, (x, w), dy)
+    assert fused.dtype == dtype and fused_dx.dtype == dtype and fused_dw.dtype == dtype
+    for got, want in ((fused, eager), (fused_dx, eager_dx), (fused_dw, eager_dw)):
+        err = rel_err(got.float(), want.float())
+        assert err < ULPS * torch.finfo(dtype).eps, err
+
+
+@interpreted
 @pytest.mark.parametrize("n,h,i,e,k", [(37, 64, 32, 8, 2), (20, 48, 40, 4, 2), (3, 64, 32, 8, 2),
                                        (100, 64, 32, 4, 2), (250, 48, 40, 4, 2)])  # last two: 128-row tiles
 def test_interpreted_fused_moe_matches_the_expert_loop(n, h, i, e, k):

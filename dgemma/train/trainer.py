@@ -136,6 +136,11 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
     init_std: float = 0.02  # std of new linear weights ...
     embed_std: float = 0.05  # ... and of the (tied) embedding
+    # Gemma 4 attention has no 1/sqrt(d) scale: q and k are RMS-normalised, so with norm weights of 1 the logits of
+    # a new model have standard deviation sqrt(head_dim) (8 to 11 here) and every softmax starts saturated, nearly
+    # one-hot on a random key, which starves attention of gradient. "unit" starts the q and k norm weights at
+    # head_dim^-1/4, so the logits start with unit variance as in standard attention; "ones" keeps 1.
+    qk_norm_init: str = "unit"
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     device: str | None = None  # default: cuda if available
     precision: str = "auto"  # "bf16": bfloat16 model under autocast, float32 master weights; "fp32"; auto: bf16 on CUDA
@@ -198,6 +203,8 @@ class TrainConfig:
         for name in ("init_std", "embed_std", "max_shard_mb"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.qk_norm_init not in ("unit", "ones"):
+            raise ConfigError(f"qk_norm_init must be 'unit' or 'ones', got {self.qk_norm_init!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         if self.moe_impl not in ("auto", "dense", "model"):
@@ -455,6 +462,12 @@ class Trainer:
             model_config = model_preset(cfg.preset, tokenizer.vocab_size, eos)
             model = build_random_model(model_config, torch.float32, self.device, seed=cfg.seed,
                                        scale=InitScale(linear_std=cfg.init_std, embed_std=cfg.embed_std))
+            if cfg.qk_norm_init == "unit":
+                with torch.no_grad():
+                    for layer in model.layers:
+                        attention = layer.self_attn
+                        for norm in (attention.q_norm, attention.k_norm):
+                            norm.weight.fill_(attention.spec.head_dim ** -0.25)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only "
                               f"{model.config.vocab_size}")
