@@ -421,3 +421,18 @@ def test_a_decoder_batch_names_the_key_range_its_masks_open(config):
             assert opened == list(range(start[b].item(), end[b].item()))
             assert mask[b].all(dim=0).sum() == len(opened)  # every query of the canvas opens the same keys
     assert AttentionBatch.for_encoder([0], [0], [5], W, cache).canvas_keys is None  # causal: per-query ranges
+
+
+def test_long_query_chunks_attend_in_pieces_with_the_same_result(monkeypatch):
+    # A 32k-token prompt's full-layer scores would not fit an 80 GB card in one piece: queries go in chunks.
+    import dgemma.model.attention as attention
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 37, 4, 16, generator=gen)  # [B, T, Hq, D]
+    keys, values = torch.randn(2, 50, 2, 16, generator=gen), torch.randn(2, 50, 2, 16, generator=gen)
+    mask = torch.rand(2, 1, 37, 50, generator=gen) < 0.7  # [B, 1, T, S]
+    mask[..., 0] = True  # every query sees at least one key
+    whole = attention.grouped_attention(q, keys, values, mask)
+    monkeypatch.setattr(attention, "_SCORES_BUDGET_BYTES", 2 * 4 * 50 * 4 * 5)  # 5 query rows at a time
+    chunked = attention.grouped_attention(q, keys, values, mask)
+    assert torch.equal(chunked, whole)

@@ -281,6 +281,9 @@ def read_slots(t: torch.Tensor, batch: AttentionBatch, kind: str, cache: KVCache
     return torch.cat([t[:, start:slots], t[:, : end - slots]], dim=1)  # wrapped: the ring's end, then its start
 
 
+_SCORES_BUDGET_BYTES = 1 << 30  # float32 attention scores one grouped_attention call may hold at once
+
+
 def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Attention as two batched matmuls in the activation dtype (as the reference's eager path computes it),
     with the query heads of a KV head stacked so keys are never repeated.
@@ -289,6 +292,12 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     """
     b, t, hq, d = q.shape
     s, hkv = keys.shape[1], keys.shape[2]
+    # The float32 softmax of one forward's scores would be b*Hq*T*S*4 bytes (17 GiB for an 8192-token chunk over a
+    # 32k context): long prompts go in query chunks, each row's softmax is its own, so the result is unchanged.
+    rows = max(1, _SCORES_BUDGET_BYTES // (b * hq * s * 4))
+    if t > rows:
+        return torch.cat([grouped_attention(q[:, i : i + rows], keys, values, mask[:, :, i : i + rows])
+                          for i in range(0, t, rows)], dim=1)
     g = hq // hkv
     qg = q.view(b, t, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * t, d)  # [B, Hkv, G*T, D]
     scores = torch.matmul(qg, keys.permute(0, 2, 3, 1))  # [B, Hkv, G*T, S], scale 1.0
