@@ -183,6 +183,23 @@ def test_without_self_conditioning_its_mlp_gets_no_gradient():
 # --- the loop --------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("init, logit_std", [("unit", 1.0), ("ones", None)])
+def test_a_new_model_starts_with_attention_logits_of_the_chosen_scale(tmp_path, init, logit_std):
+    from dgemma.tokenizer import Tokenizer
+    from dgemma.train.trainer import Trainer
+
+    trainer = Trainer(micro_config(tmp_path / "model", qk_norm_init=init))
+    trainer._prepare_tokenizer(None)
+    model = trainer._build_model(Tokenizer.from_dir(trainer.tokenizer_dir))
+    for layer in model.layers:
+        attention = layer.self_attn
+        d = attention.spec.head_dim
+        # q and k are RMS-normalised to 1 per component, so q.k has variance d * (w_q * w_k)^2.
+        expected = (logit_std**2 / d) ** 0.25 if logit_std else 1.0
+        for norm in (attention.q_norm, attention.k_norm):
+            assert torch.allclose(norm.weight, torch.full_like(norm.weight, expected))
+
+
 def test_tiny_training_run_loss_falls_clearly(trained):
     _, losses = trained
     assert len(losses) == STEPS
@@ -257,6 +274,7 @@ def test_resume_refuses_a_state_saved_with_other_settings(tmp_path):
     (dict(objective=ObjectiveConfig(min_noise=0.0)), "min_noise"),
     (dict(objective=ObjectiveConfig(self_cond_prob=1.5)), "self_cond_prob"),
     (dict(objective=ObjectiveConfig(filler_weight=-0.1)), "filler_weight"),
+    (dict(qk_norm_init="zeros"), "qk_norm_init"),
 ])
 def test_train_config_names_the_bad_field(tmp_path, changes, field):
     with pytest.raises(ConfigError, match=field):
@@ -306,6 +324,20 @@ def test_sweep_choice_takes_the_fastest_setting_within_tolerance_of_the_best():
                ({"a": 4}, report(48, 50, 1200))]  # as accurate overall as "a": 2, but it loses on the bar's mul
     assert choose_settings(results, tolerance=0.025)[0] == {"a": 2}
     assert choose_settings(results, tolerance=0.0)[0] == {"a": 1}
+
+
+def test_sweep_choice_follows_the_bar_when_no_setting_is_best_on_both():
+    def report(mul_correct, chat_correct, tokens):
+        mul = Score(n=50, correct=mul_correct, generated_tokens=tokens, forwards=100, canvases=10)
+        chat = Score(n=50, correct=chat_correct, generated_tokens=tokens, forwards=100, canvases=10)
+        total = Score()
+        total.add(mul)
+        total.add(chat)
+        return EvalReport({"mul": mul, "chat": chat}, total, {}, 1.0, 64, "cpu")
+
+    # "a": 1 is best overall, "a": 2 best on the bar's mul, "a": 3 as good as 2 on mul and faster.
+    results = [({"a": 1}, report(30, 50, 400)), ({"a": 2}, report(40, 30, 400)), ({"a": 3}, report(40, 20, 800))]
+    assert choose_settings(results, tolerance=0.0)[0] == {"a": 3}
 
 
 def test_eval_cli_reports_families_speed_and_the_bar_as_json(trained, capsys):
