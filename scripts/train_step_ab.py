@@ -6,40 +6,73 @@ bf16 under autocast with float32 master weights, dense experts, self-conditionin
 response; 2 warm-up steps, then the mean of 5. Prints ms per step for both and the first step's loss (equal up to
 rounding).
 """
-import random, time, torch
-import dgemma.kernels.rms_norm as K
-from dgemma.train import trainer as T
-from dgemma.train.objective import block_diffusion_loss, ObjectiveConfig
-from dgemma.train.dataset import collate
+
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+
+import dgemma.kernels.rms_norm as kernels
 from dgemma.checkpoint.random_init import build_random_model
-fused = K.rms_norm_train_triton
-def eager(x, w, eps):
-    x32 = x.float(); out = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + eps, -0.5)
-    return (out * w.float()).type_as(x)
-cfg = T.model_preset("mini", 1024, [1])
-rng = random.Random(0)
-for B, L in ((256, 80), (512, 80), (1024, 80)):
-    rows = [([rng.randrange(1024) for _ in range(L)], L - 30) for _ in range(B)]
-    batch = collate(rows, cfg.canvas_length, 0, rng).to("cuda")
-    res = {}
-    for name, fn in (("eager", eager), ("fused", fused)):
-        K.rms_norm_train_triton = fn
-        model = build_random_model(cfg, torch.float32, "cuda", seed=0)
-        for p in model.parameters(): p.requires_grad_(True)
-        T.use_dense_experts(model); model.set_kernel_devices(())
-        master = T.MasterWeights(model, torch.bfloat16)
-        opt = torch.optim.AdamW(master.param_groups(0.1), lr=1e-3, fused=True)
-        g = torch.Generator(device="cuda").manual_seed(0)
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                parts = block_diffusion_loss(model, batch, ObjectiveConfig(), g)
-            parts.loss.backward(); master.gradients_to_master()
-            torch.nn.utils.clip_grad_norm_(master.params, 1.0); opt.step(); opt.zero_grad(set_to_none=True); master.master_to_model()
-            return parts.loss
-        first = float(step().detach())
-        for _ in range(2): step()
-        torch.cuda.synchronize(); t = time.perf_counter()
-        for _ in range(5): step()
-        torch.cuda.synchronize(); res[name] = ((time.perf_counter() - t) / 5 * 1e3, first)
-    print(f"B={B} L={L}: eager {res['eager'][0]:.0f} ms/step, fused norm {res['fused'][0]:.0f} ms/step "
-          f"({res['eager'][0]/res['fused'][0]:.2f}x); first loss {res['eager'][1]:.4f} vs {res['fused'][1]:.4f}", flush=True)
+from dgemma.train import trainer
+from dgemma.train.dataset import collate
+from dgemma.train.objective import ObjectiveConfig, block_diffusion_loss
+
+FUSED = kernels.rms_norm_train_triton
+
+
+def eager_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return (x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + eps, -0.5) * weight.float()).type_as(x)
+
+
+def time_step(config, batch, norm) -> tuple[float, float]:
+    """(ms per step, first loss) with `norm` as the training RMSNorm."""
+    kernels.rms_norm_train_triton = norm  # dgemma.model.layers looks it up at each call
+    model = build_random_model(config, torch.float32, "cuda", seed=0)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    trainer.use_dense_experts(model)
+    model.set_kernel_devices(())
+    master = trainer.MasterWeights(model, torch.bfloat16)
+    optimizer = torch.optim.AdamW(master.param_groups(0.1), lr=1e-3, fused=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def step() -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = block_diffusion_loss(model, batch, ObjectiveConfig(), gen).loss
+        loss.backward()
+        master.gradients_to_master()
+        torch.nn.utils.clip_grad_norm_(master.params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        master.master_to_model()
+        return loss.detach()
+
+    first = float(step())
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / 5 * 1e3, first
+
+
+def main() -> None:
+    config = trainer.model_preset("mini", 1024, [1])
+    rng = random.Random(0)
+    for rows, length in ((256, 80), (512, 80), (1024, 80)):
+        examples = [([rng.randrange(1024) for _ in range(length)], length - 30) for _ in range(rows)]
+        batch = collate(examples, config.canvas_length, 0, rng).to("cuda")
+        eager_ms, eager_loss = time_step(config, batch, eager_norm)
+        fused_ms, fused_loss = time_step(config, batch, FUSED)
+        print(f"batch {rows} x {length}: eager norm {eager_ms:.0f} ms/step, fused norm {fused_ms:.0f} ms/step "
+              f"({eager_ms / fused_ms:.2f}x); first loss {eager_loss:.4f} vs {fused_loss:.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
