@@ -21,8 +21,21 @@ from dgemma.errors import ConfigError
 from dgemma.model.moe import experts_loop
 from dgemma.tokenizer import Tokenizer
 from dgemma.train import checker
-from dgemma.train.dataset import IGNORE, canvas_block, chat_renderer, collate, encode_example, response_text
-from dgemma.train.evaluate import EvalReport, Score, choose_settings, read_output, score_output
+from dgemma.train.dataset import (
+    IGNORE,
+    canvas_block,
+    chat_renderer,
+    collate,
+    encode_example,
+    response_text,
+)
+from dgemma.train.evaluate import (
+    EvalReport,
+    Score,
+    choose_settings,
+    read_output,
+    score_output,
+)
 from dgemma.train.objective import ObjectiveConfig, block_diffusion_loss, corrupt
 from dgemma.train.tasks import generate_examples
 from dgemma.train.trainer import TrainConfig, experts_dense, model_preset, train
@@ -169,6 +182,22 @@ def test_loss_gradients_reach_encoder_decoder_and_self_conditioning():
     assert model.self_conditioning.gate_proj.weight.grad.abs().sum() > 0  # the two-pass self-conditioning
 
 
+def test_k_noise_samples_denoise_k_copies_of_each_block_from_one_encoder_pass():
+    from dgemma.checkpoint.random_init import build_random_model
+
+    model = build_random_model(model_preset("micro", 64, [1]), "float32", "cpu", seed=0)
+    rows = [([2, 5, 6, 7, 8, 9, 10, 11, 12], 3), ([2, 5, 6, 40, 41], 3)]
+    batch = collate(rows, model.config.canvas_length, 0, random.Random(0))
+    twice = collate([r for r in rows for _ in range(2)], model.config.canvas_length, 0, random.Random(0))
+    sampled = block_diffusion_loss(model, batch, ObjectiveConfig(noise_samples=2), torch.Generator().manual_seed(1))
+    copied = block_diffusion_loss(model, twice, ObjectiveConfig(), torch.Generator().manual_seed(1))
+    # Same noise draws, same rows: the only difference is that the encoder ran once per example.
+    assert sampled.noise.shape == (4,)
+    assert torch.equal(sampled.noise, copied.noise)
+    for name in ("loss", "diffusion", "ar", "canvas_accuracy"):
+        assert torch.allclose(getattr(sampled, name), getattr(copied, name), rtol=1e-5, atol=1e-6), name
+
+
 def test_without_self_conditioning_its_mlp_gets_no_gradient():
     from dgemma.checkpoint.random_init import build_random_model
 
@@ -275,6 +304,7 @@ def test_resume_refuses_a_state_saved_with_other_settings(tmp_path):
     (dict(objective=ObjectiveConfig(self_cond_prob=1.5)), "self_cond_prob"),
     (dict(objective=ObjectiveConfig(filler_weight=-0.1)), "filler_weight"),
     (dict(qk_norm_init="zeros"), "qk_norm_init"),
+    (dict(objective=ObjectiveConfig(noise_samples=0)), "noise_samples"),
 ])
 def test_train_config_names_the_bad_field(tmp_path, changes, field):
     with pytest.raises(ConfigError, match=field):

@@ -52,6 +52,8 @@ def add_parser(sub) -> None:
     g.add_argument("--self-cond-prob", type=float, default=d.objective.self_cond_prob)
     g.add_argument("--filler-weight", type=float, default=d.objective.filler_weight,
                    help="weight of the <pad> filler after an answer in the denoising loss (answer tokens: 1)")
+    g.add_argument("--noise-samples", type=int, default=d.objective.noise_samples,
+                   help="noisy copies of each example's block the decoder denoises (one encoder pass for all)")
     g.add_argument("--weight-by-t", action="store_true", help="weight the denoising loss by 1/t (ELBO)")
     g.add_argument("--qk-norm-init", choices=["unit", "ones"], default=d.qk_norm_init,
                    help="start q/k norm weights at head_dim^-1/4 (unit-variance attention logits) or at 1")
@@ -102,7 +104,8 @@ def config_from_args(args: argparse.Namespace):
         time_budget_min=args.time_budget_min, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         objective=ObjectiveConfig(ar_loss_weight=args.ar_loss_weight, self_cond_prob=args.self_cond_prob,
-                                  weight_by_t=args.weight_by_t, filler_weight=args.filler_weight),
+                                  weight_by_t=args.weight_by_t, filler_weight=args.filler_weight,
+                                  noise_samples=args.noise_samples),
         qk_norm_init=args.qk_norm_init, seed=args.seed, device=args.device, precision=args.precision, compile=args.compile, moe_impl=args.moe_impl,
         eval_every=args.eval_every, checkpoint_every_min=args.checkpoint_every_min, resume=not args.no_resume,
         keep_state=args.keep_state, overwrite=args.overwrite, max_shard_mb=args.max_shard_mb,

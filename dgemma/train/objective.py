@@ -10,6 +10,8 @@ For a batch of clean sequences (prompt + response) and one canvas-aligned block 
    (uniform noise over the whole vocabulary, as the sampler draws it; there is no mask token).
 3. Decoder: the noisy canvas is denoised at positions [P, P + C) reading the prefix from the cache; cross-entropy
    against the clean block at every canvas position (the <pad> filler after the answer included).
+   With `noise_samples` K > 1 each row's block is corrupted K times (each with its own t) and all K copies are
+   denoised against the one encoder pass: K times the decoder's signal for the cost of decoder compute alone.
 4. Self-conditioning, two-pass: for a random half of the rows the decoder first runs without gradient; its
    logits, divided by a temperature drawn from the sampler's schedule range (the sampler self-conditions on
    temperature-scaled logits), become the soft input of the graded pass. The other rows get a zero signal, which
@@ -48,6 +50,10 @@ class ObjectiveConfig:
     # Weight of the <pad> filler after the answer in the denoising loss, relative to the answer's own tokens. At 1
     # the loss is a plain mean over the canvas; short answers then leave most of it to trivially predictable filler.
     filler_weight: float = 1.0
+    # Noisy copies of each row's block the decoder denoises, each with its own t, all reading the one encoder pass:
+    # more decoder signal per example at the cost of decoder compute only (the decoder is what lags; see
+    # scripts/decoder_vs_encoder.py).
+    noise_samples: int = 1
 
     def validate(self) -> "ObjectiveConfig":
         if not (self.ar_loss_weight >= 0 and math.isfinite(self.ar_loss_weight)):
@@ -56,6 +62,8 @@ class ObjectiveConfig:
             raise ConfigError(f"min_noise must be in (0, 1), got {self.min_noise!r}")
         if not (0 <= self.filler_weight <= 1):
             raise ConfigError(f"filler_weight must be in [0, 1], got {self.filler_weight!r}")
+        if not isinstance(self.noise_samples, int) or isinstance(self.noise_samples, bool) or self.noise_samples < 1:
+            raise ConfigError(f"noise_samples must be an integer >= 1, got {self.noise_samples!r}")
         if not 0 <= self.self_cond_prob <= 1:
             raise ConfigError(f"self_cond_prob must be in [0, 1], got {self.self_cond_prob!r}")
         if not 0 < self.self_cond_t_min <= self.self_cond_t_max:
@@ -72,7 +80,7 @@ class LossParts:
     diffusion: torch.Tensor  # scalar: mean cross-entropy over canvas positions
     ar: torch.Tensor  # scalar: mean next-token cross-entropy over response tokens (0 when off)
     canvas_accuracy: torch.Tensor  # scalar: argmax == clean token, over real (non-filler) canvas tokens
-    noise: torch.Tensor  # [B] t of each row
+    noise: torch.Tensor  # [B * noise_samples] t of each denoised row
 
 
 def corrupt(canvas: torch.Tensor, t: torch.Tensor, vocab_size: int, generator: torch.Generator | None = None
@@ -88,6 +96,16 @@ def clone_cache(cache: KVCache, detach: bool) -> KVCache:
     out = copy.copy(cache)
     out.keys = [(k.detach() if detach else k).clone() for k in cache.keys]
     out.values = [(v.detach() if detach else v).clone() for v in cache.values]
+    return out
+
+
+def repeat_rows(cache: KVCache, times: int) -> KVCache:
+    """Each row of the cache `times` times in a row ([B, ...] -> [B * times, ...]); differentiable, so the decoder's
+    gradient still reaches the encoder that wrote the rows."""
+    out = copy.copy(cache)
+    out.rows = cache.rows * times
+    out.keys = [k.repeat_interleave(times, dim=0) for k in cache.keys]
+    out.values = [v.repeat_interleave(times, dim=0) for v in cache.values]
     return out
 
 
@@ -115,10 +133,17 @@ def block_diffusion_loss(
     else:
         ar = torch.zeros((), device=device)
 
-    # 2. Corrupt one block per row.
+    # 2. Corrupt one block per row, noise_samples times (row i's copies are rows i*K .. i*K + K - 1).
+    clean, real, prefix_lens = batch.canvas, batch.canvas_real, batch.prefix_lens
+    if config.noise_samples > 1:
+        k = config.noise_samples
+        clean, real = clean.repeat_interleave(k, dim=0), real.repeat_interleave(k, dim=0)  # [B*K, C] each
+        prefix_lens = [p for p in prefix_lens for _ in range(k)]
+        cache = repeat_rows(cache, k)
+        b, rows = b * k, list(range(b * k))
     noise = config.min_noise + (1 - config.min_noise) * torch.rand(b, device=device, generator=generator)  # [B]
-    noisy = corrupt(batch.canvas, noise, cfg.vocab_size, generator)  # [B, C]
-    dec = AttentionBatch.for_decoder(rows, batch.prefix_lens, c, cfg.sliding_window, cache)
+    noisy = corrupt(clean, noise, cfg.vocab_size, generator)  # [B, C]
+    dec = AttentionBatch.for_decoder(rows, prefix_lens, c, cfg.sliding_window, cache)
 
     # 3. Self-conditioning input from a gradient-free first pass, for a random subset of rows.
     soft = None
@@ -133,16 +158,15 @@ def block_diffusion_loss(
 
     # 4. The graded denoising pass.
     logits = model.decode(noisy, dec, clone_cache(cache, detach=False), soft)  # [B, C, V] float32
-    ce = F.cross_entropy(logits.reshape(b * c, -1), batch.canvas.reshape(-1), reduction="none").view(b, c)
+    ce = F.cross_entropy(logits.reshape(b * c, -1), clean.reshape(-1), reduction="none").view(b, c)
     if config.weight_by_t:
         ce = ce / noise[:, None]
     if config.filler_weight == 1.0:
         diffusion = ce.mean()
     else:
-        weights = torch.where(batch.canvas_real, 1.0, config.filler_weight)  # [B, C]
+        weights = torch.where(real, 1.0, config.filler_weight)  # [B, C]
         diffusion = (ce * weights).sum() / weights.sum()
     with torch.no_grad():
-        real = batch.canvas_real
-        hits = (logits.argmax(-1) == batch.canvas) & real
+        hits = (logits.argmax(-1) == clean) & real
         accuracy = hits.sum() / real.sum().clamp(min=1)
     return LossParts(diffusion + config.ar_loss_weight * ar, diffusion.detach(), ar.detach(), accuracy, noise)

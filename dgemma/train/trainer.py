@@ -682,8 +682,9 @@ class Trainer:
                 counters["step"] += 1
                 counters["examples"] += batch.input_ids.shape[0]
                 counters["encoder_tokens"] += batch.encoder_tokens
-                counters["canvas_tokens"] += batch.canvas_tokens
-                rate_tokens += batch.encoder_tokens + batch.canvas_tokens
+                canvas_tokens = batch.canvas_tokens * cfg.objective.noise_samples  # every noisy copy is denoised
+                counters["canvas_tokens"] += canvas_tokens
+                rate_tokens += batch.encoder_tokens + canvas_tokens
                 if counters["step"] % 10 == 0:
                     read_window()  # a 10-step mean; the host sync also bounds how far the host runs ahead
 
