@@ -341,32 +341,27 @@ def test_outputs_are_read_like_the_server_reads_them():
     assert not score_output(add, add.answer + "1", [])
 
 
-def test_sweep_choice_takes_the_fastest_setting_within_tolerance_of_the_best():
-    def report(mul_correct, chat_correct, tokens):
-        mul = Score(n=50, correct=mul_correct, generated_tokens=tokens, forwards=100, canvases=10)
-        chat = Score(n=50, correct=chat_correct, generated_tokens=tokens, forwards=100, canvases=10)
-        total = Score()
-        total.add(mul)
-        total.add(chat)
-        return EvalReport({"mul": mul, "chat": chat}, total, {}, 1.0, 64, "cpu")
+def sweep_report(mul_correct: int, chat_correct: int, tokens: int) -> EvalReport:
+    """An evaluation of 50 multiplications (a bar family) and 50 chats, 100 forwards each."""
+    mul = Score(n=50, correct=mul_correct, generated_tokens=tokens, forwards=100, canvases=10)
+    chat = Score(n=50, correct=chat_correct, generated_tokens=tokens, forwards=100, canvases=10)
+    total = Score()
+    total.add(mul)
+    total.add(chat)
+    return EvalReport({"mul": mul, "chat": chat}, total, {}, 1.0, 64, "cpu")
 
-    results = [({"a": 1}, report(50, 49, 400)), ({"a": 2}, report(49, 49, 800)), ({"a": 3}, report(45, 45, 1600)),
-               ({"a": 4}, report(48, 50, 1200))]  # as accurate overall as "a": 2, but it loses on the bar's mul
+
+def test_sweep_choice_takes_the_fastest_setting_within_tolerance_of_the_best():
+    results = [({"a": 1}, sweep_report(50, 49, 400)), ({"a": 2}, sweep_report(49, 49, 800)),
+               ({"a": 3}, sweep_report(45, 45, 1600)), ({"a": 4}, sweep_report(48, 50, 1200))]  # as accurate overall as "a": 2, but it loses on the bar's mul
     assert choose_settings(results, tolerance=0.025)[0] == {"a": 2}
     assert choose_settings(results, tolerance=0.0)[0] == {"a": 1}
 
 
 def test_sweep_choice_follows_the_bar_when_no_setting_is_best_on_both():
-    def report(mul_correct, chat_correct, tokens):
-        mul = Score(n=50, correct=mul_correct, generated_tokens=tokens, forwards=100, canvases=10)
-        chat = Score(n=50, correct=chat_correct, generated_tokens=tokens, forwards=100, canvases=10)
-        total = Score()
-        total.add(mul)
-        total.add(chat)
-        return EvalReport({"mul": mul, "chat": chat}, total, {}, 1.0, 64, "cpu")
-
     # "a": 1 is best overall, "a": 2 best on the bar's mul, "a": 3 as good as 2 on mul and faster.
-    results = [({"a": 1}, report(30, 50, 400)), ({"a": 2}, report(40, 30, 400)), ({"a": 3}, report(40, 20, 800))]
+    results = [({"a": 1}, sweep_report(30, 50, 400)), ({"a": 2}, sweep_report(40, 30, 400)),
+               ({"a": 3}, sweep_report(40, 20, 800))]
     assert choose_settings(results, tolerance=0.0)[0] == {"a": 3}
 
 
