@@ -7,6 +7,7 @@ whole file takes well under a minute on two cores.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import re
@@ -304,11 +305,23 @@ def test_resume_refuses_a_state_saved_with_other_settings(tmp_path):
     (dict(objective=ObjectiveConfig(self_cond_prob=1.5)), "self_cond_prob"),
     (dict(objective=ObjectiveConfig(filler_weight=-0.1)), "filler_weight"),
     (dict(qk_norm_init="zeros"), "qk_norm_init"),
+    (dict(profile_at=-1), "profile_at"),
     (dict(objective=ObjectiveConfig(noise_samples=0)), "noise_samples"),
 ])
 def test_train_config_names_the_bad_field(tmp_path, changes, field):
     with pytest.raises(ConfigError, match=field):
         micro_config(tmp_path / "x", **changes).validate()
+
+
+def test_profiling_the_real_loop_logs_its_tables_once(tmp_path, caplog, monkeypatch):
+    import dgemma.train.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "PROFILE_STEPS", 2)  # parsing a profile is slow; two steps show the idea
+    with caplog.at_level(logging.INFO, logger="dgemma.train.trainer"):
+        train(micro_config(tmp_path / "model", max_steps=6, profile_at=2, batch_size=4, train_examples=300))
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if m.startswith("profile of 2 steps: ")]) == 1
+    assert len([m for m in messages if m.startswith("by host time:")]) == 1
 
 
 def test_an_existing_output_is_refused_before_training(tmp_path):
@@ -352,8 +365,9 @@ def sweep_report(mul_correct: int, chat_correct: int, tokens: int) -> EvalReport
 
 
 def test_sweep_choice_takes_the_fastest_setting_within_tolerance_of_the_best():
+    # "a": 4 is as accurate overall as "a": 2, but it loses on the bar's mul.
     results = [({"a": 1}, sweep_report(50, 49, 400)), ({"a": 2}, sweep_report(49, 49, 800)),
-               ({"a": 3}, sweep_report(45, 45, 1600)), ({"a": 4}, sweep_report(48, 50, 1200))]  # as accurate overall as "a": 2, but it loses on the bar's mul
+               ({"a": 3}, sweep_report(45, 45, 1600)), ({"a": 4}, sweep_report(48, 50, 1200))]
     assert choose_settings(results, tolerance=0.025)[0] == {"a": 2}
     assert choose_settings(results, tolerance=0.0)[0] == {"a": 1}
 

@@ -64,6 +64,8 @@ def add_parser(sub) -> None:
                    help="auto: bf16 autocast with fp32 master weights on CUDA, fp32 on CPU")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--compile", action="store_true", help="torch.compile each layer")
+    g.add_argument("--profile-at", type=int, default=None, metavar="STEP",
+                   help="profile 5 steps of the real loop from STEP (torch.profiler tables in the log)")
     g.add_argument("--moe-impl", choices=["auto", "dense", "model"], default=d.moe_impl,
                    help="dense: all experts in batched matmuls (no host sync; default on CUDA)")
     g = p.add_argument_group("checkpoints and evaluation")
@@ -106,9 +108,10 @@ def config_from_args(args: argparse.Namespace):
         objective=ObjectiveConfig(ar_loss_weight=args.ar_loss_weight, self_cond_prob=args.self_cond_prob,
                                   weight_by_t=args.weight_by_t, filler_weight=args.filler_weight,
                                   noise_samples=args.noise_samples),
-        qk_norm_init=args.qk_norm_init, seed=args.seed, device=args.device, precision=args.precision, compile=args.compile, moe_impl=args.moe_impl,
-        eval_every=args.eval_every, checkpoint_every_min=args.checkpoint_every_min, resume=not args.no_resume,
-        keep_state=args.keep_state, overwrite=args.overwrite, max_shard_mb=args.max_shard_mb,
+        qk_norm_init=args.qk_norm_init, seed=args.seed, device=args.device, precision=args.precision,
+        compile=args.compile, moe_impl=args.moe_impl, eval_every=args.eval_every,
+        checkpoint_every_min=args.checkpoint_every_min, resume=not args.no_resume, keep_state=args.keep_state,
+        overwrite=args.overwrite, profile_at=args.profile_at, max_shard_mb=args.max_shard_mb,
         final_eval=args.final_eval, sweep=args.sweep,
     ).validate()
 

@@ -155,6 +155,7 @@ class TrainConfig:
     keep_state: bool = False  # keep <out_dir>.train.pt after a finished run (it is always kept when interrupted)
     overwrite: bool = False  # replace an existing out_dir at export
     log_every_s: float = 30.0  # seconds between progress lines when stderr is not a terminal
+    profile_at: int | None = None  # profile PROFILE_STEPS steps of the real loop from this step (tables in the log)
     final_eval: int = 200  # held-out problems scored after export (0 = skip)
     sweep: bool = False  # after export, sweep sampler settings and write the best into generation_config.json
     max_shard_mb: float = 15.0  # exported safetensors shard size (MiB)
@@ -163,7 +164,7 @@ class TrainConfig:
     # Fields that may differ between a run and its resumption.
     RESUMABLE_CHANGES = ("max_steps", "time_budget_min", "resume", "keep_state", "overwrite", "log_every_s",
                          "final_eval", "sweep", "checkpoint_every_min", "eval_every", "workers", "compile",
-                         "max_shard_mb", "generation_config")
+                         "max_shard_mb", "generation_config", "profile_at")
 
     def validate(self) -> "TrainConfig":
         if not self.out_dir:
@@ -176,6 +177,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.profile_at is not None and (not isinstance(self.profile_at, int) or self.profile_at < 0):
+            raise ConfigError(f"profile_at must be a step number >= 0, got {self.profile_at!r}")
         for name in ("warmup_steps", "eval_every", "workers", "final_eval", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -291,6 +294,45 @@ def use_dense_experts(model: DiffusionGemma) -> None:
             new = DenseExperts(1, 1, 1)
         new.gate_up_proj, new.down_proj = old.gate_up_proj, old.down_proj
         layer.experts = new
+
+
+PROFILE_STEPS = 5
+
+
+class StepProfiler:
+    """torch.profiler over PROFILE_STEPS steps of the real training loop (data, validation and saves included), then
+    two tables in the log: kernels by device time and operators by host time. Where an isolated step
+    (scripts/train_step_ab.py) and the loop disagree, these say which side waits."""
+
+    def __init__(self, device: torch.device):
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        self.device = device
+        self.steps = 0
+        self.start = time.perf_counter()
+        self.profile = profile(activities=activities)
+        self.profile.__enter__()
+
+    def step_done(self) -> bool:
+        self.steps += 1
+        if self.steps < PROFILE_STEPS:
+            return False
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        wall_ms = (time.perf_counter() - self.start) * 1e3 / self.steps
+        self.profile.__exit__(None, None, None)
+        events = self.profile.key_averages()
+        if self.device.type == "cuda":
+            device_ms = sum(e.self_device_time_total for e in events) / 1e3 / self.steps
+            kernels = sum(e.count for e in events if e.self_device_time_total > 0) / self.steps
+            log.info("profile of %d steps: %.0f ms wall a step, %.0f ms of device time, %.0f kernels a step",
+                     self.steps, wall_ms, device_ms, kernels)
+            log.info("by device time:\n%s", events.table(sort_by="self_device_time_total", row_limit=15))
+        else:
+            log.info("profile of %d steps: %.0f ms wall a step", self.steps, wall_ms)
+        log.info("by host time:\n%s", events.table(sort_by="self_cpu_time_total", row_limit=15))
+        return True
 
 
 def lr_at(config: TrainConfig, step: int, progress: float) -> float:
@@ -651,7 +693,10 @@ class Trainer:
                     values.clear()
 
         try:
+            profiler = None
             while progress() < 1.0:
+                if counters["step"] == cfg.profile_at and profiler is None:
+                    profiler = StepProfiler(self.device)
                 step_start = time.perf_counter()
                 batch = next(sampler).to(self.device)
                 lr = lr_at(cfg, counters["step"], progress())
@@ -701,6 +746,8 @@ class Trainer:
                     last_save = time.monotonic()
                 # The budget is wall-clock: validation and saves inside the loop count too.
                 counters["train_seconds"] += time.perf_counter() - step_start
+                if profiler is not None and profiler.step_done():
+                    profiler = None  # its tables are logged (the step counter has moved past profile_at)
                 elapsed = time.perf_counter() - rate_start
                 tok_s = rate_tokens / elapsed if elapsed > 0 else 0.0
                 if elapsed > 30:  # a recent rate: restart the window
