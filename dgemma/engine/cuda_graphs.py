@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from dgemma.model.attention import AttentionBatch
+from dgemma.model.attention import AttentionBatch, visible_positions
 from dgemma.model.diffusion_gemma import DiffusionGemma
 from dgemma.model.kv_cache import KVCache
 from dgemma.sampling.entropy_bound import entropy_bound_accept
@@ -107,16 +107,14 @@ class _RowBounds:
         self.set_split_row(row, prefix_len, window, self.tokens if causal else 0)
 
     def set_split_row(self, row: int, prefix_len: int, window: int, causal_tokens: int) -> None:
-        """The row's first `causal_tokens` tokens are encoder tokens: query i sees (i - W, i]. The rest are a
-        decoder canvas after them: it sees the last W-1 positions before it and the whole canvas."""
-        pos = self.offsets + prefix_len  # [T]
-        causal = self.offsets < causal_tokens  # [T]
-        canvas_start = prefix_len + causal_tokens
+        """The row's first `causal_tokens` tokens are encoder tokens, the rest one decoder canvas after them; what
+        each sees is `visible_positions`'s rule, the one the eager `AttentionBatch` builders use."""
+        pos, key_start, key_end = visible_positions(prefix_len, self.offsets, causal_tokens, window)  # [T] each
         self.positions[row].copy_(pos)
         self.write_slots[row].copy_(pos)
         self.written_end[row] = prefix_len + self.tokens
-        self.key_start[row].copy_(torch.where(causal, pos - window + 1, canvas_start - (window - 1)))
-        self.key_end[row].copy_(torch.where(causal, pos + 1, prefix_len + self.tokens))
+        self.key_start[row].copy_(key_start)
+        self.key_end[row].copy_(key_end)
 
     def deactivate(self, row: int) -> None:
         self.write_slots[row].fill_(self.trash_slot)

@@ -20,6 +20,23 @@ from dgemma.model.kv_cache import KVCache, ring_positions
 from dgemma.model.layers import RMSNorm, norm_rope, rms_norm
 
 
+def visible_positions(
+    prefix: torch.Tensor | int,  # [B, 1], or one row's prefix length
+    offsets: torch.Tensor,  # [1, T] or [T]: each token's place after the prefix
+    causal_tokens: int,  # the first this many tokens are encoder tokens; the rest one decoder canvas after them
+    window: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one visibility rule of every forward: (positions, first position a query sees on sliding layers, one past
+    the last position it sees), each [B, T] (or [T]). An encoder query at i sees (i - W, i]; a canvas query sees the
+    last W-1 positions before its canvas and the whole canvas. Full layers see every position before the end."""
+    positions = prefix + offsets
+    causal = offsets < causal_tokens
+    canvas_start = prefix + causal_tokens
+    key_start = torch.where(causal, positions - window + 1, canvas_start - (window - 1))
+    key_end = torch.where(causal, positions + 1, prefix + offsets.shape[-1])
+    return positions, key_start, key_end
+
+
 @dataclass
 class AttentionBatch:
     """Where a forward's tokens sit in the cache and what they may attend to."""
@@ -108,11 +125,11 @@ class AttentionBatch:
         width = max(new_lens)
         prefix = torch.tensor(prefix_lens, device=device)[:, None]  # [B, 1]
         offsets = torch.arange(width, device=device)[None, :]  # [1, T]
-        positions = prefix + offsets  # [B, T]
+        positions, key_start, key_end = visible_positions(prefix, offsets, width, sliding_window)  # [B, T] each
         valid = offsets < torch.tensor(new_lens, device=device)[:, None]
         write_slots = torch.where(valid, positions, torch.full_like(positions, cache.trash_slot))
         written_end = [p + n for p, n in zip(prefix_lens, new_lens)]
-        return cls._build(rows, positions, write_slots, positions - sliding_window + 1, positions + 1, written_end,
+        return cls._build(rows, positions, write_slots, key_start, key_end, written_end,
                           min(prefix_lens) - sliding_window + 1, cache)
 
     @classmethod
@@ -123,9 +140,8 @@ class AttentionBatch:
         cache.check_write(canvas_length)
         device = cache.keys[0].device
         prefix = torch.tensor(prefix_lens, device=device)[:, None]  # [B, 1]
-        positions = prefix + torch.arange(canvas_length, device=device)[None, :]  # [B, C]
-        key_end = (prefix + canvas_length).expand_as(positions)
-        key_start = (prefix - (sliding_window - 1)).expand_as(positions)
+        offsets = torch.arange(canvas_length, device=device)[None, :]  # [1, C]
+        positions, key_start, key_end = visible_positions(prefix, offsets, 0, sliding_window)  # [B, C] each
         written_end = [p + canvas_length for p in prefix_lens]
         return cls._build(rows, positions, positions, key_start, key_end, written_end,
                           min(prefix_lens) - (sliding_window - 1), cache, canvas=True)
@@ -142,10 +158,7 @@ class AttentionBatch:
         device = cache.keys[0].device
         prefix = torch.tensor(prefix_lens, device=device)[:, None]  # [B, 1]
         offsets = torch.arange(2 * c, device=device)[None, :]  # [1, 2C]
-        positions = prefix + offsets  # [B, 2C]
-        encoder = offsets < c  # [1, 2C]
-        key_start = torch.where(encoder, positions - sliding_window + 1, prefix + c - (sliding_window - 1))  # [B, 2C]
-        key_end = torch.where(encoder, positions + 1, prefix + 2 * c)  # [B, 2C]
+        positions, key_start, key_end = visible_positions(prefix, offsets, c, sliding_window)  # [B, 2C] each
         written_end = [p + 2 * c for p in prefix_lens]
         return cls._build(rows, positions, positions, key_start, key_end, written_end,
                           min(prefix_lens) - sliding_window + 1, cache)

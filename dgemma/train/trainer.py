@@ -312,7 +312,7 @@ class StepProfiler:
         self.steps = 0
         self.start = time.perf_counter()
         self.profile = profile(activities=activities)
-        self.profile.__enter__()
+        self.profile.start()
 
     def step_done(self) -> bool:
         self.steps += 1
@@ -321,7 +321,7 @@ class StepProfiler:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         wall_ms = (time.perf_counter() - self.start) * 1e3 / self.steps
-        self.profile.__exit__(None, None, None)
+        self.profile.stop()
         events = self.profile.key_averages()
         if self.device.type == "cuda":
             device_ms = sum(e.self_device_time_total for e in events) / 1e3 / self.steps
