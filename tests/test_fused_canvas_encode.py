@@ -14,12 +14,19 @@ from __future__ import annotations
 
 import sys
 import types
-from dataclasses import replace
 
 import pytest
 import torch
+from small_window import (
+    CPU,
+    C,
+    W,
+    encode_in_pieces,
+    random_ids,
+    small_window_config,
+    small_window_model,
+)
 
-from dgemma.checkpoint.random_init import InitScale, build_random_model, preset
 from dgemma.engine.cuda_graphs import GraphedDenoiser, GraphedEncoder
 from dgemma.engine.engine import Engine
 from dgemma.engine.request import Request
@@ -28,36 +35,17 @@ from dgemma.model.attention import AttentionBatch
 from dgemma.model.kv_cache import KVCache
 from dgemma.sampling.params import SamplingParams
 
-W, C = 8, 4
-CPU = torch.device("cpu")
 TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def config():
-    return replace(preset("tiny"), sliding_window=W, canvas_length=C)
+    return small_window_config()
 
 
 @pytest.fixture(scope="module")
 def model(config):
-    # Peaked logits (large embedding): the sampler's choices are not near ties, so rounding cannot flip them.
-    return build_random_model(config, dtype="float32", seed=3, scale=InitScale(embed_std=3.0, perturb=0.1))
-
-
-def random_ids(n: int, seed: int) -> list[int]:
-    return torch.randint(10, 500, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def encoded_prompts(config, model, prompts: dict[int, list[int]], max_write: int | None) -> KVCache:
-    """A cache of 3 rows holding each row's prompt, encoded in pieces the ring takes."""
-    cache = KVCache(config, 3, 96, torch.float32, CPU, max_write_tokens=max_write)
-    piece = max_write or 96
-    for row, ids in prompts.items():
-        for start in range(0, len(ids), piece):
-            chunk = ids[start : start + piece]
-            model.encode(torch.tensor([chunk]), AttentionBatch.for_encoder([row], [start], [len(chunk)], W, cache),
-                         cache)
-    return cache
+    return small_window_model(config)
 
 
 def assert_caches_close(a: KVCache, b: KVCache, rows) -> None:
@@ -82,13 +70,13 @@ def test_one_pass_gives_the_encoder_then_the_decoder(config, model, max_write):
     canvas = torch.randint(0, config.vocab_size, (2, C), generator=gen)  # [B, C]
     soft = torch.randn(2, C, config.hidden_size, generator=gen)  # [B, C, H]
 
-    separate = encoded_prompts(config, model, prompts, max_write)
+    separate = encode_in_pieces(config, model, prompts.items(), max_write)
     assert separate.ring == (max_write is not None)
     model.encode(committed, AttentionBatch.for_encoder(rows, prefixes, [C, C], W, separate), separate)
     expected = model.decode_hidden(canvas, AttentionBatch.for_decoder(rows, [p + C for p in prefixes], C, W, separate),
                                    separate, soft)  # [B, C, H]
 
-    fused = encoded_prompts(config, model, prompts, max_write)
+    fused = encode_in_pieces(config, model, prompts.items(), max_write)
     batch = AttentionBatch.for_encode_and_decode(rows, prefixes, C, W, fused)
     hidden = model.encode_and_decode_hidden(committed, canvas, batch, fused, soft)  # [B, C, H]
 
@@ -230,7 +218,7 @@ def test_the_fused_graph_step_gives_the_encoder_graph_then_the_denoiser_graph(co
     rows, starts = [0, 2], [len(prompts[0]) + C, len(prompts[2]) + C]  # each new canvas follows its committed one
     results = {}
     for fused in (False, True):
-        cache = encoded_prompts(config, model, prompts, 2 * C)
+        cache = encode_in_pieces(config, model, prompts.items(), 2 * C)
         row1 = [k[1, :-1].clone() for k in cache.keys]
         denoiser = GraphedDenoiser(model, cache, [1, 2, 3], fuse_canvas_encode=fused, capture=False)
         if not fused:

@@ -8,10 +8,17 @@ is refused.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
+from small_window import (
+    CPU,
+    C,
+    W,
+    encode_in_pieces,
+    random_ids,
+    small_window_config,
+    small_window_model,
+)
 
 import dgemma.engine.autoregressive as autoregressive_module
 import dgemma.engine.engine as engine_module
@@ -33,29 +40,22 @@ from dgemma.model.kv_cache import (
 )
 from dgemma.sampling.params import SamplingParams
 
-W, C = 8, 4
-CPU = torch.device("cpu")
 TOL = 1e-5  # the same float32 operations with the keys in another order: rounding only
 
 
 @pytest.fixture(scope="module")
 def config():
-    return replace(preset("tiny"), sliding_window=W, canvas_length=C)
+    return small_window_config()
 
 
 @pytest.fixture(scope="module")
 def model(config):
-    # Peaked logits (large embedding), so that canvases stop early and the sampler's choices are not all ties.
-    return build_random_model(config, dtype="float32", seed=3, scale=InitScale(embed_std=3.0, perturb=0.1))
+    return small_window_model(config)
 
 
 def full_layout(monkeypatch, module) -> None:
     """Make `module` build its caches with the full layout, whatever it asks for."""
     monkeypatch.setattr(module, "KVCache", lambda *args, max_write_tokens=None, **kwargs: KVCache(*args, **kwargs))
-
-
-def random_ids(n: int, seed: int) -> list[int]:
-    return torch.randint(10, 500, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -281,22 +281,12 @@ def test_token_by_token_decoding_with_the_ring_gives_the_full_layout_tokens(mode
 # The static-buffer steps of the CUDA graphs, run without capture
 
 
-def eager_ring(config, model, rows_and_ids, max_write):
-    cache = KVCache(config, 3, 96, torch.float32, CPU, max_write_tokens=max_write)
-    for row, ids in rows_and_ids:
-        for start in range(0, len(ids), max_write):
-            piece = ids[start : start + max_write]
-            model.encode(torch.tensor([piece]),
-                         AttentionBatch.for_encoder([row], [start], [len(piece)], W, cache), cache)
-    return cache
-
-
 def test_static_steps_write_the_ring_the_eager_encoder_writes(config, model):
     gen = torch.Generator().manual_seed(4)
     prompts = {0: torch.randint(5, 500, (29,), generator=gen).tolist(),
                2: torch.randint(5, 500, (50,), generator=gen).tolist()}
     canvases = {row: torch.randint(5, 500, (C,), generator=gen).tolist() for row in prompts}
-    expected = eager_ring(config, model, [(row, prompts[row] + canvases[row]) for row in prompts], 6)
+    expected = encode_in_pieces(config, model, [(row, prompts[row] + canvases[row]) for row in prompts], 6)
 
     cache = KVCache(config, 3, 96, torch.float32, CPU, max_write_tokens=6)
     prefill = GraphedPrefill(model, cache, [4, 8], capture=False)  # 6-token chunks padded to 8
@@ -318,7 +308,7 @@ def test_static_steps_write_the_ring_the_eager_encoder_writes(config, model):
 def test_static_decoder_bounds_over_the_whole_ring_give_the_eager_logits(config, model):
     """The graphed denoiser's attention inputs (whole ring, slot order) against the eager full layout."""
     prompts = {0: random_ids(41, 5), 1: random_ids(26, 6)}
-    ring = eager_ring(config, model, list(prompts.items()), 6)
+    ring = encode_in_pieces(config, model, list(prompts.items()), 6)
     full = KVCache(config, 3, 96, torch.float32, CPU)
     for row, ids in prompts.items():
         model.encode(torch.tensor([ids]), AttentionBatch.for_encoder([row], [0], [len(ids)], W, full),
