@@ -377,3 +377,50 @@ def test_fused_graph_step_is_as_accurate_as_the_encoder_and_denoiser_graphs_on_g
     fused, separate = report["fused"], report["separate"]
     assert fused["keys_rel_err"] <= 1.25 * separate["keys_rel_err"] + 2e-3, report
     assert fused["argmax_agree"] >= separate["argmax_agree"] - 0.1, report
+
+
+def test_captured_training_step_matches_the_eager_step_on_gpu(monkeypatch):
+    """The graphed forward+backward (dgemma/train/step_graphs.py) gives the eager loss and gradients, for every
+    batch replayed into a shape's buffers and across shapes. The noise is fixed (a static tensor the graph reads),
+    so both sides see the same corrupted canvases."""
+    import random
+
+    import dgemma.train.objective as objective
+    from dgemma.train.dataset import collate, pad_batch
+    from dgemma.train.step_graphs import GraphedLossStep
+    from dgemma.train.trainer import model_preset, use_dense_experts
+
+    model = build_random_model(model_preset("micro", 64, [1]), "float32", "cuda", seed=0)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    use_dense_experts(model)
+    model.set_kernel_devices(())
+    c = model.config.canvas_length
+    uniforms = {}
+
+    def fixed_uniforms(rows, canvas_length, device, generator=None):
+        if rows not in uniforms:  # made before any capture (the warm-up pass comes first), read by the graph
+            gen = torch.Generator().manual_seed(rows)
+            uniforms[rows] = torch.rand(rows, 3 + 2 * canvas_length, generator=gen).to(device)
+        return uniforms[rows]  # [rows, 3 + 2C], the same numbers for both sides
+
+    monkeypatch.setattr(objective, "row_uniforms", fixed_uniforms)
+    params = list(model.parameters())
+    cfg = objective.ObjectiveConfig()
+    step = GraphedLossStep(params, lambda b: objective.block_diffusion_loss(model, b, cfg),
+                           lambda: torch.autocast("cuda", enabled=False), capture=True)
+    rng = random.Random(0)
+    for shape in ((8, 32), (8, 32), (4, 64), (8, 32), (4, 64)):
+        rows = [([2] + [rng.randrange(3, 64) for _ in range(rng.randrange(6, shape[1] - 1))], 3)
+                for _ in range(shape[0] - 1)]
+        batch = pad_batch(collate(rows, c, 0, rng), *shape, 0)
+        model.zero_grad(set_to_none=True)
+        got = step.step(batch, torch.device("cuda"))
+        got_grads = [p.grad.clone() for p in params]
+        model.zero_grad(set_to_none=True)
+        want = objective.block_diffusion_loss(model, batch.to("cuda"), cfg)
+        want.loss.backward()
+        assert rel_err(got.loss, want.loss.detach()) < 1e-4
+        for g, p in zip(got_grads, params):
+            assert (g - p.grad).abs().max() <= 1e-3 * p.grad.abs().max() + 1e-6
+    assert sorted(step.shapes) == [(4, 64), (8, 32)]

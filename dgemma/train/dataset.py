@@ -28,6 +28,7 @@ import multiprocessing
 import random
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -208,30 +209,61 @@ def build_corpus(
 
 @dataclass
 class TrainBatch:
-    """What the objective needs for one step; every row is one example."""
+    """What the objective needs for one step; every row is one example, or padding (`pad_batch`)."""
 
     input_ids: torch.Tensor  # [B, T] clean prompt + response, right-padded with <pad>
-    lengths: list[int]  # [B] real tokens per row
+    lengths: torch.Tensor  # [B] int64 real tokens per row
     ar_targets: torch.Tensor  # [B, T] next token where it is a response token, IGNORE elsewhere
-    prefix_lens: list[int]  # [B] P: the prompt plus the canvases before the corrupted block
+    prefix_lens: torch.Tensor  # [B] int64 P: the prompt plus the canvases before the corrupted block
     canvas: torch.Tensor  # [B, C] the clean block: response tokens [P - prompt, P - prompt + C), then <pad>
     canvas_real: torch.Tensor  # [B, C] bool: a response token (not <pad> filler)
     families: torch.Tensor  # [B] family index
+    rows_real: torch.Tensor  # [B] bool: an example (False: a padding row, which no loss sees)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))  # not astuple: that deep-copies
+
+    def pin_memory(self) -> "TrainBatch":
+        """Page-locked host copies: copies from them to a GPU run in the background (a copy from ordinary memory
+        makes the host wait for the GPU to reach it)."""
+        return TrainBatch(*(t.pin_memory() for t in self.tensors()))
 
     def to(self, device: torch.device) -> "TrainBatch":
-        move = dict(device=device, non_blocking=True)
-        return TrainBatch(
-            self.input_ids.to(**move), self.lengths, self.ar_targets.to(**move), self.prefix_lens,
-            self.canvas.to(**move), self.canvas_real.to(**move), self.families.to(**move),
-        )
+        return TrainBatch(*(t.to(device=device, non_blocking=True) for t in self.tensors()))
+
+    @property
+    def examples(self) -> int:
+        return int(self.rows_real.sum())  # a host sync on a device batch: count before moving it
 
     @property
     def encoder_tokens(self) -> int:
-        return sum(self.lengths)
+        return int(self.lengths[self.rows_real].sum())
 
     @property
     def canvas_tokens(self) -> int:
-        return self.canvas.numel()
+        return self.examples * self.canvas.shape[1]
+
+
+def pad_batch(batch: TrainBatch, rows: int, width: int, pad_id: int) -> TrainBatch:
+    """The batch at a fixed shape [rows, width] (what one captured CUDA graph takes): extra columns are <pad> with
+    no target, extra rows repeat row 0 with no targets (`rows_real` False), so no loss and no gradient changes."""
+    b, t = batch.input_ids.shape
+    if b > rows or t > width:
+        raise ValueError(f"a batch of {b} rows x {t} tokens does not fit the static shape {rows} x {width}")
+    extra = [0] * (rows - b)  # copies of row 0: real lengths and positions keep every attention row well defined
+
+    def more_rows(x: torch.Tensor) -> torch.Tensor:  # [B, ...] -> [rows, ...]
+        return torch.cat([x, x[extra]]) if extra else x
+
+    def wider(x: torch.Tensor, value: int) -> torch.Tensor:  # [rows, T] -> [rows, width]
+        return torch.cat([x, x.new_full((rows, width - t), value)], dim=1) if width > t else x
+
+    ar_targets, canvas_real, rows_real = more_rows(batch.ar_targets), more_rows(batch.canvas_real), more_rows(
+        batch.rows_real)
+    ar_targets[b:], canvas_real[b:], rows_real[b:] = IGNORE, False, False
+    return TrainBatch(wider(more_rows(batch.input_ids), pad_id), more_rows(batch.lengths), wider(ar_targets, IGNORE),
+                      more_rows(batch.prefix_lens), more_rows(batch.canvas), canvas_real, more_rows(batch.families),
+                      rows_real)
 
 
 def canvas_block(prompt_len: int, length: int, canvas_length: int, block: int) -> tuple[int, int]:
@@ -267,7 +299,9 @@ def collate(
         canvas_real[i, :real] = True
         prefix_lens.append(prefix)
     family_t = torch.tensor(list(families) if families is not None else [0] * b, dtype=torch.long)
-    return TrainBatch(input_ids, [len(ids) for ids, _ in rows], ar_targets, prefix_lens, canvas, canvas_real, family_t)
+    return TrainBatch(input_ids, torch.tensor([len(ids) for ids, _ in rows], dtype=torch.long), ar_targets,
+                      torch.tensor(prefix_lens, dtype=torch.long), canvas, canvas_real, family_t,
+                      torch.ones(b, dtype=torch.bool))
 
 
 def collate_from_corpus(corpus: Corpus, indices: Sequence[int], canvas_length: int, pad_id: int,
@@ -292,8 +326,8 @@ def collate_from_corpus(corpus: Corpus, indices: Sequence[int], canvas_length: i
     canvas_real = columns < real[:, None]  # [B, C]
     canvas_tokens = corpus.tokens[(starts[:, None] + prefix[:, None] + columns).clamp(max=last)].long()
     canvas = torch.where(canvas_real, canvas_tokens, pad_id)
-    return TrainBatch(input_ids, lengths.tolist(), ar_targets, prefix.tolist(), canvas, canvas_real,
-                      corpus.families[idx])
+    return TrainBatch(input_ids, lengths, ar_targets, prefix, canvas, canvas_real, corpus.families[idx],
+                      torch.ones(len(idx), dtype=torch.bool))
 
 
 class BatchSampler:
@@ -302,17 +336,22 @@ class BatchSampler:
     Each group of `pool_batches` batches is drawn at random, sorted by length and cut into batches, whose order is
     then shuffled: rows of a batch have similar lengths, batches of a pool arrive in random order. A batch holds
     `batch_size` rows, fewer where that many rows of its length would exceed `max_batch_tokens` (long tool prompts).
+    With `width_multiple` m, a batch's width counts as its longest row rounded up to a multiple of m, so that
+    `static_shape` can pad every batch to one of few shapes (one captured CUDA graph each).
     All randomness comes from one `random.Random`, so `state()` / `load_state()` resume the exact stream.
     """
 
     def __init__(self, corpus: Corpus, batch_size: int, canvas_length: int, pad_id: int, seed: int,
-                 pool_batches: int = 16, max_batch_tokens: int | None = None):
+                 pool_batches: int = 16, max_batch_tokens: int | None = None, width_multiple: int = 1):
         if batch_size <= 0:
             raise ConfigError(f"batch_size must be positive, got {batch_size}")
-        longest = int(corpus.lengths.max()) if len(corpus) else 0
+        if width_multiple <= 0:
+            raise ConfigError(f"width_multiple must be positive, got {width_multiple}")
+        self.width_multiple = width_multiple
+        longest = self.width(int(corpus.lengths.max())) if len(corpus) else 0
         if max_batch_tokens is not None and max_batch_tokens < longest:
             raise ConfigError(f"max_batch_tokens={max_batch_tokens} cannot hold the corpus's longest example "
-                              f"({longest} tokens)")
+                              f"({longest} tokens{' padded' if width_multiple > 1 else ''})")
         if len(corpus) < batch_size:
             raise ConfigError(f"the corpus has {len(corpus)} examples, fewer than one batch of {batch_size}")
         self.corpus = corpus
@@ -322,10 +361,21 @@ class BatchSampler:
         self.pool_batches = pool_batches
         self.max_batch_tokens = max_batch_tokens  # rows x longest row: bounds activation memory
         self.rng = random.Random(seed)
+        self._lengths = corpus.lengths.tolist()  # read at every refill: a list once, not per pool
         self.epoch = 0
         self._order: list[int] = []
         self._pending: list[list[int]] = []  # batches (lists of example indices) of the current pool
         self._cursor = 0  # next position in _order
+
+    def width(self, longest: int) -> int:
+        """The width a batch whose longest row has `longest` tokens counts as."""
+        return -(-longest // self.width_multiple) * self.width_multiple
+
+    def static_shape(self, longest: int) -> tuple[int, int]:
+        """(rows, width) that every batch of this width fits: the shape `pad_batch` gives it."""
+        width = self.width(longest)
+        rows = self.batch_size if not self.max_batch_tokens else min(self.batch_size, self.max_batch_tokens // width)
+        return rows, width
 
     def state(self) -> dict:
         return {"rng": self.rng.getstate(), "epoch": self.epoch, "order": list(self._order),
@@ -347,12 +397,13 @@ class BatchSampler:
                    * self.batch_size)
         pool = self._order[self._cursor : self._cursor + take]
         self._cursor += take
-        lengths = self.corpus.lengths.tolist()
+        lengths = self._lengths
         pool.sort(key=lambda i: lengths[i])
         batches: list[list[int]] = [[]]
         for i in pool:  # ascending lengths: a row's length is its batch's padded width
             rows = len(batches[-1]) + 1
-            if rows > self.batch_size or (self.max_batch_tokens and rows * lengths[i] > self.max_batch_tokens):
+            if rows > self.batch_size or (self.max_batch_tokens and rows * self.width(lengths[i])
+                                           > self.max_batch_tokens):
                 batches.append([])
             batches[-1].append(i)
         self.rng.shuffle(batches)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from dgemma.errors import ConfigError
-from dgemma.model.attention import AttentionBatch
+from dgemma.model.attention import AttentionBatch, visible_positions
 from dgemma.model.diffusion_gemma import DiffusionGemma
 from dgemma.model.kv_cache import KVCache
 from dgemma.train.dataset import IGNORE, TrainBatch
@@ -83,12 +83,20 @@ class LossParts:
     noise: torch.Tensor  # [B * noise_samples] t of each denoised row
 
 
-def corrupt(canvas: torch.Tensor, t: torch.Tensor, vocab_size: int, generator: torch.Generator | None = None
+def corrupt(canvas: torch.Tensor, t: torch.Tensor, vocab_size: int, flip_u: torch.Tensor, token_u: torch.Tensor
             ) -> torch.Tensor:
-    """Replace each token of canvas [B, C] with a uniform random id with probability t [B]. -> [B, C]"""
-    flip = torch.rand(canvas.shape, device=canvas.device, generator=generator) < t[:, None]
-    noise = torch.randint(0, vocab_size, canvas.shape, device=canvas.device, generator=generator)
-    return torch.where(flip, noise, canvas)
+    """Replace each token of canvas [B, C] with a uniform random id with probability t [B], from uniforms
+    flip_u and token_u in [0, 1) ([B, C] each). -> [B, C]"""
+    noise = (token_u * vocab_size).long().clamp(max=vocab_size - 1)  # [B, C] uniform over the vocabulary
+    return torch.where(flip_u < t[:, None], noise, canvas)
+
+
+def row_uniforms(rows: int, canvas_length: int, device: torch.device, generator: torch.Generator | None = None
+                 ) -> torch.Tensor:
+    """Every random number a step draws, in one call: [rows, 3 + 2C] uniforms, a row per denoised row (noise
+    level, self-conditioning choice, temperature, then C flips and C noise tokens). Row i's numbers do not depend
+    on how many rows follow it (on a CPU generator), so padding rows at the end change nothing before them."""
+    return torch.rand(rows, 3 + 2 * canvas_length, device=device, generator=generator)
 
 
 def clone_cache(cache: KVCache, detach: bool) -> KVCache:
@@ -116,14 +124,21 @@ def block_diffusion_loss(
     cfg = model.config
     ids = batch.input_ids  # [B, T]
     b, t_len = ids.shape
-    c = cfg.canvas_length
+    c, w = cfg.canvas_length, cfg.sliding_window
     device = ids.device
-    rows = list(range(b))
+    rows = torch.arange(b, device=device)  # [B]
 
     # 1. Encoder over the clean sequences; the cache's dtype is the residual stream's (the weights', fp32 master).
+    #    Attention bounds come from device tensors over the whole cache (no host-side lengths): the step has a
+    #    fixed shape per batch shape, and a CUDA graph can hold it.
     cache = KVCache(cfg, b, t_len + c, model.dtype, device)
-    hidden = model.encode(ids, AttentionBatch.for_encoder(rows, [0] * b, batch.lengths, cfg.sliding_window, cache),
-                          cache)  # [B, T, H]
+    offsets = torch.arange(t_len, device=device)[None, :]  # [1, T]
+    positions, key_start, key_end = visible_positions(0, offsets, t_len, w)  # [1, T] each
+    positions, key_start, key_end = (x.expand(b, t_len) for x in (positions, key_start, key_end))  # [B, T] each
+    slots = torch.where(offsets < batch.lengths[:, None], positions, cache.trash_slot)  # [B, T]
+    enc = AttentionBatch.from_bounds(rows, positions, slots, key_start, key_end, batch.lengths, t_len, cache,
+                                     row_range=(0, b))
+    hidden = model.encode(ids, enc, cache)  # [B, T, H]
     if config.ar_loss_weight > 0:
         # Every position goes through the (small) LM head and ignore_index drops prompt and padding: selecting the
         # response positions first would need their count on the host (a sync per step) and a slow scatter in
@@ -134,38 +149,39 @@ def block_diffusion_loss(
         ar = torch.zeros((), device=device)
 
     # 2. Corrupt one block per row, noise_samples times (row i's copies are rows i*K .. i*K + K - 1).
-    clean, real, prefix_lens = batch.canvas, batch.canvas_real, batch.prefix_lens
+    clean, real, prefix, row_weight = batch.canvas, batch.canvas_real, batch.prefix_lens, batch.rows_real.float()
     if config.noise_samples > 1:
         k = config.noise_samples
         clean, real = clean.repeat_interleave(k, dim=0), real.repeat_interleave(k, dim=0)  # [B*K, C] each
-        prefix_lens = [p for p in prefix_lens for _ in range(k)]
+        prefix, row_weight = prefix.repeat_interleave(k), row_weight.repeat_interleave(k)  # [B*K] each
         cache = repeat_rows(cache, k)
-        b, rows = b * k, list(range(b * k))
-    noise = config.min_noise + (1 - config.min_noise) * torch.rand(b, device=device, generator=generator)  # [B]
-    noisy = corrupt(clean, noise, cfg.vocab_size, generator)  # [B, C]
-    dec = AttentionBatch.for_decoder(rows, prefix_lens, c, cfg.sliding_window, cache)
+        b = b * k
+        rows = torch.arange(b, device=device)
+    u = row_uniforms(b, c, device, generator)  # [B, 3 + 2C]
+    noise = config.min_noise + (1 - config.min_noise) * u[:, 0]  # [B]
+    noisy = corrupt(clean, noise, cfg.vocab_size, u[:, 3 : 3 + c], u[:, 3 + c :])  # [B, C]
+    positions, key_start, key_end = visible_positions(prefix[:, None], torch.arange(c, device=device)[None, :], 0, w)
+    dec = AttentionBatch.from_bounds(rows, positions, positions, key_start, key_end, prefix + c, t_len + c, cache,
+                                     row_range=(0, b), canvas=True)
 
     # 3. Self-conditioning input from a gradient-free first pass, for a random subset of rows.
     soft = None
     if config.self_cond_prob > 0:
-        chosen = torch.rand(b, device=device, generator=generator) < config.self_cond_prob  # [B]
+        chosen = u[:, 1] < config.self_cond_prob  # [B]
         with torch.no_grad():
             first = model.decode(noisy, dec, clone_cache(cache, detach=True))  # [B, C, V] float32
             lo, hi = config.self_cond_t_min, config.self_cond_t_max
-            temperature = lo + (hi - lo) * torch.rand(b, device=device, generator=generator)  # [B]
+            temperature = lo + (hi - lo) * u[:, 2]  # [B]
             soft = model.soft_embedding(first / temperature[:, None, None])  # [B, C, H]
             soft = soft * chosen[:, None, None].to(soft.dtype)  # zero signal = "first step" for the other rows
 
-    # 4. The graded denoising pass.
+    # 4. The graded denoising pass: a mean over the canvas positions of real rows (padding rows weigh 0).
     logits = model.decode(noisy, dec, clone_cache(cache, detach=False), soft)  # [B, C, V] float32
     ce = F.cross_entropy(logits.reshape(b * c, -1), clean.reshape(-1), reduction="none").view(b, c)
     if config.weight_by_t:
         ce = ce / noise[:, None]
-    if config.filler_weight == 1.0:
-        diffusion = ce.mean()
-    else:
-        weights = torch.where(real, 1.0, config.filler_weight)  # [B, C]
-        diffusion = (ce * weights).sum() / weights.sum()
+    weights = torch.where(real, 1.0, config.filler_weight) * row_weight[:, None]  # [B, C]
+    diffusion = (ce * weights).sum() / weights.sum().clamp(min=1e-6)
     with torch.no_grad():
         hits = (logits.argmax(-1) == clean) & real
         accuracy = hits.sum() / real.sum().clamp(min=1)

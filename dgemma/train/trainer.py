@@ -40,14 +40,16 @@ from dgemma.config import FULL, SLIDING, AttentionSpec, ModelConfig
 from dgemma.errors import ConfigError
 from dgemma.model.diffusion_gemma import DiffusionGemma
 from dgemma.model.moe import Experts
-from dgemma.train.dataset import (BatchSampler, TrainBatch, build_corpus, collate, tokenize_examples,
+from dgemma.train.dataset import (BatchSampler, TrainBatch, build_corpus, collate, pad_batch, tokenize_examples,
                                   tokenizer_corpus)
 from dgemma.train.objective import ObjectiveConfig, block_diffusion_loss
+from dgemma.train.step_graphs import GraphedLossStep
 from dgemma.train.tasks import FAMILIES, heldout_examples
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+GRAPH_WIDTH_MULTIPLE = 32  # batch widths with CUDA graphs: at most 16 shapes up to 512 tokens, ~16 tokens of padding
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,6 +147,9 @@ class TrainConfig:
     device: str | None = None  # default: cuda if available
     precision: str = "auto"  # "bf16": bfloat16 model under autocast, float32 master weights; "fp32"; auto: bf16 on CUDA
     compile: bool = False  # torch.compile each layer (CUDA: faster steps after a compile pause)
+    # CUDA: forward and backward replayed as one captured graph per batch shape (step_graphs.py); batches are padded
+    # to widths that are multiples of GRAPH_WIDTH_MULTIPLE. Off with compile.
+    cuda_graphs: bool = True
     moe_impl: str = "auto"  # "dense" (all experts, weighted: no host sync) or "model"; auto = dense on CUDA
     seed: int = 0
     workers: int = 0  # processes generating the corpus (0 = up to 16, one per CPU)
@@ -163,7 +168,7 @@ class TrainConfig:
 
     # Fields that may differ between a run and its resumption.
     RESUMABLE_CHANGES = ("max_steps", "time_budget_min", "resume", "keep_state", "overwrite", "log_every_s",
-                         "final_eval", "sweep", "checkpoint_every_min", "eval_every", "workers", "compile",
+                         "final_eval", "sweep", "checkpoint_every_min", "eval_every", "workers", "compile", "cuda_graphs",
                          "max_shard_mb", "generation_config", "profile_at")
 
     def validate(self) -> "TrainConfig":
@@ -457,6 +462,7 @@ class Trainer:
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        self.use_graphs = self.device.type == "cuda" and config.cuda_graphs and not config.compile
         out = Path(config.out_dir)
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not config.overwrite:
             raise ConfigError(f"{out}: already exists and is not empty; choose a new directory or pass overwrite")
@@ -553,7 +559,9 @@ class Trainer:
     def _autocast(self):
         if self.autocast_dtype is None:
             return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        # No cache of cast weights: a captured graph must not keep tensors cast in an earlier step. The model's
+        # weights are already bfloat16 under bf16 training, so there is nothing to cache.
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
 
     # ------------------------------------------------------------------------------------------------
     def _load_state(self) -> dict | None:
@@ -621,11 +629,14 @@ class Trainer:
                  _fmt_count(len(corpus) / self.timings["data_s"]))
 
         sampler = BatchSampler(corpus, cfg.batch_size, mc.canvas_length, mc.pad_token_id, cfg.seed,
-                               max_batch_tokens=cfg.max_batch_tokens)
+                               max_batch_tokens=cfg.max_batch_tokens,
+                               width_multiple=GRAPH_WIDTH_MULTIPLE if self.use_graphs else 1)
         # Fused: one kernel per step on GPUs and CPUs alike, and it skips non-finite steps on the device (found_inf).
         optimizer = torch.optim.AdamW(master.param_groups(cfg.weight_decay), lr=cfg.lr,
                                       betas=(cfg.beta1, cfg.beta2), fused=True)
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
+        if self.use_graphs:
+            torch.cuda.manual_seed(cfg.seed + 1)  # graphs draw from the default generator (saved as cuda_rng)
         counters = {"step": 0, "train_seconds": 0.0, "examples": 0, "encoder_tokens": 0, "canvas_tokens": 0}
         if state is not None:
             optimizer.load_state_dict(state["optimizer"])
@@ -692,23 +703,40 @@ class Trainer:
                     shown[key] = float(torch.stack(values).mean())  # one host sync per read, not per step
                     values.clear()
 
+        graphs = None
+        if self.use_graphs:
+            graphs = GraphedLossStep(
+                master.model_params, lambda b: block_diffusion_loss(model, b, cfg.objective),  # default generator
+                self._autocast, capture=True)
         try:
             profiler = None
             while progress() < 1.0:
                 if counters["step"] == cfg.profile_at and profiler is None:
                     profiler = StepProfiler(self.device)
                 step_start = time.perf_counter()
-                batch = next(sampler).to(self.device)
+                batch = next(sampler)
+                if graphs is not None:
+                    batch = pad_batch(batch, *sampler.static_shape(int(batch.lengths.max())), model.config.pad_token_id)
+                examples, encoder_tokens, canvas_tokens = batch.examples, batch.encoder_tokens, batch.canvas_tokens
+                if self.device.type == "cuda":
+                    batch = batch.pin_memory()  # the host goes on to the next batch while this one is copied
                 lr = lr_at(cfg, counters["step"], progress())
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 try:
-                    with self._autocast():
-                        parts = block_diffusion_loss(model, batch, cfg.objective, gen)
-                    parts.loss.backward()
+                    if graphs is not None:
+                        parts = graphs.step(batch, self.device)
+                    else:
+                        batch = batch.to(self.device)
+                        with self._autocast():
+                            parts = block_diffusion_loss(model, batch, cfg.objective, gen)
+                        parts.loss.backward()
                 except torch.OutOfMemoryError:
                     parts = None  # handled below, outside the except block, whose frame still holds the tensors
                 if parts is None:
+                    if graphs is not None:
+                        log.warning("out of GPU memory with CUDA graphs: the rest of the run is eager")
+                        graphs = None
                     self._recover_from_oom(model, sampler, batch)
                     counters["train_seconds"] += time.perf_counter() - step_start
                     continue
@@ -725,11 +753,11 @@ class Trainer:
                                    ("accuracy", parts.canvas_accuracy), ("skipped", bad)):
                     window[key].append(value.detach().float())
                 counters["step"] += 1
-                counters["examples"] += batch.input_ids.shape[0]
-                counters["encoder_tokens"] += batch.encoder_tokens
-                canvas_tokens = batch.canvas_tokens * cfg.objective.noise_samples  # every noisy copy is denoised
+                counters["examples"] += examples
+                counters["encoder_tokens"] += encoder_tokens
+                canvas_tokens *= cfg.objective.noise_samples  # every noisy copy is denoised
                 counters["canvas_tokens"] += canvas_tokens
-                rate_tokens += batch.encoder_tokens + canvas_tokens
+                rate_tokens += encoder_tokens + canvas_tokens
                 if counters["step"] % 10 == 0:
                     read_window()  # a 10-step mean; the host sync also bounds how far the host runs ahead
 

@@ -1,0 +1,105 @@
+"""Specifications for the static-shape training step that CUDA graphs replay (dgemma/train/step_graphs.py).
+
+A captured graph needs fixed shapes: batches are padded to few (rows, width) shapes, and the padding must change
+no loss and no gradient. The capture itself needs CUDA (tests/test_gpu.py); the buffers around it run here.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from dgemma.checkpoint.random_init import build_random_model
+from dgemma.train.dataset import BatchSampler, Corpus, collate, pad_batch
+from dgemma.train.objective import ObjectiveConfig, block_diffusion_loss
+from dgemma.train.step_graphs import GraphedLossStep
+from dgemma.train.trainer import model_preset
+
+ROWS = [([2, 5, 6, 7, 8, 9, 10, 11, 12], 3), ([2, 5, 6, 40, 41], 3), ([2, 9, 9, 9, 50, 51, 52, 53, 54, 55, 56, 57], 4)]
+
+
+def micro_model():
+    model = build_random_model(model_preset("micro", 64, [1]), "float32", "cpu", seed=0)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def loss_and_grads(model, batch, objective, seed=0):
+    model.zero_grad(set_to_none=True)
+    parts = block_diffusion_loss(model, batch, objective, torch.Generator().manual_seed(seed))
+    parts.loss.backward()
+    return parts, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("objective", [ObjectiveConfig(), ObjectiveConfig(noise_samples=3, filler_weight=0.5)],
+                         ids=["default", "noise_samples_3"])
+def test_padding_rows_and_columns_change_no_loss_and_no_gradient(objective):
+    model = micro_model()
+    batch = collate(ROWS, model.config.canvas_length, 0, random.Random(0))
+    padded = pad_batch(batch, rows=5, width=32, pad_id=0)
+    assert padded.input_ids.shape == (5, 32) and padded.rows_real.tolist() == [True] * 3 + [False] * 2
+    plain, plain_grads = loss_and_grads(model, batch, objective)
+    pad, pad_grads = loss_and_grads(model, padded, objective)
+    for name in ("loss", "diffusion", "ar", "canvas_accuracy"):
+        assert torch.allclose(getattr(pad, name), getattr(plain, name), rtol=1e-5, atol=1e-6), name
+    assert torch.equal(pad.noise[: plain.noise.shape[0]], plain.noise)  # the real rows drew the same noise
+    assert plain_grads.keys() == pad_grads.keys()
+    # float32 sums over more (zero) terms, so equal up to rounding; a scalar whose gradient cancels to ~1e-8 is judged
+    # on the scale of all gradients, not its own
+    scale = max(float(g.abs().max()) for g in plain_grads.values())
+    for name, grad in plain_grads.items():
+        assert (pad_grads[name] - grad).abs().max() <= 1e-4 * scale, name
+
+
+def test_a_padded_batch_counts_only_its_examples():
+    batch = collate(ROWS, 4, 0, random.Random(0))
+    padded = pad_batch(batch, rows=8, width=16, pad_id=0)
+    assert (padded.examples, padded.encoder_tokens, padded.canvas_tokens) == (3, 9 + 5 + 12, 3 * 4)
+    with pytest.raises(ValueError, match="does not fit the static shape 2 x 16"):
+        pad_batch(batch, rows=2, width=16, pad_id=0)
+
+
+def test_every_batch_fits_the_static_shape_of_its_width():
+    gen = random.Random(0)
+    lengths = [gen.randint(5, 200) for _ in range(3000)]
+    starts = torch.tensor([0] + lengths[:-1]).cumsum(0)
+    corpus = Corpus(torch.randint(3, 60, (sum(lengths),), dtype=torch.int32), starts, torch.tensor(lengths),
+                    torch.tensor([3] * len(lengths)), torch.zeros(len(lengths), dtype=torch.long), ["add"])
+    sampler = BatchSampler(corpus, batch_size=64, canvas_length=16, pad_id=0, seed=0, max_batch_tokens=4096,
+                           width_multiple=32)
+    shapes = set()
+    for _ in range(200):
+        batch = next(sampler)
+        rows, width = sampler.static_shape(int(batch.lengths.max()))
+        assert batch.input_ids.shape[0] <= rows and batch.input_ids.shape[1] <= width and width % 32 == 0
+        assert rows * width <= 4096
+        shapes.add((rows, width))
+    assert len(shapes) <= 7  # widths 32 .. 224: one graph each
+
+
+def test_the_graph_step_without_capture_equals_the_eager_step_and_reuses_its_buffers():
+    model = micro_model()
+    objective = ObjectiveConfig()
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(5)
+    step = GraphedLossStep(params, lambda b: block_diffusion_loss(model, b, objective, gen),
+                           lambda: torch.autocast("cpu", enabled=False), capture=False)
+    batches = [pad_batch(collate(ROWS[i:], model.config.canvas_length, 0, random.Random(i)), 4, 16, 0)
+               for i in range(3)]
+    for batch in batches:
+        state = gen.get_state()
+        model.zero_grad(set_to_none=True)
+        parts = step.step(batch, torch.device("cpu"))
+        grads = [p.grad.clone() if p.grad is not None else None for p in params]
+        model.zero_grad(set_to_none=True)
+        gen.set_state(state)
+        want = block_diffusion_loss(model, batch, objective, gen)
+        want.loss.backward()
+        assert torch.equal(parts.loss, want.loss.detach())
+        for p, grad in zip(params, grads):
+            assert (grad is None) == (p.grad is None) and (grad is None or torch.equal(grad, p.grad))
+    assert list(step.shapes) == [(4, 16)]  # one static shape, its buffers refilled for each batch
+    assert not any(t is b for t, b in zip(step.shapes[(4, 16)].inputs.tensors(), batches[0].tensors()))
