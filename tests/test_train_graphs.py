@@ -103,3 +103,27 @@ def test_the_graph_step_without_capture_equals_the_eager_step_and_reuses_its_buf
             assert (grad is None) == (p.grad is None) and (grad is None or torch.equal(grad, p.grad))
     assert list(step.shapes) == [(4, 16)]  # one static shape, its buffers refilled for each batch
     assert not any(t is b for t, b in zip(step.shapes[(4, 16)].inputs.tensors(), batches[0].tensors()))
+
+
+def test_the_training_loop_with_static_shapes_pads_every_batch_and_learns(tmp_path, caplog):
+    """The loop's CUDA-graph branch, on a CPU without capture: batches padded to (rows, width) shapes with widths
+    that are multiples of 32, counters that count only real examples, and a loss that falls as in the eager loop."""
+    import logging
+    import re
+
+    from test_train import STEPS, micro_config
+
+    from dgemma.train.trainer import Trainer
+
+    losses = []
+    trainer = Trainer(micro_config(tmp_path / "model"), callback=lambda step, m: losses.append(m["loss"]))
+    trainer.use_graphs = True
+    with caplog.at_level(logging.INFO, logger="dgemma.train.step_graphs"):
+        try:
+            result = trainer.run()
+        finally:
+            trainer.tmp.cleanup()
+    shapes = [tuple(map(int, m.groups())) for m in re.finditer(r"batches of (\d+) x (\d+) tokens", caplog.text)]
+    assert shapes and all(width % 32 == 0 and rows == 16 for rows, width in shapes)
+    assert len(losses) == STEPS and sum(losses[-5:]) < 0.6 * sum(losses[:5])
+    assert result.examples_seen == 16 * STEPS  # padding rows are not examples

@@ -64,6 +64,8 @@ class GraphedLossStep:
     def _new_shape(self, batch: TrainBatch, device: torch.device) -> _Shape:
         inputs = TrainBatch(*(t.to(device, copy=True) for t in batch.tensors()))  # buffers of its own
         shape = _Shape(inputs)
+        log.info("static training step %d: batches of %d x %d tokens%s", len(self.shapes) + 1,
+                 *batch.input_ids.shape, " (captured)" if self.capture else "")
         if not self.capture:
             return shape
         for p in self.params:
@@ -79,8 +81,6 @@ class GraphedLossStep:
         with torch.cuda.graph(shape.graph, pool=self.pool):
             shape.parts = self._forward_backward(shape.inputs)
         shape.grads = [p.grad for p in self.params]
-        log.info("captured the training step for batches of %d x %d tokens (%d shapes)",
-                 *batch.input_ids.shape, len(self.shapes) + 1)
         return shape
 
     def step(self, batch: TrainBatch, device: torch.device) -> LossParts:
@@ -92,9 +92,10 @@ class GraphedLossStep:
             for static, new in zip(shape.inputs.tensors(), batch.tensors()):
                 static.copy_(new, non_blocking=True)
         if shape.graph is None:
-            return self._forward_backward(shape.inputs)
-        shape.graph.replay()
-        for p, grad in zip(self.params, shape.grads):
-            p.grad = grad
-        parts = shape.parts
+            parts = self._forward_backward(shape.inputs)
+        else:
+            shape.graph.replay()
+            for p, grad in zip(self.params, shape.grads):
+                p.grad = grad
+            parts = shape.parts  # overwritten by the next replay: copied below
         return LossParts(*(getattr(parts, f.name).detach().clone() for f in dataclasses.fields(parts)))

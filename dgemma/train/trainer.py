@@ -635,7 +635,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(master.param_groups(cfg.weight_decay), lr=cfg.lr,
                                       betas=(cfg.beta1, cfg.beta2), fused=True)
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
-        if self.use_graphs:
+        if self.use_graphs and self.device.type == "cuda":
             torch.cuda.manual_seed(cfg.seed + 1)  # graphs draw from the default generator (saved as cuda_rng)
         counters = {"step": 0, "train_seconds": 0.0, "examples": 0, "encoder_tokens": 0, "canvas_tokens": 0}
         if state is not None:
@@ -707,7 +707,7 @@ class Trainer:
         if self.use_graphs:
             graphs = GraphedLossStep(
                 master.model_params, lambda b: block_diffusion_loss(model, b, cfg.objective),  # default generator
-                self._autocast, capture=True)
+                self._autocast, capture=self.device.type == "cuda")  # a CPU runs the same padded steps (tests)
         try:
             profiler = None
             while progress() < 1.0:
