@@ -23,12 +23,12 @@ batches are cut from it without Python objects per token.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import multiprocessing
 import random
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-import dataclasses
 from dataclasses import dataclass
 
 import torch
