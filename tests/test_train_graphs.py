@@ -127,3 +127,19 @@ def test_the_training_loop_with_static_shapes_pads_every_batch_and_learns(tmp_pa
     assert shapes and all(width % 32 == 0 and rows == 16 for rows, width in shapes)
     assert len(losses) == STEPS and sum(losses[-5:]) < 0.6 * sum(losses[:5])
     assert result.examples_seen == 16 * STEPS  # padding rows are not examples
+
+
+def test_a_token_cap_below_one_padded_example_is_refused_before_any_data_is_made(tmp_path):
+    from test_train import micro_config
+
+    from dgemma.errors import ConfigError
+    from dgemma.train.trainer import Trainer
+
+    trainer = Trainer(micro_config(tmp_path / "model", max_length=300, max_batch_tokens=300))
+    trainer.use_graphs = True
+    try:
+        with pytest.raises(ConfigError, match="padded to 320 tokens for CUDA graphs.*--no-cuda-graphs"):
+            trainer.run()
+    finally:
+        trainer.tmp.cleanup()
+    assert not (tmp_path / "model").exists()

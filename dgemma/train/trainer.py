@@ -603,6 +603,12 @@ class Trainer:
         cfg = self.config
         from dgemma.tokenizer import Tokenizer
 
+        widest = -(-cfg.max_length // GRAPH_WIDTH_MULTIPLE) * GRAPH_WIDTH_MULTIPLE
+        if self.use_graphs and cfg.max_batch_tokens is not None and cfg.max_batch_tokens < widest:
+            # Checked before minutes of data generation, not when the sampler meets the corpus.
+            raise ConfigError(f"max_batch_tokens={cfg.max_batch_tokens} cannot hold one example of max_length="
+                              f"{cfg.max_length} padded to {widest} tokens for CUDA graphs; raise max_batch_tokens "
+                              f"to {widest} or turn the graphs off (--no-cuda-graphs)")
         t0 = time.perf_counter()
         state = self._load_state()
         tokenizer_files = self._prepare_tokenizer(state["tokenizer"] if state else None)
