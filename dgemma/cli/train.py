@@ -64,7 +64,8 @@ def add_parser(sub) -> None:
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision,
                    help="auto: bf16 autocast with fp32 master weights on CUDA, fp32 on CPU")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice; at most 4 when training on a GPU)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; at most 4 when training on a GPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile each layer")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run the CUDA training step eagerly instead of replaying one captured graph per batch shape")

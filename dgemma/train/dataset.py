@@ -244,6 +244,11 @@ class TrainBatch:
         return self.examples * self.canvas.shape[1]
 
 
+def padded_width(tokens: int, multiple: int) -> int:
+    """`tokens` rounded up to a multiple of `multiple`: the width of a static batch shape."""
+    return -(-tokens // multiple) * multiple
+
+
 def pad_batch(batch: TrainBatch, rows: int, width: int, pad_id: int) -> TrainBatch:
     """The batch at a fixed shape [rows, width] (what one captured CUDA graph takes): extra columns are <pad> with
     no target, extra rows repeat row 0 with no targets (`rows_real` False), so no loss and no gradient changes."""
@@ -258,8 +263,8 @@ def pad_batch(batch: TrainBatch, rows: int, width: int, pad_id: int) -> TrainBat
     def wider(x: torch.Tensor, value: int) -> torch.Tensor:  # [rows, T] -> [rows, width]
         return torch.cat([x, x.new_full((rows, width - t), value)], dim=1) if width > t else x
 
-    ar_targets, canvas_real, rows_real = more_rows(batch.ar_targets), more_rows(batch.canvas_real), more_rows(
-        batch.rows_real)
+    ar_targets, canvas_real = more_rows(batch.ar_targets), more_rows(batch.canvas_real)
+    rows_real = more_rows(batch.rows_real)
     ar_targets[b:], canvas_real[b:], rows_real[b:] = IGNORE, False, False
     return TrainBatch(wider(more_rows(batch.input_ids), pad_id), more_rows(batch.lengths), wider(ar_targets, IGNORE),
                       more_rows(batch.prefix_lens), more_rows(batch.canvas), canvas_real, more_rows(batch.families),
@@ -369,7 +374,7 @@ class BatchSampler:
 
     def width(self, longest: int) -> int:
         """The width a batch whose longest row has `longest` tokens counts as."""
-        return -(-longest // self.width_multiple) * self.width_multiple
+        return padded_width(longest, self.width_multiple)
 
     def static_shape(self, longest: int) -> tuple[int, int]:
         """(rows, width) that every batch of this width fits: the shape `pad_batch` gives it."""

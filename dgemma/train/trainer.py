@@ -40,8 +40,8 @@ from dgemma.config import FULL, SLIDING, AttentionSpec, ModelConfig
 from dgemma.errors import ConfigError
 from dgemma.model.diffusion_gemma import DiffusionGemma
 from dgemma.model.moe import Experts
-from dgemma.train.dataset import (BatchSampler, TrainBatch, build_corpus, collate, pad_batch, tokenize_examples,
-                                  tokenizer_corpus)
+from dgemma.train.dataset import (BatchSampler, TrainBatch, build_corpus, collate, pad_batch, padded_width,
+                                  tokenize_examples, tokenizer_corpus)
 from dgemma.train.objective import ObjectiveConfig, block_diffusion_loss
 from dgemma.train.step_graphs import GraphedLossStep
 from dgemma.train.tasks import FAMILIES, heldout_examples
@@ -603,7 +603,7 @@ class Trainer:
         cfg = self.config
         from dgemma.tokenizer import Tokenizer
 
-        widest = -(-cfg.max_length // GRAPH_WIDTH_MULTIPLE) * GRAPH_WIDTH_MULTIPLE
+        widest = padded_width(cfg.max_length, GRAPH_WIDTH_MULTIPLE)
         if self.use_graphs and cfg.max_batch_tokens is not None and cfg.max_batch_tokens < widest:
             # Checked before minutes of data generation, not when the sampler meets the corpus.
             raise ConfigError(f"max_batch_tokens={cfg.max_batch_tokens} cannot hold one example of max_length="
