@@ -102,6 +102,7 @@ class LLM:
         return self
 
     def _setup(self, model: DiffusionGemma, tokenizer, generation_config: dict | None) -> None:
+        model.pack_projections()  # an LLM only runs inference: one GEMM per packed group of projections
         self.model = model
         self.config = model.config
         self.tokenizer = tokenizer

@@ -16,12 +16,16 @@ def set_kernel_devices(model, devices: tuple[str, ...]) -> None:
 
 
 def spy_on_kernels(monkeypatch) -> dict[str, int]:
-    """Count calls of the two wired kernels: proves a comparison ran the kernel path and not the eager one twice."""
-    from dgemma.kernels import fused_moe, norm_rope
+    """Count calls of the wired kernels: proves a comparison ran the kernel path and not the eager one twice."""
+    from dgemma.kernels import fused_moe, norm_rope, residual_norms, routing
 
-    calls = {"fused_moe": 0, "norm_rope": 0}
-    for module, name, key in ((fused_moe, "fused_moe_triton", "fused_moe"), (norm_rope, "norm_rope_triton", "norm_rope")):
+    calls = {}
+    for module, name, key in ((fused_moe, "fused_moe_triton", "fused_moe"), (norm_rope, "norm_rope_triton", "norm_rope"),
+                              (routing, "route_top_k", "route_top_k"),
+                              (residual_norms, "attention_residual_triton", "attention_residual"),
+                              (residual_norms, "layer_output_triton", "layer_output")):
         real = getattr(module, name)
+        calls[key] = 0
 
         def spy(*args, _real=real, _key=key, **kwargs):
             calls[_key] += 1

@@ -9,6 +9,7 @@ rounds float32 -> bfloat16 by truncation), so these use float16 and float32; tes
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -172,7 +173,7 @@ def test_interpreted_attention_with_the_kernel_matches_eager(tiny_fp16, layer, m
     calls = spy_on_kernels(monkeypatch)
     x = torch.randn(1, 40, tiny_fp16.config.hidden_size, generator=torch.Generator().manual_seed(layer)).half()
     (out_eager, keys_eager), (out_fused, keys_fused) = attention_kernel_off_and_on(tiny_fp16, layer, x)
-    assert calls["norm_rope"] == 2  # queries and keys
+    assert calls["norm_rope"] == 3  # queries, keys and values
     assert rel_err(keys_fused, keys_eager) < ULPS * torch.finfo(torch.float16).eps
     assert rel_err(out_fused, out_eager) < ULPS * torch.finfo(torch.float16).eps
 
@@ -202,10 +203,93 @@ def test_interpreted_model_with_the_kernels_is_as_accurate_as_eager(tiny_fp16, m
     _, eager = run(tiny_fp16, prompt, canvas, soft_logits)
     calls = spy_on_kernels(monkeypatch)
     set_kernel_devices(tiny_fp16, ("cpu",))
-    _, fused = run(tiny_fp16, prompt, canvas, soft_logits)
-    # 6 layers, encoder and decoder: q and k of each; experts of each (40 and 32 tokens, top-2 of 8: <= 32 each).
-    assert calls == {"norm_rope": 24, "fused_moe": 12}
+    fused_model = copy.deepcopy(tiny_fp16)
+    fused_model.pack_projections()  # as an LLM runs it: the kernels read q, k and v as views of one GEMM
+    _, fused = run(fused_model, prompt, canvas, soft_logits)
+    # 6 layers, encoder and decoder: q, k and v of each; experts of each (40 and 32 tokens, top-2 of 8: <= 32
+    # each); the routing and the two residual norms of each.
+    assert calls == {"norm_rope": 36, "fused_moe": 12, "route_top_k": 12, "attention_residual": 12,
+                     "layer_output": 12}
     report = {"fused": rel_err(fused, truth), "eager": rel_err(eager, truth),
               "fused_argmax_agree": argmax_agreement(fused, truth), "eager_argmax_agree": argmax_agreement(eager, truth)}
     assert report["fused"] <= 1.25 * report["eager"] + 2e-3, report
     assert report["fused_argmax_agree"] >= report["eager_argmax_agree"] - 0.05, report
+
+
+@interpreted
+@pytest.mark.parametrize("n,k,e", [(7, 2, 8), (300, 8, 128), (1, 1, 4), (2000, 4, 16)])  # 2000 x 4: several blocks
+def test_interpreted_grouping_by_expert_equals_the_stable_sort(n, k, e):
+    """The kernel computes the same stable order as the eager argsort, so the grouped experts see identical rows."""
+    from dgemma.kernels.routing import group_by_expert_triton
+    from dgemma.model.moe import group_by_expert
+
+    experts = torch.randint(0, e, (n, k), generator=torch.Generator().manual_seed(n))
+    for got, want in zip(group_by_expert_triton(experts, e), group_by_expert(experts, e)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_interpreted_routing_kernel_chooses_the_eager_experts_and_weights(dtype):
+    from dgemma.model.moe import Router
+
+    gen = torch.Generator().manual_seed(0)
+    router = Router(64, 16, 4, 1e-6).to(dtype)
+    router.per_expert_scale.data = (0.5 + torch.rand(16, generator=gen)).to(dtype)
+    z = torch.randn(50, 64, generator=gen).to(dtype)
+    with torch.no_grad():
+        router.kernel_devices = ()
+        eager_weights, eager_ids = router(z)
+        router.kernel_devices = ("cpu",)
+        weights, ids = router(z)
+    assert torch.equal(ids, eager_ids)  # descending, as torch.topk
+    assert weights.dtype == torch.float32
+    assert rel_err(weights, eager_weights) < ULPS * torch.finfo(torch.float32).eps
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("scalar_shape", [(1,), (5, 1)])  # one layer scalar, or one per token (fused forward)
+def test_interpreted_residual_norms_equal_the_eager_layer_norms(tiny_fp16, dtype, scalar_shape):
+    """Both fused residual kernels round where the eager path rounds: float16 results are identical, float32 ones
+    differ only by the order of the sum of squares."""
+    layer = copy.deepcopy(tiny_fp16.layers[0]).to(dtype)
+    gen = torch.Generator().manual_seed(1)
+    h_size = tiny_fp16.config.hidden_size
+    x, attn, dense, routed = (torch.randn(2, 5, h_size, generator=gen).to(dtype) for _ in range(4))
+    for norm in (layer.post_attention_layernorm, layer.pre_feedforward_layernorm, layer.pre_feedforward_layernorm_2,
+                 layer.post_feedforward_layernorm_1, layer.post_feedforward_layernorm_2, layer.post_feedforward_layernorm):
+        norm.weight.data = (1 + 0.3 * torch.randn(h_size, generator=gen)).to(dtype)
+    layer.router.scale.data = (1 + 0.3 * torch.randn(h_size, generator=gen)).to(dtype)
+    scalar = (0.5 + torch.rand(scalar_shape, generator=gen)).to(dtype)
+    results = []
+    with torch.no_grad():
+        for devices in ((), ("cpu",)):
+            layer.kernel_devices = devices
+            h, *normed = layer.attention_residual(x, attn)
+            results.append([h, *normed, layer.layer_output(h, dense, routed, scalar)])
+    for got, want in zip(results[1], results[0]):
+        assert got.dtype == dtype
+        if dtype == torch.float16:
+            assert torch.equal(got, want)
+        else:
+            assert rel_err(got, want) < ULPS * torch.finfo(dtype).eps
+
+
+@interpreted
+@pytest.mark.parametrize("rope", [True, False])  # queries and keys; values (the norm alone, no weight)
+def test_interpreted_head_norm_reads_views_of_a_packed_projection_in_place(rope):
+    from dgemma.config import AttentionSpec
+    from dgemma.kernels.norm_rope import norm_rope_triton
+
+    gen = torch.Generator().manual_seed(0)
+    packed = torch.randn(2, 5, 7 * 32, generator=gen).half()  # [B, T, (4 + 2 + 1) heads * D]: q, k, v of one GEMM
+    x = packed[..., 4 * 32 : 6 * 32].view(2, 5, 2, 32)  # the two k heads: a strided view
+    w = (1 + 0.1 * torch.randn(32, generator=gen)).half() if rope else None
+    spec = AttentionSpec(head_dim=32, num_kv_heads=2, rope_theta=10_000.0, partial_rotary_factor=1.0)
+    cos, sin = rope_cos_sin(torch.randint(0, 500, (2, 5), generator=gen), rope_inv_freq(spec), torch.float16)
+    cos, sin = (cos, sin) if rope else (None, None)
+    got = norm_rope_triton(x, w, cos, sin, 1e-6)
+    assert got.is_contiguous() and torch.equal(got, norm_rope_triton(x.contiguous(), w, cos, sin, 1e-6))
+    expected = apply_rope(rms_norm(x, w, 1e-6), cos, sin) if rope else rms_norm(x, None, 1e-6)
+    assert rel_err(got.float(), expected.float()) < ULPS * torch.finfo(torch.float16).eps

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from dgemma.kernels.moe_tiles import tiles_for
-from dgemma.model.moe import group_by_expert
+from dgemma.kernels.routing import group_by_expert_triton
 
 
 @triton.jit
@@ -154,7 +154,7 @@ def fused_moe_triton(
     if not (x.is_contiguous() and gate_up.is_contiguous() and down.is_contiguous()):
         raise ValueError("fused_moe needs contiguous x, gate_up and down")
     k = experts.shape[1]
-    order, token_of, ends = group_by_expert(experts, num_experts)  # ends: [E] group ends, on the device
+    order, token_of, ends = group_by_expert_triton(experts, num_experts)  # ends: [E] group ends, on the device
     assignments = order.numel()
     block_m = _block_m(assignments, num_experts)
 

@@ -1,4 +1,5 @@
-"""RMSNorm (with weight) followed by half-split RoPE, as one Triton kernel for the attention queries and keys.
+"""RMSNorm (with weight) followed by half-split RoPE, as one Triton kernel for the attention queries and keys
+(and the weightless norm alone for the values).
 
 The eager form is the norm kernel plus ~6 elementwise kernels for the rotation (slice, negate, cat, two
 products, sum) per tensor; at batch 1 the step spends more time launching them than computing. Math: the
@@ -20,43 +21,83 @@ import triton.language as tl
 
 
 @triton.jit
-def _norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, heads, eps, D: tl.constexpr, HALF: tl.constexpr):
+def _norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rows_ptr, slots_ptr, heads, token_stride, tokens,
+                      cache_row_stride, eps, D: tl.constexpr, HALF: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                      ROPE: tl.constexpr, TO_CACHE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # one (token, head) row of D values
     token = row // heads
+    head = row - token * heads
+    src = x_ptr + token * token_stride + head * D  # a token's heads are contiguous
+    if TO_CACHE:  # straight into the KV cache: [cache rows, slots, heads, D], at the token's row and slot
+        cache_row = tl.load(rows_ptr + token // tokens)
+        dst = out_ptr + cache_row * cache_row_stride + (tl.load(slots_ptr + token) * heads + head) * D
+    else:
+        dst = out_ptr + row * D
     lo = tl.arange(0, HALF)
-    x_lo = tl.load(x_ptr + row * D + lo).to(tl.float32)
-    x_hi = tl.load(x_ptr + row * D + HALF + lo).to(tl.float32)
+    x_lo = tl.load(src + lo).to(tl.float32)
+    x_hi = tl.load(src + HALF + lo).to(tl.float32)
     inv = 1.0 / tl.sqrt((tl.sum(x_lo * x_lo, 0) + tl.sum(x_hi * x_hi, 0)) / D + eps)
     dtype = out_ptr.dtype.element_ty
-    y_lo = (x_lo * inv * tl.load(w_ptr + lo).to(tl.float32)).to(dtype).to(tl.float32)
-    y_hi = (x_hi * inv * tl.load(w_ptr + HALF + lo).to(tl.float32)).to(dtype).to(tl.float32)
-    c_lo = tl.load(cos_ptr + token * D + lo).to(tl.float32)
-    c_hi = tl.load(cos_ptr + token * D + HALF + lo).to(tl.float32)
-    s_lo = tl.load(sin_ptr + token * D + lo).to(tl.float32)
-    s_hi = tl.load(sin_ptr + token * D + HALF + lo).to(tl.float32)
-    tl.store(out_ptr + row * D + lo, (y_lo * c_lo - y_hi * s_lo).to(dtype))
-    tl.store(out_ptr + row * D + HALF + lo, (y_hi * c_hi + y_lo * s_hi).to(dtype))
+    y_lo = x_lo * inv
+    y_hi = x_hi * inv
+    if HAS_WEIGHT:
+        y_lo = y_lo * tl.load(w_ptr + lo).to(tl.float32)
+        y_hi = y_hi * tl.load(w_ptr + HALF + lo).to(tl.float32)
+    if ROPE:
+        y_lo = y_lo.to(dtype).to(tl.float32)
+        y_hi = y_hi.to(dtype).to(tl.float32)
+        c_lo = tl.load(cos_ptr + token * D + lo).to(tl.float32)
+        c_hi = tl.load(cos_ptr + token * D + HALF + lo).to(tl.float32)
+        s_lo = tl.load(sin_ptr + token * D + lo).to(tl.float32)
+        s_hi = tl.load(sin_ptr + token * D + HALF + lo).to(tl.float32)
+        y_lo, y_hi = y_lo * c_lo - y_hi * s_lo, y_hi * c_hi + y_lo * s_hi
+    tl.store(dst + lo, y_lo.to(dtype))
+    tl.store(dst + HALF + lo, y_hi.to(dtype))
 
 
-def norm_rope_triton(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     eps: float) -> torch.Tensor:
-    """x: [B, T, heads, D] (last three dims contiguous); weight: [D]; cos, sin: [B, T, D] -> [B, T, heads, D]."""
+def norm_rope_triton(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor | None,
+                     sin: torch.Tensor | None, eps: float,
+                     into: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+    """x: [B, T, heads, D]; weight: [D] or None; cos, sin: [B, T, D], or both None for the norm alone (the values)
+    -> a new contiguous [B, T, heads, D]; or, with `into` = (cache [rows, slots, heads, D] in x's dtype, rows [B],
+    slots [B, T]), written straight to cache[rows[b], slots[b, t]] (the K/V cache write, without an index kernel),
+    returning None.
+
+    x may be a view of a wider projection output (the q, k and v of one packed GEMM): each token's heads must be
+    contiguous, tokens evenly spaced; it is read in place."""
     if x.dim() != 4:
         raise ValueError(f"norm_rope expects x [B, T, heads, D], got {tuple(x.shape)}")
     b, t, heads, d = x.shape
     if d % 2 or d & (d - 1):
         raise ValueError(f"norm_rope needs a power-of-two head_dim, got {d}")
-    if weight.shape != (d,):
-        raise ValueError(f"norm_rope weight must be [{d}], got {tuple(weight.shape)}")
-    if cos.shape != (b, t, d) or sin.shape != (b, t, d):
-        raise ValueError(f"norm_rope cos/sin must be [{b}, {t}, {d}], got {tuple(cos.shape)}, {tuple(sin.shape)}")
-    if cos.dtype != x.dtype or sin.dtype != x.dtype:
-        raise ValueError(f"norm_rope cos/sin must be {x.dtype}, got {cos.dtype}, {sin.dtype}")
-    if not (weight.device == x.device and cos.device == x.device and sin.device == x.device):
-        raise ValueError("norm_rope tensors must all be on one device (CUDA, or CPU under TRITON_INTERPRET=1)")
-    x = x.contiguous()  # a view of a projection output: already contiguous, so no copy
-    cos, sin = cos.contiguous(), sin.contiguous()
-    out = torch.empty_like(x)
-    _norm_rope_kernel[(b * t * heads,)](x, weight, cos, sin, out, heads, eps, D=d, HALF=d // 2,
-                                        num_warps=2 if d <= 256 else 4)
-    return out
+    if weight is not None and (weight.shape != (d,) or weight.device != x.device):
+        raise ValueError(f"norm_rope weight must be [{d}] on {x.device}, got {tuple(weight.shape)}")
+    rope = cos is not None
+    if rope != (sin is not None):
+        raise ValueError("norm_rope takes cos and sin together, or neither")
+    if rope:
+        if cos.shape != (b, t, d) or sin.shape != (b, t, d):
+            raise ValueError(f"norm_rope cos/sin must be [{b}, {t}, {d}], got {tuple(cos.shape)}, {tuple(sin.shape)}")
+        if cos.dtype != x.dtype or sin.dtype != x.dtype:
+            raise ValueError(f"norm_rope cos/sin must be {x.dtype}, got {cos.dtype}, {sin.dtype}")
+        if not (cos.device == x.device and sin.device == x.device):
+            raise ValueError("norm_rope tensors must all be on one device (CUDA, or CPU under TRITON_INTERPRET=1)")
+        cos, sin = cos.contiguous(), sin.contiguous()
+    evenly_spaced = x.stride(3) == 1 and x.stride(2) == d and (b == 1 or x.stride(0) == t * x.stride(1))
+    if not evenly_spaced:
+        x = x.contiguous()
+    if into is None:
+        out = torch.empty((b, t, heads, d), dtype=x.dtype, device=x.device)
+        rows = slots = x  # unused
+    else:
+        out, rows, slots = into
+        if (out.dim() != 4 or out.shape[2:] != (heads, d) or out.dtype != x.dtype or not out.is_contiguous()
+                or rows.shape != (b,) or slots.shape != (b, t)):
+            raise ValueError(f"norm_rope: cache {tuple(out.shape)} {out.dtype}, rows {tuple(rows.shape)} and slots "
+                             f"{tuple(slots.shape)} do not fit x {tuple(x.shape)} {x.dtype}")
+        slots = slots.contiguous()
+    _norm_rope_kernel[(b * t * heads,)](x, weight if weight is not None else x, cos if rope else x,
+                                        sin if rope else x, out, rows, slots, heads, x.stride(1), t,
+                                        out.stride(0), eps, D=d, HALF=d // 2, HAS_WEIGHT=weight is not None,
+                                        ROPE=rope, TO_CACHE=into is not None, num_warps=2 if d <= 256 else 4)
+    return out if into is None else None

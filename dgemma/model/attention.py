@@ -9,7 +9,7 @@ a cache whose sliding layers keep a ring (kv_cache.py) has its masks built from 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,14 @@ from torch import nn
 
 from dgemma.config import FULL, SLIDING, AttentionSpec
 from dgemma.model.kv_cache import KVCache, ring_positions
-from dgemma.model.layers import RMSNorm, norm_rope, rms_norm
+from dgemma.model.layers import (
+    RMSNorm,
+    norm_heads,
+    norm_rope,
+    pack_linears,
+    still_packed,
+    use_fused_norm_rope,
+)
 
 
 def visible_positions(
@@ -52,6 +59,19 @@ class AttentionBatch:
     # Decoder canvases only: per row, the positions [start, end) every query of the row sees on sliding layers
     # ([B] each). One contiguous key range per row lets attention skip the mask (`canvas_attention`).
     canvas_keys: tuple[torch.Tensor, torch.Tensor] | None = None
+    _flash_bounds: dict = field(default_factory=dict, repr=False)  # slots per row -> `flash_bounds`
+
+    def flash_bounds(self, slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`canvas_attention`'s offsets into a cache flattened to [rows * slots, Hkv, D]: (cu_q [B + 1], cu_k
+        [B + 1], used_k [B]), int32. Computed once per forward, not once per sliding layer (6 kernels each)."""
+        if slots not in self._flash_bounds:
+            start, end = self.canvas_keys
+            b, c = self.positions.shape
+            seq_starts = self.rows.to(torch.int32) * slots + start.to(torch.int32)  # [B]
+            cu_k = torch.cat([seq_starts, seq_starts[-1:] + (end[-1:] - start[-1:]).to(torch.int32)])  # [B + 1]
+            cu_q = torch.arange(0, (b + 1) * c, c, dtype=torch.int32, device=start.device)  # [B + 1]
+            self._flash_bounds[slots] = (cu_q, cu_k, (end - start).to(torch.int32))
+        return self._flash_bounds[slots]
 
     @classmethod
     def from_bounds(
@@ -181,6 +201,32 @@ class Attention(nn.Module):
         # Device types that may run the fused norm+RoPE Triton kernel: () forces the eager path (tests compare
         # the two), and tests add "cpu" under TRITON_INTERPRET=1.
         self.kernel_devices = kernel_devices
+        self.packed: torch.Tensor | None = None  # [(Hq + 2 Hkv) * D, H] (no v rows on full layers), see `pack`
+
+    def _projections(self) -> list[nn.Linear]:
+        return [p for p in (self.q_proj, self.k_proj, self.v_proj) if p is not None]
+
+    def pack(self) -> None:
+        """q, k and v projections as one GEMM (inference; see `dgemma.model.layers.pack_linears`)."""
+        self.packed = pack_linears(self._projections())
+
+    def _apply(self, fn, recurse=True):
+        self.packed = None  # a moved or cast weight is a new tensor: the packing ends
+        return super()._apply(fn, recurse)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, H] -> q [B, T, Hq, D], k and v [B, T, Hkv, D] (v is k on full layers), before their norms;
+        views of one GEMM's output when packed."""
+        b, t, _ = x.shape
+        d, hkv = self.spec.head_dim, self.spec.num_kv_heads
+        if still_packed(self.packed, self._projections()):
+            parts = F.linear(x, self.packed).split([p.weight.shape[0] for p in self._projections()], dim=-1)
+            q_raw, k_raw = parts[0].view(b, t, self.num_heads, d), parts[1].view(b, t, hkv, d)
+            v_raw = parts[2].view(b, t, hkv, d) if self.v_proj is not None else k_raw
+            return q_raw, k_raw, v_raw
+        q_raw = self.q_proj(x).view(b, t, self.num_heads, d)
+        k_raw = self.k_proj(x).view(b, t, hkv, d)
+        return q_raw, k_raw, self.v_proj(x).view(b, t, hkv, d) if self.v_proj is not None else k_raw
 
     def forward(
         self,
@@ -194,20 +240,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         b, t, _ = x.shape
         d = self.spec.head_dim
-        q_raw = self.q_proj(x).view(b, t, self.num_heads, d)  # [B, T, Hq, D]
+        q_raw, k_raw, v_raw = self.project(x)  # [B, T, Hq, D], [B, T, Hkv, D] x 2
         q = norm_rope(q_raw, self.q_norm.weight, cos, sin, self.eps, self.kernel_devices)
-        k_raw = self.k_proj(x).view(b, t, self.spec.num_kv_heads, d)  # [B, T, Hkv, D]
-        v_raw = self.v_proj(x).view(b, t, self.spec.num_kv_heads, d) if self.v_proj is not None else k_raw
-        k = norm_rope(k_raw, self.k_norm.weight, cos, sin, self.eps, self.kernel_devices)
-        v = rms_norm(v_raw, None, self.eps)
-
         # Write first, then attend: the canvas (and a causal chunk) attends to its own keys through the cache.
+        self.write_kv(k_raw, v_raw, cos, sin, batch, kind, cache, layer)
         keys, values = cache.keys[layer], cache.values[layer]  # [rows, slots + 1, Hkv, D]
-        slots = batch.write_slots[kind]  # [B, T]
-        keys[batch.rows[:, None], slots] = k.to(keys.dtype)  # autocast may compute k in float32
-        values[batch.rows[:, None], slots] = v.to(values.dtype)
         if use_canvas_attention(q, batch, kind, cache, self.kernel_devices):
-            out = canvas_attention(q, keys, values, batch.rows, *batch.canvas_keys)  # [B, T, Hq, D]
+            out = canvas_attention(q, keys, values, *batch.flash_bounds(keys.shape[1]))  # [B, T, Hq, D]
             return self.o_proj(out.reshape(b, t, self.num_heads * d))
         keys, values = read_slots(keys, batch, kind, cache), read_slots(values, batch, kind, cache)
 
@@ -221,6 +260,23 @@ class Attention(nn.Module):
             attn_mask=mask, scale=1.0, enable_gqa=True,
         )  # [B, Hq, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * d))
+
+
+    def write_kv(self, k_raw: torch.Tensor, v_raw: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 batch: AttentionBatch, kind: str, cache: KVCache, layer: int) -> None:
+        """The new keys (normalised, rotated) and values (normalised) into the cache at the batch's write slots."""
+        keys, values = cache.keys[layer], cache.values[layer]  # [rows, slots + 1, Hkv, D]
+        slots = batch.write_slots[kind]  # [B, T]
+        if keys.dtype == k_raw.dtype and use_fused_norm_rope(k_raw, cos, sin, self.kernel_devices):
+            from dgemma.kernels.norm_rope import norm_rope_triton  # writes the cache itself: no index kernels
+
+            norm_rope_triton(k_raw, self.k_norm.weight, cos, sin, self.eps, into=(keys, batch.rows, slots))
+            norm_rope_triton(v_raw, None, None, None, self.eps, into=(values, batch.rows, slots))
+            return
+        k = norm_rope(k_raw, self.k_norm.weight, cos, sin, self.eps, self.kernel_devices)
+        v = norm_heads(v_raw, self.eps, self.kernel_devices)
+        keys[batch.rows[:, None], slots] = k.to(keys.dtype)  # autocast may compute k in float32
+        values[batch.rows[:, None], slots] = v.to(values.dtype)
 
 
 def use_canvas_attention(q: torch.Tensor, batch: AttentionBatch, kind: str, cache: KVCache,
@@ -252,11 +308,11 @@ def canvas_attention(
     q: torch.Tensor,  # [B, C, Hq, D] the canvas queries
     keys: torch.Tensor,  # [rows, slots + 1, Hkv, D] one layer's whole cache (slot = position)
     values: torch.Tensor,  # [rows, slots + 1, Hkv, D]
-    rows: torch.Tensor,  # [B] cache row of each batch row
-    start: torch.Tensor,  # [B] first position every query of the row sees
-    end: torch.Tensor,  # [B] one past the last
+    cu_q: torch.Tensor,  # [B + 1] int32: where each row's queries start in q flattened to [B * C, Hq, D]
+    cu_k: torch.Tensor,  # [B + 1] int32: where each row's first visible key sits in the flattened cache
+    used_k: torch.Tensor,  # [B] int32: how many keys each row sees (`AttentionBatch.flash_bounds`)
 ) -> torch.Tensor:
-    """Attention of each row's canvas over the keys [start, end) of its cache row, with no mask: [B, C, Hq, D].
+    """Attention of each row's canvas over one contiguous key range of its cache row, with no mask: [B, C, Hq, D].
 
     A decoder canvas sees one contiguous key range per row, and masked attention over a fixed key length (what a
     captured graph needs) cost 143 us a layer at batch 1 on an H200 where the same attention without a mask took
@@ -269,10 +325,6 @@ def canvas_attention(
     slots = keys.shape[1]
     flat_k = keys.view(-1, keys.shape[2], d)  # [rows * slots, Hkv, D]
     flat_v = values.view(-1, values.shape[2], d)
-    seq_starts = rows.to(torch.int32) * slots + start.to(torch.int32)  # [B]
-    cu_k = torch.cat([seq_starts, seq_starts[-1:] + (end[-1:] - start[-1:]).to(torch.int32)])  # [B + 1]
-    cu_q = torch.arange(0, (b + 1) * c, c, dtype=torch.int32, device=q.device)  # [B + 1]
-    used_k = (end - start).to(torch.int32)  # [B]
     out = torch.ops.aten._flash_attention_forward(
         q.reshape(b * c, hq, d), flat_k, flat_v, cu_q, cu_k, c, slots, 0.0, False, False,
         scale=1.0, seqused_k=used_k,

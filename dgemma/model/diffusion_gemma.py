@@ -42,17 +42,48 @@ class Layer(nn.Module):
         self.post_feedforward_layernorm_2 = RMSNorm(h, eps)
         self.post_feedforward_layernorm = RMSNorm(h, eps)
         self.layer_scalar = nn.Parameter(torch.ones(1))  # the decoder's; the encoder's is kept by the model
+        # Device types that may run the fused residual norms (see `DiffusionGemma.set_kernel_devices`).
+        self.kernel_devices: tuple[str, ...] = ("cuda",)
 
     def forward(self, x, cos, sin, batch: AttentionBatch, cache: KVCache, scalar: torch.Tensor) -> torch.Tensor:
         # x: [B, T, H]; scalar: [1], or [T, 1] when encoder and decoder tokens share the forward
         attn = self.self_attn(self.input_layernorm(x), cos, sin, batch, self.kind, cache, self.index)
+        h, dense_in, router_in, experts_in = self.attention_residual(x, attn)  # [B, T, H] each
+        dense = self.mlp(dense_in)
+        weights, experts = self.router(router_in.reshape(-1, h.shape[-1]))  # routed on the raw residual
+        routed = self.experts(experts_in.reshape(-1, h.shape[-1]), weights, experts).view_as(h)
+        return self.layer_output(h, dense, routed, scalar)
+
+    def attention_residual(self, x: torch.Tensor, attn: torch.Tensor):
+        """h = x + norm(attn), and h normalised for the dense MLP, the router and the experts: 4 x [B, T, H]."""
+        if use_fused_norms(x, self.kernel_devices):
+            from dgemma.kernels.residual_norms import attention_residual_triton  # 1 kernel instead of 7
+
+            return attention_residual_triton(
+                x, attn, self.post_attention_layernorm.weight, self.pre_feedforward_layernorm.weight,
+                self.pre_feedforward_layernorm_2.weight, self.router.scale, self.router.inv_sqrt_hidden,
+                self.input_layernorm.eps)
         h = x + self.post_attention_layernorm(attn)
-        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
-        flat = h.reshape(-1, h.shape[-1])  # [B*T, H]
-        weights, experts = self.router(flat)  # routed on the raw residual
-        routed = self.experts(self.pre_feedforward_layernorm_2(flat), weights, experts).view_as(h)
-        mixed = dense + self.post_feedforward_layernorm_2(routed)
+        return h, self.pre_feedforward_layernorm(h), self.router.normalize(h), self.pre_feedforward_layernorm_2(h)
+
+    def layer_output(self, h: torch.Tensor, dense: torch.Tensor, routed: torch.Tensor,
+                     scalar: torch.Tensor) -> torch.Tensor:
+        """(h + norm(norm(dense) + norm(routed))) * scalar: [B, T, H]."""
+        if use_fused_norms(h, self.kernel_devices):
+            from dgemma.kernels.residual_norms import layer_output_triton  # 1 kernel instead of 7
+
+            return layer_output_triton(
+                h, dense, routed, self.post_feedforward_layernorm_1.weight, self.post_feedforward_layernorm_2.weight,
+                self.post_feedforward_layernorm.weight, scalar, self.input_layernorm.eps)
+        mixed = self.post_feedforward_layernorm_1(dense) + self.post_feedforward_layernorm_2(routed)
         return (h + self.post_feedforward_layernorm(mixed)) * scalar
+
+
+def use_fused_norms(x: torch.Tensor, kernel_devices: tuple[str, ...]) -> bool:
+    """Whether a layer's residual norms run as `dgemma.kernels.residual_norms` (inference on a kernel device; the
+    kernels have no backward). Devices, dtypes and the grad mode only: a captured CUDA graph keeps the choice."""
+    return (x.device.type in kernel_devices and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and not torch.is_grad_enabled())
 
 
 class SelfConditioning(nn.Module):
@@ -104,6 +135,14 @@ class DiffusionGemma(nn.Module):
         for module in self.modules():
             if hasattr(module, "kernel_devices"):
                 module.kernel_devices = tuple(devices)
+
+    def pack_projections(self) -> None:
+        """Inference: every layer's q/k/v projections and its dense MLP's gate/up become one GEMM each, over weights
+        concatenated once (the separate parameters become views: no second copy). Training never packs (no
+        gradient reaches a packed weight), and moving or casting the model ends the packing."""
+        for layer in self.layers:
+            layer.self_attn.pack()
+            layer.mlp.pack()
 
     # ------------------------------------------------------------------------------------------------------
     @property

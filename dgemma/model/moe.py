@@ -14,7 +14,8 @@ from dgemma.model.layers import rms_norm
 class Router(nn.Module):
     """Top-K routing on the raw residual: softmax over all experts, renormalised top-K, per-expert scale."""
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, eps: float):
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, eps: float,
+                 kernel_devices: tuple[str, ...] = ("cuda",)):
         super().__init__()
         self.top_k = top_k
         self.eps = eps
@@ -22,11 +23,21 @@ class Router(nn.Module):
         self.proj = nn.Linear(hidden_size, num_experts, bias=False)
         self.scale = nn.Parameter(torch.ones(hidden_size))
         self.per_expert_scale = nn.Parameter(torch.ones(num_experts))
+        self.kernel_devices = kernel_devices  # as in Experts
 
-    def forward(self, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """residual: [N, H] -> weights [N, K] float32, expert ids [N, K]."""
-        z = rms_norm(residual, None, self.eps) * self.scale * self.inv_sqrt_hidden
-        probs = torch.softmax(self.proj(z), dim=-1, dtype=torch.float32)  # [N, E]
+    def normalize(self, residual: torch.Tensor) -> torch.Tensor:
+        """The router's input from the residual [..., H]: norm without weight, then its scale and H^-1/2.
+        (`dgemma.kernels.residual_norms` computes the same inside the layer's fused norms.)"""
+        return rms_norm(residual, None, self.eps) * self.scale * self.inv_sqrt_hidden
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z: [N, H] from `normalize` -> weights [N, K] float32, expert ids [N, K]."""
+        logits = self.proj(z)  # [N, E]
+        if z.device.type in self.kernel_devices and not torch.is_grad_enabled():
+            from dgemma.kernels.routing import route_top_k  # one kernel instead of six
+
+            return route_top_k(logits, self.per_expert_scale, self.top_k)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [N, E]
         weights, experts = torch.topk(probs, k=self.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         # The same values as per_expert_scale[experts], but its backward scatters into distinct slots of each row

@@ -1,0 +1,138 @@
+"""The norms around a layer's residual stream, as two Triton kernels per layer instead of fourteen.
+
+A layer adds its attention output to the residual and normalises the sum three ways (the dense MLP's input, the
+router's input, the experts' input); at the end it normalises the dense and routed outputs, their sum, adds that
+to the residual and scales by the layer scalar. Eager, that is 7 + 7 kernels, each one pass over a [tokens, H]
+row; at a batch-1 denoising step (256 tokens) each is a few microseconds of work behind a launch.
+
+- `attention_residual`: h = x + norm(attn; w_post_attn), then norm(h; w_pre_ff), norm(h; w_pre_ff2) and the
+  router's input norm(h) * scale * H^-1/2, from one read of x and attn.
+- `layer_output`: (h + norm(norm(dense; w1) + norm(routed; w2); w)) * scalar.
+
+Rounding follows the eager path step by step: every intermediate the eager code holds in the activation dtype is
+rounded to it here too, and the norms are those of `dgemma.kernels.rms_norm` (float32, 1 / sqrt). So on a GPU the
+results equal the eager path's bit for bit up to the order of each row's sum of squares.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms(v, D, eps):
+    """v [BLOCK] float32 (zeros past D) times 1 / rms(v): the unweighted norm, in float32."""
+    return v * (1.0 / tl.sqrt(tl.sum(v * v, 0) / D + eps))
+
+
+@triton.jit
+def _attention_residual_kernel(x_ptr, attn_ptr, w_post_ptr, w_dense_ptr, w_experts_ptr, router_scale_ptr,
+                               h_ptr, dense_ptr, router_ptr, experts_ptr, D, eps, router_factor,
+                               BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64) * D
+    cols = tl.arange(0, BLOCK)
+    mask = cols < D
+    dtype = h_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row + cols, mask=mask, other=0.0).to(tl.float32)
+    attn = tl.load(attn_ptr + row + cols, mask=mask, other=0.0).to(tl.float32)
+    w_post = tl.load(w_post_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    h = (x + (_rms(attn, D, eps) * w_post).to(dtype).to(tl.float32)).to(dtype)
+    tl.store(h_ptr + row + cols, h, mask=mask)
+    normed = _rms(h.to(tl.float32), D, eps)
+    w_dense = tl.load(w_dense_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    w_experts = tl.load(w_experts_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dense_ptr + row + cols, (normed * w_dense).to(dtype), mask=mask)
+    tl.store(experts_ptr + row + cols, (normed * w_experts).to(dtype), mask=mask)
+    # The router's input: the weightless norm, then its scale, then H^-1/2, each product rounded as eager.
+    scale = tl.load(router_scale_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    z = (normed.to(dtype).to(tl.float32) * scale).to(dtype).to(tl.float32)
+    tl.store(router_ptr + row + cols, (z * router_factor).to(dtype), mask=mask)
+
+
+@triton.jit
+def _layer_output_kernel(h_ptr, dense_ptr, routed_ptr, w_dense_ptr, w_routed_ptr, w_out_ptr, scalar_ptr, out_ptr,
+                         D, eps, tokens_per_scalar, BLOCK: tl.constexpr):
+    index = tl.program_id(0)
+    row = index.to(tl.int64) * D
+    cols = tl.arange(0, BLOCK)
+    mask = cols < D
+    dtype = out_ptr.dtype.element_ty
+    dense = tl.load(dense_ptr + row + cols, mask=mask, other=0.0).to(tl.float32)
+    routed = tl.load(routed_ptr + row + cols, mask=mask, other=0.0).to(tl.float32)
+    w_dense = tl.load(w_dense_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    w_routed = tl.load(w_routed_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    mixed = ((_rms(dense, D, eps) * w_dense).to(dtype).to(tl.float32)
+             + (_rms(routed, D, eps) * w_routed).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    w_out = tl.load(w_out_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    h = tl.load(h_ptr + row + cols, mask=mask, other=0.0).to(tl.float32)
+    out = (h + (_rms(mixed, D, eps) * w_out).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    scalar = tl.load(scalar_ptr + index % tokens_per_scalar).to(tl.float32)
+    tl.store(out_ptr + row + cols, (out * scalar).to(dtype), mask=mask)
+
+
+def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
+    flat = t.reshape(-1, d)
+    return flat if flat.is_contiguous() else flat.contiguous()
+
+
+def _launch_options(d: int) -> dict:
+    block = triton.next_power_of_2(d)
+    return {"BLOCK": block, "num_warps": 4 if block <= 1024 else 8}
+
+
+def attention_residual_triton(
+    x: torch.Tensor,  # [..., H] the layer's input (the residual)
+    attn: torch.Tensor,  # [..., H] the attention output
+    w_post_attn: torch.Tensor,  # [H]
+    w_dense: torch.Tensor,  # [H] the dense MLP's input norm
+    w_experts: torch.Tensor,  # [H] the experts' input norm
+    router_scale: torch.Tensor,  # [H]
+    router_factor: float,  # H^-1/2
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h, dense input, router input, experts input), each shaped and typed like x."""
+    d = x.shape[-1]
+    if attn.shape != x.shape or attn.dtype != x.dtype:
+        raise ValueError(f"attention_residual: attn {tuple(attn.shape)} {attn.dtype} must match x "
+                         f"{tuple(x.shape)} {x.dtype}")
+    for name, w in (("w_post_attn", w_post_attn), ("w_dense", w_dense), ("w_experts", w_experts),
+                    ("router_scale", router_scale)):
+        if w.shape != (d,) or w.device != x.device:
+            raise ValueError(f"attention_residual: {name} must be [{d}] on {x.device}, got {tuple(w.shape)} "
+                             f"on {w.device}")
+    xs, attns = _rows(x, d), _rows(attn, d)
+    h, dense, router, experts = (torch.empty_like(xs) for _ in range(4))
+    _attention_residual_kernel[(xs.shape[0],)](xs, attns, w_post_attn, w_dense, w_experts, router_scale,
+                                               h, dense, router, experts, d, eps, router_factor,
+                                               **_launch_options(d))
+    return h.view(x.shape), dense.view(x.shape), router.view(x.shape), experts.view(x.shape)
+
+
+def layer_output_triton(
+    h: torch.Tensor,  # [B, T, H] the residual after attention
+    dense: torch.Tensor,  # [B, T, H] the dense MLP's output
+    routed: torch.Tensor,  # [B, T, H] the experts' output
+    w_dense: torch.Tensor,  # [H]
+    w_routed: torch.Tensor,  # [H]
+    w_out: torch.Tensor,  # [H]
+    scalar: torch.Tensor,  # [1], or [T, 1]: one per token position
+    eps: float,
+) -> torch.Tensor:
+    """(h + norm(norm(dense; w_dense) + norm(routed; w_routed); w_out)) * scalar: [B, T, H] in h's dtype."""
+    _, t, d = h.shape
+    if dense.shape != h.shape or routed.shape != h.shape or dense.dtype != h.dtype or routed.dtype != h.dtype:
+        raise ValueError(f"layer_output: dense {tuple(dense.shape)} and routed {tuple(routed.shape)} must match "
+                         f"h {tuple(h.shape)} {h.dtype}")
+    for name, w in (("w_dense", w_dense), ("w_routed", w_routed), ("w_out", w_out)):
+        if w.shape != (d,) or w.device != h.device:
+            raise ValueError(f"layer_output: {name} must be [{d}] on {h.device}, got {tuple(w.shape)}")
+    if scalar.numel() not in (1, t):
+        raise ValueError(f"layer_output: scalar must have 1 or {t} values, got {tuple(scalar.shape)}")
+    hs = _rows(h, d)
+    out = torch.empty_like(hs)
+    _layer_output_kernel[(hs.shape[0],)](hs, _rows(dense, d), _rows(routed, d), w_dense, w_routed, w_out,
+                                         scalar.reshape(-1).contiguous(), out, d, eps, scalar.numel(),
+                                         **_launch_options(d))
+    return out.view(h.shape)
