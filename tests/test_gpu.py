@@ -243,7 +243,8 @@ def test_attention_and_experts_with_fused_kernels_match_eager_on_gpu(config, sca
         x = torch.randn(n, h, generator=gen).to("cuda", torch.bfloat16)
         eager, fused = experts_kernel_off_and_on(model, 0, x)
         assert rel_err(fused, eager) < tol, (per_expert, rel_err(fused, eager))
-    assert calls == {"norm_rope": 6, "fused_moe": 3, "route_top_k": 3, "attention_residual": 0, "layer_output": 0}
+    assert calls == {"norm_rope": 6, "fused_moe": 3, "route_top_k": 3, "attention_residual": 0, "layer_output": 0,
+                     "full_attention": 2}
 
 
 @pytest.mark.parametrize("config,scale,prompt_len,draws", [(*TINY, 100, 8), (*SLICE, 200, 2)],
@@ -278,8 +279,9 @@ def test_model_with_fused_kernels_is_as_accurate_as_eager_on_gpu(config, scale, 
     # Every layer's q, k and v in both passes; the experts wherever a pass has <= 32 assignments per expert (all here);
     # every layer's routing and residual norms.
     per_pass = 2 * config.num_layers * draws
+    full = config.layer_types.count(FULL) * 2 * draws
     assert calls == {"norm_rope": 3 * per_pass, "fused_moe": per_pass, "route_top_k": per_pass,
-                     "attention_residual": per_pass, "layer_output": per_pass}, calls
+                     "attention_residual": per_pass, "layer_output": per_pass, "full_attention": full}, calls
     report = {"fused": rel_err(fused, truth), "eager": rel_err(eager, truth),
               "fused_argmax_agree": argmax_agreement(fused, truth), "eager_argmax_agree": argmax_agreement(eager, truth)}
     print(config.num_layers, "layers:", report)
