@@ -244,7 +244,37 @@ def test_attention_and_experts_with_fused_kernels_match_eager_on_gpu(config, sca
         eager, fused = experts_kernel_off_and_on(model, 0, x)
         assert rel_err(fused, eager) < tol, (per_expert, rel_err(fused, eager))
     assert calls == {"norm_rope": 6, "fused_moe": 3, "route_top_k": 3, "attention_residual": 0, "layer_output": 0,
-                     "full_attention": 2}
+                     "cache_attention": 2}
+
+
+@pytest.mark.parametrize("config,scale,prefix,max_write", [(*TINY, 200, 64), (*SLICE, 1500, 256)],
+                         ids=["tiny", "26b-a4b-slice"])
+def test_canvas_attention_over_a_sliding_ring_matches_masked_attention_on_gpu(config, scale, prefix, max_write,
+                                                                             monkeypatch):
+    """Long contexts keep only a ring of W - 1 + max_write slots on sliding layers, where a row's window may wrap
+    around the ring's end. `cache_attention` maps each visible position to its slot instead of masking the whole
+    ring; ragged rows (two prefixes) check the per-row bounds. Same tolerance as the module tests above."""
+    from dgemma.bench.measure import encoded_prefix
+    from dgemma.model.attention import AttentionBatch
+    from dgemma.model.layers import rope_cos_sin
+
+    model = build_random_model(config, "bfloat16", "cuda", seed=1, scale=scale)
+    c, w = config.canvas_length, config.sliding_window
+    cache = encoded_prefix(model, 2, prefix, prefix + c, max_write)
+    assert cache.ring and cache.sliding_slots < prefix
+    batch = AttentionBatch.for_decoder([0, 1], [prefix, prefix - 7], c, w, cache)
+    layer = config.layer_types.index(SLIDING)
+    attn = model.layers[layer].self_attn
+    cos, sin = rope_cos_sin(batch.positions, model.inv_freq_sliding, model.dtype)
+    x = torch.randn(2, c, config.hidden_size, generator=torch.Generator().manual_seed(0)).to("cuda", torch.bfloat16)
+    calls = spy_on_kernels(monkeypatch)
+    outs = []
+    with torch.no_grad():
+        for devices in ((), ("cuda",)):
+            attn.kernel_devices = devices
+            outs.append(attn(x, cos, sin, batch, SLIDING, cache, layer).float())
+    assert calls["cache_attention"] == 1
+    assert rel_err(outs[1], outs[0]) < 4 * torch.finfo(torch.bfloat16).eps, rel_err(outs[1], outs[0])
 
 
 @pytest.mark.parametrize("config,scale,prompt_len,draws", [(*TINY, 100, 8), (*SLICE, 200, 2)],
@@ -279,9 +309,11 @@ def test_model_with_fused_kernels_is_as_accurate_as_eager_on_gpu(config, scale, 
     # Every layer's q, k and v in both passes; the experts wherever a pass has <= 32 assignments per expert (all here);
     # every layer's routing and residual norms.
     per_pass = 2 * config.num_layers * draws
-    full = config.layer_types.count(FULL) * 2 * draws
+    # Attention: every layer of the encoder pass and the decoder's full layers (its sliding canvases take flash
+    # attention over one key range per row).
+    cached = (config.num_layers + config.layer_types.count(FULL)) * draws
     assert calls == {"norm_rope": 3 * per_pass, "fused_moe": per_pass, "route_top_k": per_pass,
-                     "attention_residual": per_pass, "layer_output": per_pass, "full_attention": full}, calls
+                     "attention_residual": per_pass, "layer_output": per_pass, "cache_attention": cached}, calls
     report = {"fused": rel_err(fused, truth), "eager": rel_err(eager, truth),
               "fused_argmax_agree": argmax_agreement(fused, truth), "eager_argmax_agree": argmax_agreement(eager, truth)}
     print(config.num_layers, "layers:", report)

@@ -207,10 +207,9 @@ def test_interpreted_model_with_the_kernels_is_as_accurate_as_eager(tiny_fp16, m
     fused_model.pack_projections()  # as an LLM runs it: the kernels read q, k and v as views of one GEMM
     _, fused = run(fused_model, prompt, canvas, soft_logits)
     # 6 layers, encoder and decoder: q, k and v of each; experts of each (40 and 32 tokens, top-2 of 8: <= 32
-    # each); the routing and the two residual norms of each; the attention of the full layers.
-    full_layers = cfg.layer_types.count("full_attention")
+    # each); the routing, the two residual norms and the attention of each (no flash attention on a CPU).
     assert calls == {"norm_rope": 36, "fused_moe": 12, "route_top_k": 12, "attention_residual": 12,
-                     "layer_output": 12, "full_attention": 2 * full_layers}
+                     "layer_output": 12, "cache_attention": 12}
     report = {"fused": rel_err(fused, truth), "eager": rel_err(eager, truth),
               "fused_argmax_agree": argmax_agreement(fused, truth), "eager_argmax_agree": argmax_agreement(eager, truth)}
     assert report["fused"] <= 1.25 * report["eager"] + 2e-3, report
@@ -299,22 +298,33 @@ def test_interpreted_head_norm_reads_views_of_a_packed_projection_in_place(rope)
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("b,t,hq,hkv,d", [(2, 5, 4, 2, 32), (1, 37, 8, 1, 64), (3, 1, 4, 2, 512)])  # 512: split D
-def test_interpreted_full_attention_reads_the_cache_in_place_and_matches_masked_attention(dtype, b, t, hq, hkv, d):
-    """Each query sees the positions before its own bound (causal chunks, canvases, the fused forward: all of them
-    are such bounds on full layers); rows are read from the cache rows the batch names."""
-    from dgemma.kernels.full_attention import full_attention_triton
+@pytest.mark.parametrize("window,ring", [(None, None), (12, None), (12, 20)])  # full; sliding; sliding on a ring
+def test_interpreted_cache_attention_matches_masked_attention_over_each_querys_positions(dtype, b, t, hq, hkv, d,
+                                                                                         window, ring):
+    """Each query sees the positions [key_start, key_end): all before its bound on full layers, a window on sliding
+    ones. Rows are read from the cache rows the batch names; on a ring, position p from slot p % S."""
+    from dgemma.kernels.cache_attention import cache_attention_triton
     from dgemma.model.attention import grouped_attention
 
     gen = torch.Generator().manual_seed(d + t)
-    slots = 50
+    written = 50  # positions [0, 50) were written
     # Scores of order 1 (a float32 score of order sqrt(d) would carry sqrt(d) times the rounding into exp).
     q = (torch.randn(b, t, hq, d, generator=gen) * d**-0.5).to(dtype)
-    keys, values = (torch.randn(4, slots, hkv, d, generator=gen).to(dtype) for _ in range(2))
+    keys, values = (torch.randn(4, written, hkv, d, generator=gen).to(dtype) for _ in range(2))  # slot = position
     rows = torch.tensor([3, 0, 2][:b])
-    key_end = torch.randint(1, slots + 1, (b, t), generator=gen)
-    got = full_attention_triton(q, keys, values, rows, key_end, block_m=16, block_n=16)
-    mask = (torch.arange(slots) < key_end[..., None])[:, None]  # [B, 1, T, S]
-    expected = grouped_attention(q.float(), keys[rows].float(), values[rows].float(), mask)
+    key_end = torch.randint(written - 5, written + 1, (b, t), generator=gen)
+    key_start = None if window is None else key_end - window
+    cache_keys, cache_values = keys, values
+    if ring is not None:  # slot p % S holds the last position written there, as in a sliding ring
+        cache_keys, cache_values = keys[:, :ring].clone(), values[:, :ring].clone()
+        for p in range(written):
+            cache_keys[:, p % ring], cache_values[:, p % ring] = keys[:, p], values[:, p]
+    got = cache_attention_triton(q, cache_keys, cache_values, rows, key_start, key_end, ring, block_m=16, block_n=16)
+    positions = torch.arange(written)
+    mask = positions < key_end[..., None]  # [B, T, S]
+    if key_start is not None:
+        mask &= positions >= key_start[..., None]
+    expected = grouped_attention(q.float(), keys[rows].float(), values[rows].float(), mask[:, None])
     # float32: 512-term dot products and an average over up to 50 values of random sign round to ~1e-6 relative
-    # on either side (measured 6e-7); a wrong bound, row or head is off by order 1.
+    # on either side (measured 6e-7); a wrong bound, slot, row or head is off by order 1.
     assert rel_err(got.float(), expected) < max(ULPS * torch.finfo(dtype).eps, 1e-5)

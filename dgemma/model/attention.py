@@ -59,7 +59,10 @@ class AttentionBatch:
     # Decoder canvases only: per row, the positions [start, end) every query of the row sees on sliding layers
     # ([B] each). One contiguous key range per row lets attention skip the mask (`canvas_attention`).
     canvas_keys: tuple[torch.Tensor, torch.Tensor] | None = None
-    key_end: torch.Tensor | None = None  # [B, T] one past the last position each query sees (full layers: all before)
+    # Per query, the positions [key_start, key_end) it sees on sliding layers ([0, key_end) on full ones), [B, T]:
+    # what `dgemma.kernels.cache_attention` reads instead of the masks.
+    key_start: torch.Tensor | None = None
+    key_end: torch.Tensor | None = None
     _flash_bounds: dict = field(default_factory=dict, repr=False)  # slots per row -> `flash_bounds`
 
     def flash_bounds(self, slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -111,7 +114,8 @@ class AttentionBatch:
                           & (held >= 0))[:, None]  # [B, 1, T, K']
         canvas_keys = (key_start_sliding[:, 0].clamp(min=0), key_end[:, 0]) if canvas else None
         return cls(rows, positions, {FULL: write_slots, SLIDING: sliding_slots},
-                   {FULL: (0, kv_len), SLIDING: (start, end)}, masks, row_range, canvas_keys, key_end)
+                   {FULL: (0, kv_len), SLIDING: (start, end)}, masks, row_range, canvas_keys, key_start_sliding,
+                   key_end)
 
     @classmethod
     def _build(cls, rows: list[int], positions, write_slots, key_start_sliding, key_end, written_end: list[int],
@@ -246,13 +250,15 @@ class Attention(nn.Module):
         # Write first, then attend: the canvas (and a causal chunk) attends to its own keys through the cache.
         self.write_kv(k_raw, v_raw, cos, sin, batch, kind, cache, layer)
         keys, values = cache.keys[layer], cache.values[layer]  # [rows, slots + 1, Hkv, D]
-        if use_full_attention_kernel(q, batch, kind, self.kernel_devices):
-            from dgemma.kernels.full_attention import full_attention_triton  # 1 kernel instead of ~8, no mask
-
-            out = full_attention_triton(q, keys, values, batch.rows, batch.key_end)  # [B, T, Hq, D]
-            return self.o_proj(out.reshape(b, t, self.num_heads * d))
         if use_canvas_attention(q, batch, kind, cache, self.kernel_devices):
             out = canvas_attention(q, keys, values, *batch.flash_bounds(keys.shape[1]))  # [B, T, Hq, D]
+            return self.o_proj(out.reshape(b, t, self.num_heads * d))
+        if use_cache_attention(q, batch, kind, self.kernel_devices):
+            from dgemma.kernels.cache_attention import cache_attention_triton  # no mask, no gather
+
+            start, ring = (batch.key_start, cache.sliding_slots if cache.ring else None) if kind == SLIDING else (
+                None, None)
+            out = cache_attention_triton(q, keys, values, batch.rows, start, batch.key_end, ring)  # [B, T, Hq, D]
             return self.o_proj(out.reshape(b, t, self.num_heads * d))
         keys, values = read_slots(keys, batch, kind, cache), read_slots(values, batch, kind, cache)
 
@@ -285,21 +291,23 @@ class Attention(nn.Module):
         values[batch.rows[:, None], slots] = v.to(values.dtype)
 
 
-# Queries per row up to which full layers use the flash kernel: canvases, fused steps, AR tokens and the engine's
-# graphed prompt chunks (<= 2048). Longer prompt chunks keep the two batched matmuls, which were not measured
+# Queries per row up to which attention runs as `cache_attention`: canvases, fused steps, AR tokens and the
+# engine's graphed prompt chunks (<= 2048). Longer prompt chunks keep the masked path, which was not measured
 # against the kernel there.
-FULL_ATTENTION_KERNEL_MAX_TOKENS = 2048
+CACHE_ATTENTION_MAX_TOKENS = 2048
+# Which layer types may use it (sliding layers only where `canvas_attention`, flash attention over one key range
+# per row, does not apply: rings, prompt chunks, fused forwards).
+CACHE_ATTENTION_KINDS = (FULL, SLIDING)
 
 
-def use_full_attention_kernel(q: torch.Tensor, batch: AttentionBatch, kind: str,
-                              kernel_devices: tuple[str, ...]) -> bool:
-    """Whether a full layer's attention runs as `dgemma.kernels.full_attention` (inference in bf16/fp16 with a
-    power-of-two head_dim, on a kernel device). Shapes, dtypes and flags only: a captured graph keeps the choice."""
+def use_cache_attention(q: torch.Tensor, batch: AttentionBatch, kind: str, kernel_devices: tuple[str, ...]) -> bool:
+    """Whether attention runs as `dgemma.kernels.cache_attention` (inference in bf16/fp16 with a power-of-two
+    head_dim >= 16, on a kernel device). Shapes, dtypes and flags only: a captured graph keeps the choice."""
     d = q.shape[-1]
     return (
-        kind == FULL
+        kind in CACHE_ATTENTION_KINDS
         and batch.key_end is not None
-        and q.shape[1] <= FULL_ATTENTION_KERNEL_MAX_TOKENS
+        and q.shape[1] <= CACHE_ATTENTION_MAX_TOKENS
         and q.device.type in kernel_devices
         and q.dtype in (torch.bfloat16, torch.float16)
         and d >= 16 and d & (d - 1) == 0
