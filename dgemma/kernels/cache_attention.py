@@ -5,11 +5,10 @@ Every attention in the model is such a range (`visible_positions`): full layers 
 bound, sliding layers a window of them; a sliding ring holds position p in slot p % S, and the ring's proof
 (`dgemma.model.kv_cache.ring_positions`) says every position in a query's window is held there. So the kernel walks
 positions, maps them to slots, and needs no mask, no gather of the rows' keys and no float32 score tensor.
-What it replaces:
-  * full layers (head_dim 512, which no fused PyTorch attention takes): `grouped_attention`, two matmuls over the
-    whole key range with a float32 softmax between, a mask and a few layout copies (~8 kernels per layer);
-  * sliding layers on a ring (long contexts), and prompt chunks and fused forwards: SDPA with a boolean mask over
-    every slot a captured graph may need (143 us a layer at batch 1 on an H200 where 37 us do without the mask).
+It replaces SDPA with a boolean mask over every slot of a sliding ring (what a captured graph reads when a long
+context keeps only a ring): 143 us a layer at batch 1 on an H200 where 37 us do without the mask. Where the model
+uses it is decided, from measurements, by `dgemma.model.attention.use_cache_attention`; the kernel itself also takes
+full layers (head_dim 512: key_start None) and any bounds.
 
 Grid: (batch row x KV head, query block, value-dim block). A query block stacks the G query heads that share a KV
 head, token-major (row r = token * G + head), so keys are read once for all G heads and a block's tokens have

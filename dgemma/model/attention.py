@@ -253,12 +253,11 @@ class Attention(nn.Module):
         if use_canvas_attention(q, batch, kind, cache, self.kernel_devices):
             out = canvas_attention(q, keys, values, *batch.flash_bounds(keys.shape[1]))  # [B, T, Hq, D]
             return self.o_proj(out.reshape(b, t, self.num_heads * d))
-        if use_cache_attention(q, batch, kind, self.kernel_devices):
-            from dgemma.kernels.cache_attention import cache_attention_triton  # no mask, no gather
+        if use_cache_attention(q, batch, kind, cache, self.kernel_devices):
+            from dgemma.kernels.cache_attention import cache_attention_triton  # no mask over the whole ring
 
-            start, ring = (batch.key_start, cache.sliding_slots if cache.ring else None) if kind == SLIDING else (
-                None, None)
-            out = cache_attention_triton(q, keys, values, batch.rows, start, batch.key_end, ring)  # [B, T, Hq, D]
+            out = cache_attention_triton(q, keys, values, batch.rows, batch.key_start, batch.key_end,
+                                         cache.sliding_slots)  # [B, T, Hq, D]
             return self.o_proj(out.reshape(b, t, self.num_heads * d))
         keys, values = read_slots(keys, batch, kind, cache), read_slots(values, batch, kind, cache)
 
@@ -291,23 +290,25 @@ class Attention(nn.Module):
         values[batch.rows[:, None], slots] = v.to(values.dtype)
 
 
-# Queries per row up to which attention runs as `cache_attention`: canvases, fused steps, AR tokens and the
-# engine's graphed prompt chunks (<= 2048). Longer prompt chunks keep the masked path, which was not measured
-# against the kernel there.
-CACHE_ATTENTION_MAX_TOKENS = 2048
-# Which layer types may use it (sliding layers only where `canvas_attention`, flash attention over one key range
-# per row, does not apply: rings, prompt chunks, fused forwards).
-CACHE_ATTENTION_KINDS = (FULL, SLIDING)
+# Where `cache_attention` runs, from an A/B on an H100 (docs/benchmarks.md): a sliding layer's attention over a ring
+# (a long context), from a canvas-sized number of queries up. There it replaces SDPA with a mask over the whole
+# ring (batch-1 step at a 4096-token prefix: 33.75 -> 29.75 ms). Elsewhere it did not win: on full layers (batch-1
+# step 25.18 -> 25.40 ms, AR 171 -> 159 tok/s) and for single tokens, where its grid has a program per KV head only.
+CACHE_ATTENTION_MIN_TOKENS = 16
+CACHE_ATTENTION_MAX_TOKENS = 2048  # longer prompt chunks: not measured against the masked path
 
 
-def use_cache_attention(q: torch.Tensor, batch: AttentionBatch, kind: str, kernel_devices: tuple[str, ...]) -> bool:
-    """Whether attention runs as `dgemma.kernels.cache_attention` (inference in bf16/fp16 with a power-of-two
-    head_dim >= 16, on a kernel device). Shapes, dtypes and flags only: a captured graph keeps the choice."""
+def use_cache_attention(q: torch.Tensor, batch: AttentionBatch, kind: str, cache: KVCache,
+                        kernel_devices: tuple[str, ...]) -> bool:
+    """Whether attention runs as `dgemma.kernels.cache_attention`: a sliding layer on a ring, inference in bf16/fp16
+    with a power-of-two head_dim >= 16, on a kernel device. Shapes, dtypes and flags only: a captured graph keeps
+    the choice."""
     d = q.shape[-1]
     return (
-        kind in CACHE_ATTENTION_KINDS
+        kind == SLIDING
+        and cache.ring
         and batch.key_end is not None
-        and q.shape[1] <= CACHE_ATTENTION_MAX_TOKENS
+        and CACHE_ATTENTION_MIN_TOKENS <= q.shape[1] <= CACHE_ATTENTION_MAX_TOKENS
         and q.device.type in kernel_devices
         and q.dtype in (torch.bfloat16, torch.float16)
         and d >= 16 and d & (d - 1) == 0
