@@ -32,11 +32,10 @@
 # weight 1.0; noise t ~ U(0.001, 1); self-conditioning trained two-pass on half of the rows. The mixture up-weights
 # the families with the strictest bar (multiplication most) and multi-canvas answers. These settings were the best
 # of the recipes run side by side (docs/benchmarks.md).
-# Measured (4 x NVIDIA H200 host, one GPU per recipe, four runs at once, 2026-11-27, fourth run, 12-minute budget):
-# 4192 steps, 0.95M examples; validation loss 0.189; 61.0% exact on 200 held-out problems (GPU), tool calls 100%,
-# 2.86 tokens per forward: below the quality bar, so nothing is shipped yet. Alone on one H200 the same recipe runs
-# 12.2 steps/s (the four-run host was slower: its runs shared the CPU, since fixed), so a 14-minute budget now gives
-# ~10,000 steps.
+# Measured (GPU 0 of a 4 x NVIDIA H200 host, three recipes at once, 2026-11-27, fifth run, 14-minute budget):
+# 14,374 steps at 17.1 steps/s, ~17.7 minutes in all; 81.5% exact on 200 held-out problems (GPU), 78.8% on 500 on
+# the CPU (`dgemma eval --n 500 --threads 2`), tool calls 100%, 5.42 tokens per forward: below the quality bar on
+# the arithmetic, sorting and string families, so nothing is shipped yet (docs/benchmarks.md). Batch 128 tied it.
 # Options after OUT_DIR are passed on to `dgemma train` (e.g. --batch-size 1024 --max-batch-tokens 98304).
 set -euo pipefail
 
