@@ -96,6 +96,8 @@ def cache_attention_triton(
     block_n: int = 32,
     block_d: int = 128,
     block_dv: int = 256,
+    num_warps: int = 4,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T) v over each query's positions [key_start, key_end), read in place from the cache:
     [B, T, Hq, D] in q's dtype."""
@@ -118,5 +120,6 @@ def cache_attention_triton(
     _cache_attention_kernel[grid](
         q, keys, values, rows, key_start.contiguous() if key_start is not None else key_end, key_end, out, t, hq,
         hkv, g, keys.stride(0), ring or 1, D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        BLOCK_DV=block_dv, HAS_START=key_start is not None, RING=ring is not None, num_warps=4)
+        BLOCK_DV=block_dv, HAS_START=key_start is not None, RING=ring is not None, num_warps=num_warps,
+        **({} if num_stages is None else {"num_stages": num_stages}))
     return out
