@@ -256,8 +256,9 @@ class Attention(nn.Module):
         if use_cache_attention(q, batch, kind, cache, self.kernel_devices):
             from dgemma.kernels.cache_attention import cache_attention_triton  # no mask over the whole ring
 
-            out = cache_attention_triton(q, keys, values, batch.rows, batch.key_start, batch.key_end,
-                                         cache.sliding_slots)  # [B, T, Hq, D]
+            start, ring = (batch.key_start, cache.sliding_slots if cache.ring else None) if kind == SLIDING else (
+                None, None)
+            out = cache_attention_triton(q, keys, values, batch.rows, start, batch.key_end, ring)  # [B, T, Hq, D]
             return self.o_proj(out.reshape(b, t, self.num_heads * d))
         keys, values = read_slots(keys, batch, kind, cache), read_slots(values, batch, kind, cache)
 
@@ -290,23 +291,27 @@ class Attention(nn.Module):
         values[batch.rows[:, None], slots] = v.to(values.dtype)
 
 
-# Where `cache_attention` runs, from an A/B on an H100 (docs/benchmarks.md): a sliding layer's attention over a ring
-# (a long context), from a canvas-sized number of queries up. There it replaces SDPA with a mask over the whole
-# ring (batch-1 step at a 4096-token prefix: 33.75 -> 29.75 ms). Elsewhere it did not win: on full layers (batch-1
-# step 25.18 -> 25.40 ms, AR 171 -> 159 tok/s) and for single tokens, where its grid has a program per KV head only.
+# Where `cache_attention` runs, from measurements on an H100 (docs/benchmarks.md):
+# * a sliding layer's attention over a ring (a long context), where it replaces SDPA with a mask over the whole ring
+#   (a canvas at a 4096-token prefix: 307 -> 145 us a layer at batch 1, 697 -> 291 us at batch 8);
+# * a full layer's attention in a cache of at least 4096 positions, where the two batched matmuls read and mask
+#   every slot (4352 positions: 682 -> 374 us a layer at batch 1). At 1280 positions, with the first tiles, it did
+#   not win (step b1 25.18 -> 25.40 ms), so shorter caches keep the matmuls;
+# * from a canvas-sized number of queries up: for single tokens its grid has a program per KV head only (AR 159 ->
+#   125 tok/s on sliding layers).
 CACHE_ATTENTION_MIN_TOKENS = 16
 CACHE_ATTENTION_MAX_TOKENS = 2048  # longer prompt chunks: not measured against the masked path
+CACHE_ATTENTION_MIN_FULL_POSITIONS = 4096
 
 
 def use_cache_attention(q: torch.Tensor, batch: AttentionBatch, kind: str, cache: KVCache,
                         kernel_devices: tuple[str, ...]) -> bool:
-    """Whether attention runs as `dgemma.kernels.cache_attention`: a sliding layer on a ring, inference in bf16/fp16
-    with a power-of-two head_dim >= 16, on a kernel device. Shapes, dtypes and flags only: a captured graph keeps
-    the choice."""
+    """Whether attention runs as `dgemma.kernels.cache_attention`: a sliding layer on a ring or a full layer of a long
+    cache (above), inference in bf16/fp16 with a power-of-two head_dim >= 16, on a kernel device. Shapes, dtypes
+    and flags only: a captured graph keeps the choice."""
     d = q.shape[-1]
     return (
-        kind == SLIDING
-        and cache.ring
+        ((kind == SLIDING and cache.ring) or (kind == FULL and cache.capacity >= CACHE_ATTENTION_MIN_FULL_POSITIONS))
         and batch.key_end is not None
         and CACHE_ATTENTION_MIN_TOKENS <= q.shape[1] <= CACHE_ATTENTION_MAX_TOKENS
         and q.device.type in kernel_devices
