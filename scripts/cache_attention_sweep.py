@@ -38,8 +38,8 @@ def sweep(name: str, run, configs, baselines: dict[str, float]) -> dict[str, flo
     results = []
     for cfg in configs:
         try:
-            results.append((bench(lambda: run(cfg)), cfg))
-        except Exception as exc:  # out of shared memory, too many registers
+            results.append((bench(lambda cfg=cfg: run(cfg)), cfg))
+        except Exception as exc:  # noqa: BLE001 (out of shared memory, too many registers: skip the tile)
             print(f"  {cfg} failed: {type(exc).__name__}", flush=True)
     results.sort(key=lambda r: r[0])
     base = ", ".join(f"{k} {v:.1f} us" for k, v in baselines.items())
@@ -65,14 +65,14 @@ def sliding_case(b: int, configs) -> dict[str, float]:
     last = P + C - 1
     slot_pos = last - torch.remainder(last - slot_pos, RING)  # the position each ring slot holds
     mask = ((slot_pos >= P - (W - 1)) & (slot_pos < P + C))[None, None, None, :].expand(b, 1, C, RING)
-    sdpa = lambda: F.scaled_dot_product_attention(  # noqa: E731
+    sdpa = lambda: F.scaled_dot_product_attention(
         q.transpose(1, 2), ring_k[:, :RING].transpose(1, 2), ring_v[:, :RING].transpose(1, 2), attn_mask=mask,
         scale=1.0, enable_gqa=True)
     s0 = rows.to(torch.int32) * (P + C + 1) + (P - (W - 1))
     cu_k = torch.cat([s0, s0[-1:] + (W - 1 + C)]).to(torch.int32)
     cu_q = torch.arange(0, (b + 1) * C, C, dtype=torch.int32, device=DEV)
     used = torch.full((b,), W - 1 + C, dtype=torch.int32, device=DEV)
-    flash = lambda: canvas_attention(q, full_k, full_v, cu_q, cu_k, used)  # noqa: E731
+    flash = lambda: canvas_attention(q, full_k, full_v, cu_q, cu_k, used)
     ref = cache_attention_triton(q, ring_k, ring_v, rows, start, end, RING).float()
     want = flash().float()
     assert (ref - want).norm() / want.norm() < 2e-2, "cache_attention disagrees with flash attention"
@@ -89,7 +89,7 @@ def full_case(b: int, configs) -> None:
     rows = torch.arange(b, device=DEV)
     end = torch.full((b, C), P + C, device=DEV)
     mask = (torch.arange(P + C + 1, device=DEV) < P + C)[None, None, None, :].expand(b, 1, C, P + C + 1)
-    eager = lambda: grouped_attention(q, keys, values, mask)  # noqa: E731
+    eager = lambda: grouped_attention(q, keys, values, mask)
     sweep(f"full layer, batch {b}", lambda cfg: cache_attention_triton(q, keys, values, rows, None, end, None, **cfg),
           configs, {"two batched matmuls (now)": bench(eager)})
 

@@ -256,9 +256,9 @@ class Attention(nn.Module):
         if use_cache_attention(q, batch, kind, cache, self.kernel_devices):
             from dgemma.kernels.cache_attention import cache_attention_triton  # no mask over the whole ring
 
-            start, ring = (batch.key_start, cache.sliding_slots if cache.ring else None) if kind == SLIDING else (
-                None, None)
-            out = cache_attention_triton(q, keys, values, batch.rows, start, batch.key_end, ring)  # [B, T, Hq, D]
+            sliding = kind == SLIDING  # a window (on a ring: position p in slot p % S); full layers: all before
+            out = cache_attention_triton(q, keys, values, batch.rows, batch.key_start if sliding else None,
+                                         batch.key_end, cache.sliding_slots if sliding and cache.ring else None)
             return self.o_proj(out.reshape(b, t, self.num_heads * d))
         keys, values = read_slots(keys, batch, kind, cache), read_slots(values, batch, kind, cache)
 
@@ -272,7 +272,6 @@ class Attention(nn.Module):
             attn_mask=mask, scale=1.0, enable_gqa=True,
         )  # [B, Hq, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * d))
-
 
     def write_kv(self, k_raw: torch.Tensor, v_raw: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  batch: AttentionBatch, kind: str, cache: KVCache, layer: int) -> None:
