@@ -102,7 +102,10 @@ class LLM:
         return self
 
     def _setup(self, model: DiffusionGemma, tokenizer, generation_config: dict | None) -> None:
-        model.pack_projections()  # an LLM only runs inference: one GEMM per packed group of projections
+        if not any(p.requires_grad for p in model.parameters()):
+            # An inference model: one GEMM per packed group of projections. A model someone is training keeps its
+            # parameters (packing replaces them, and an optimizer would hold the old ones).
+            model.pack_projections()
         self.model = model
         self.config = model.config
         self.tokenizer = tokenizer

@@ -79,3 +79,18 @@ def test_gradients_reach_the_projection_weights_of_a_packed_model():
     for linear in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.self_attn.q_proj, layer.self_attn.k_proj,
                    layer.self_attn.v_proj):
         assert linear.weight.grad is not None and linear.weight.grad.abs().sum() > 0
+
+
+def test_an_llm_packs_an_inference_model_but_not_one_being_trained():
+    from dgemma.llm import LLM
+
+    inference = build_random_model("tiny", "float32", "cpu", seed=1, scale=SCALE)
+    LLM.from_model(inference)
+    assert inference.layers[0].self_attn.packed is not None
+    training = build_random_model("tiny", "float32", "cpu", seed=1, scale=SCALE)
+    for p in training.parameters():
+        p.requires_grad_(True)
+    params_before = [id(p) for p in training.parameters()]
+    LLM.from_model(training)
+    assert training.layers[0].self_attn.packed is None
+    assert [id(p) for p in training.parameters()] == params_before  # an optimizer's references stay valid

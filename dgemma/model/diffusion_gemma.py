@@ -138,8 +138,9 @@ class DiffusionGemma(nn.Module):
 
     def pack_projections(self) -> None:
         """Inference: every layer's q/k/v projections and its dense MLP's gate/up become one GEMM each, over weights
-        concatenated once (the separate parameters become views: no second copy). Training never packs (no
-        gradient reaches a packed weight), and moving or casting the model ends the packing."""
+        concatenated once (the separate parameters become views: no second copy, and new Parameter objects, so an
+        optimizer built before would hold the old ones). With gradients on the layers run their projections one by
+        one (no gradient reaches a packed weight), and moving or casting the model ends the packing."""
         for layer in self.layers:
             layer.self_attn.pack()
             layer.mlp.pack()

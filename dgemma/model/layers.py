@@ -48,7 +48,7 @@ def pack_linears(linears: list[nn.Linear]) -> torch.Tensor:
     start = 0
     for linear in linears:
         rows = linear.weight.shape[0]
-        linear.weight = nn.Parameter(packed[start : start + rows], requires_grad=False)
+        linear.weight = nn.Parameter(packed[start : start + rows], requires_grad=linear.weight.requires_grad)
         start += rows
     return packed
 
