@@ -7,6 +7,7 @@ logits of magnitude ~10.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -125,9 +126,20 @@ CONFIDENCE = 1.0  # mean entropy below which a stable canvas stops: loose enough
 GENERATION_CASES = [(0, 5, 8, 24, 1), (1, 19, 12, 16, 0), (2, 30, 6, 40, 1), (3, 11, 16, 24, 0), (4, 3, 10, 20, 2)]
 
 
+@pytest.fixture(scope="module")
+def packed_ours(confident_pair):
+    """Our model with packed projections, as `dgemma.llm.LLM` runs it."""
+    packed = copy.deepcopy(confident_pair[2])
+    packed.pack_projections()
+    return packed
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["separate-projections", "packed-projections"])
 @pytest.mark.parametrize("seed,prompt_len,steps,max_new,stability", GENERATION_CASES)
-def test_whole_generation_equals_reference_token_for_token(confident_pair, seed, prompt_len, steps, max_new, stability):
+def test_whole_generation_equals_reference_token_for_token(confident_pair, packed_ours, seed, prompt_len, steps,
+                                                           max_new, stability, packed):
     spec, reference, ours = confident_pair
+    ours = packed_ours if packed else ours
     ids = random_ids(spec, prompt_len, 100 + seed)
     knobs = dict(max_denoising_steps=steps, t_min=0.4, t_max=0.8, stability_threshold=stability,
                  confidence_threshold=CONFIDENCE)
