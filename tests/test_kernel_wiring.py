@@ -332,3 +332,31 @@ def test_interpreted_cache_attention_matches_masked_attention_over_each_querys_p
     # float32: 512-term dot products and an average over up to 50 values of random sign round to ~1e-6 relative
     # on either side (measured 6e-7); a wrong bound, slot, row or head is off by order 1.
     assert rel_err(got.float(), expected) < max(ULPS * torch.finfo(dtype).eps, 1e-5)
+
+
+@interpreted
+def test_interpreted_canvas_attention_over_a_sliding_ring_matches_masked_attention(tiny_fp16, monkeypatch):
+    """The wiring of `cache_attention` (tests/test_gpu.py runs the same on a GPU): a long context keeps a ring on
+    sliding layers, a decoder canvas there reads its window through the kernel, and ragged rows keep their bounds."""
+    from dgemma.bench.measure import encoded_prefix
+    from dgemma.config import SLIDING
+    from dgemma.model.attention import AttentionBatch
+
+    model = copy.deepcopy(tiny_fp16)
+    set_kernel_devices(model, ())
+    cfg, prefix = model.config, 200
+    cache = encoded_prefix(model, 2, prefix, prefix + cfg.canvas_length, 64)  # ring of W - 1 + 64 slots
+    assert cache.ring and cache.sliding_slots < prefix
+    batch = AttentionBatch.for_decoder([0, 1], [prefix, prefix - 7], cfg.canvas_length, cfg.sliding_window, cache)
+    layer = cfg.layer_types.index(SLIDING)
+    attn = model.layers[layer].self_attn
+    cos, sin = rope_cos_sin(batch.positions, model.inv_freq_sliding, model.dtype)
+    x = torch.randn(2, cfg.canvas_length, cfg.hidden_size, generator=torch.Generator().manual_seed(0)).half()
+    calls = spy_on_kernels(monkeypatch)
+    outs = []
+    with torch.no_grad():
+        for devices in ((), ("cpu",)):
+            attn.kernel_devices = devices
+            outs.append(attn(x, cos, sin, batch, SLIDING, cache, layer).float())
+    assert calls["cache_attention"] == 1
+    assert rel_err(outs[1], outs[0]) < ULPS * torch.finfo(torch.float16).eps
