@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from dgemma.config import FULL
+from dgemma.config import FULL, SLIDING
 from dgemma.model.attention import AttentionBatch
 from dgemma.model.kv_cache import KVCache
 from dgemma.model.layers import rope_cos_sin
@@ -65,6 +65,30 @@ def attention_kernel_off_and_on(model, layer: int, x: torch.Tensor) -> list[tupl
             out = attn(x, cos, sin, batch, kind, cache, layer)
         results.append((out.float(), cache.keys[layer][:, :t].float()))
     return results
+
+
+def ring_canvas(model, prefix: int, max_write: int):
+    """A decoder canvas on the first sliding layer, over a cache whose sliding layers keep a ring: two rows (prefixes
+    `prefix` and `prefix` - 7) encoded in chunks of `max_write` tokens, so the ring holds W - 1 + max_write slots.
+    Returns (cache, attend): attend(devices) runs that layer's attention with the kernels of `devices` allowed and
+    returns its output [2, C, H] in float32."""
+    from dgemma.bench.measure import encoded_prefix
+
+    cfg = model.config
+    c = cfg.canvas_length
+    cache = encoded_prefix(model, 2, prefix, prefix + c, max_write)
+    batch = AttentionBatch.for_decoder([0, 1], [prefix, prefix - 7], c, cfg.sliding_window, cache)
+    layer = cfg.layer_types.index(SLIDING)
+    attn = model.layers[layer].self_attn
+    cos, sin = rope_cos_sin(batch.positions, model.inv_freq_sliding, model.dtype)  # [2, C, D] each
+    x = torch.randn(2, c, cfg.hidden_size, generator=torch.Generator().manual_seed(0)).to(model.device, model.dtype)
+
+    def attend(devices: tuple[str, ...]) -> torch.Tensor:
+        attn.kernel_devices = devices
+        with torch.no_grad():
+            return attn(x, cos, sin, batch, SLIDING, cache, layer).float()
+
+    return cache, attend
 
 
 def experts_kernel_off_and_on(model, layer: int, x: torch.Tensor) -> list[torch.Tensor]:

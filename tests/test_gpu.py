@@ -19,6 +19,7 @@ from kernel_wiring import (
     attention_kernel_off_and_on,
     experts_kernel_off_and_on,
     rel_err,
+    ring_canvas,
     run,
     set_kernel_devices,
     spy_on_kernels,
@@ -254,25 +255,11 @@ def test_canvas_attention_over_a_sliding_ring_matches_masked_attention_on_gpu(co
     """Long contexts keep only a ring of W - 1 + max_write slots on sliding layers, where a row's window may wrap
     around the ring's end. `cache_attention` maps each visible position to its slot instead of masking the whole
     ring; ragged rows (two prefixes) check the per-row bounds. Same tolerance as the module tests above."""
-    from dgemma.bench.measure import encoded_prefix
-    from dgemma.model.attention import AttentionBatch
-    from dgemma.model.layers import rope_cos_sin
-
     model = build_random_model(config, "bfloat16", "cuda", seed=1, scale=scale)
-    c, w = config.canvas_length, config.sliding_window
-    cache = encoded_prefix(model, 2, prefix, prefix + c, max_write)
+    cache, attend = ring_canvas(model, prefix, max_write)
     assert cache.ring and cache.sliding_slots < prefix
-    batch = AttentionBatch.for_decoder([0, 1], [prefix, prefix - 7], c, w, cache)
-    layer = config.layer_types.index(SLIDING)
-    attn = model.layers[layer].self_attn
-    cos, sin = rope_cos_sin(batch.positions, model.inv_freq_sliding, model.dtype)
-    x = torch.randn(2, c, config.hidden_size, generator=torch.Generator().manual_seed(0)).to("cuda", torch.bfloat16)
     calls = spy_on_kernels(monkeypatch)
-    outs = []
-    with torch.no_grad():
-        for devices in ((), ("cuda",)):
-            attn.kernel_devices = devices
-            outs.append(attn(x, cos, sin, batch, SLIDING, cache, layer).float())
+    outs = [attend(()), attend(("cuda",))]
     assert calls["cache_attention"] == 1
     assert rel_err(outs[1], outs[0]) < 4 * torch.finfo(torch.bfloat16).eps, rel_err(outs[1], outs[0])
 

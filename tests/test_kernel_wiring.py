@@ -19,6 +19,7 @@ from kernel_wiring import (
     attention_kernel_off_and_on,
     experts_kernel_off_and_on,
     rel_err,
+    ring_canvas,
     run,
     set_kernel_devices,
     spy_on_kernels,
@@ -338,25 +339,12 @@ def test_interpreted_cache_attention_matches_masked_attention_over_each_querys_p
 def test_interpreted_canvas_attention_over_a_sliding_ring_matches_masked_attention(tiny_fp16, monkeypatch):
     """The wiring of `cache_attention` (tests/test_gpu.py runs the same on a GPU): a long context keeps a ring on
     sliding layers, a decoder canvas there reads its window through the kernel, and ragged rows keep their bounds."""
-    from dgemma.bench.measure import encoded_prefix
-    from dgemma.config import SLIDING
-    from dgemma.model.attention import AttentionBatch
-
     model = copy.deepcopy(tiny_fp16)
     set_kernel_devices(model, ())
-    cfg, prefix = model.config, 200
-    cache = encoded_prefix(model, 2, prefix, prefix + cfg.canvas_length, 64)  # ring of W - 1 + 64 slots
+    prefix = 200
+    cache, attend = ring_canvas(model, prefix, 64)  # a ring of W - 1 + 64 slots
     assert cache.ring and cache.sliding_slots < prefix
-    batch = AttentionBatch.for_decoder([0, 1], [prefix, prefix - 7], cfg.canvas_length, cfg.sliding_window, cache)
-    layer = cfg.layer_types.index(SLIDING)
-    attn = model.layers[layer].self_attn
-    cos, sin = rope_cos_sin(batch.positions, model.inv_freq_sliding, model.dtype)
-    x = torch.randn(2, cfg.canvas_length, cfg.hidden_size, generator=torch.Generator().manual_seed(0)).half()
     calls = spy_on_kernels(monkeypatch)
-    outs = []
-    with torch.no_grad():
-        for devices in ((), ("cpu",)):
-            attn.kernel_devices = devices
-            outs.append(attn(x, cos, sin, batch, SLIDING, cache, layer).float())
+    outs = [attend(()), attend(("cpu",))]
     assert calls["cache_attention"] == 1
     assert rel_err(outs[1], outs[0]) < ULPS * torch.finfo(torch.float16).eps

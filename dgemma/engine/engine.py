@@ -40,8 +40,8 @@ class StepStats:
 
 
 class Engine:
-    # No gradient while the CUDA graphs are captured: the fused kernels (MoE, norm+RoPE, canvas attention) are
-    # chosen only without grad, and a graph keeps the ops it was captured with.
+    # No gradient while the CUDA graphs are captured: the fused kernels and packed projections are chosen only
+    # without grad, and a graph keeps the ops it was captured with.
     @torch.no_grad()
     def __init__(self, model: DiffusionGemma, config: SchedulerConfig | None = None, cuda_graphs: bool | None = None,
                  fuse_canvas_encode: bool = True):
