@@ -443,16 +443,17 @@ def test_fused_graph_step_is_as_accurate_as_the_encoder_and_denoiser_graphs_on_g
     assert fused["argmax_agree"] >= separate["argmax_agree"] - 0.1, report
 
 
-def test_captured_training_step_matches_the_eager_step_on_gpu(monkeypatch):
-    """The graphed forward+backward (dgemma/train/step_graphs.py) gives the eager loss and gradients, for every
-    batch replayed into a shape's buffers and across shapes. The noise is fixed (a static tensor the graph reads),
-    so both sides see the same corrupted canvases."""
+@pytest.mark.parametrize("backend", [None, "inductor"], ids=["eager", "compiled"])
+def test_captured_training_step_matches_the_eager_step_on_gpu(monkeypatch, backend):
+    """The graphed forward+backward (dgemma/train/step_graphs.py), compiled (`--compile`) or not, gives the eager
+    loss and gradients, for every batch replayed into a shape's buffers and across shapes. The noise is fixed (a
+    static tensor the graph reads), so both sides see the same corrupted canvases."""
     import random
 
     import dgemma.train.objective as objective
     from dgemma.train.dataset import collate, pad_batch
     from dgemma.train.step_graphs import GraphedLossStep
-    from dgemma.train.trainer import model_preset, use_dense_experts
+    from dgemma.train.trainer import model_preset, training_objective, use_dense_experts
 
     model = build_random_model(model_preset("micro", 64, [1]), "float32", "cuda", seed=0)
     for p in model.parameters():
@@ -471,8 +472,9 @@ def test_captured_training_step_matches_the_eager_step_on_gpu(monkeypatch):
     monkeypatch.setattr(objective, "row_uniforms", fixed_uniforms)
     params = list(model.parameters())
     cfg = objective.ObjectiveConfig()
-    step = GraphedLossStep(params, lambda b: objective.block_diffusion_loss(model, b, cfg),
-                           lambda: torch.autocast("cuda", enabled=False), capture=True)
+    loss = training_objective(model, cfg, backend)
+    step = GraphedLossStep(params, lambda b: loss(b, None), lambda: torch.autocast("cuda", enabled=False),
+                           capture=True)
     rng = random.Random(0)
     for shape in ((8, 32), (8, 32), (4, 64), (8, 32), (4, 64)):
         rows = [([2] + [rng.randrange(3, 64) for _ in range(rng.randrange(6, shape[1] - 1))], 3)
@@ -488,3 +490,29 @@ def test_captured_training_step_matches_the_eager_step_on_gpu(monkeypatch):
         for g, p in zip(got_grads, params):
             assert (g - p.grad).abs().max() <= 1e-3 * p.grad.abs().max() + 1e-6
     assert sorted(step.shapes) == [(4, 64), (8, 32)]
+
+
+def test_compiled_captured_training_step_draws_new_noise_at_every_replay():
+    """With `--compile` the objective's torch.rand runs inside the captured graph: each replay must corrupt the
+    canvas anew (a graph that froze its noise would train on one corruption per batch shape)."""
+    import random
+
+    from dgemma.train.dataset import collate
+    from dgemma.train.objective import ObjectiveConfig
+    from dgemma.train.step_graphs import GraphedLossStep
+    from dgemma.train.trainer import model_preset, training_objective, use_dense_experts
+
+    model = build_random_model(model_preset("micro", 64, [1]), "float32", "cuda", seed=0)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    use_dense_experts(model)
+    model.set_kernel_devices(())
+    loss = training_objective(model, ObjectiveConfig(), "inductor")
+    step = GraphedLossStep(list(model.parameters()), lambda b: loss(b, None),
+                           lambda: torch.autocast("cuda", enabled=False), capture=True)
+    rng = random.Random(0)
+    batch = collate([([2] + [rng.randrange(3, 64) for _ in range(30)], 5) for _ in range(8)], 16, 0, rng)
+    step.prepare(batch, torch.device("cuda"))
+    noise = [step.step(batch, torch.device("cuda")).noise for _ in range(3)]
+    assert step.shapes[(8, 31)].graph is not None
+    assert not torch.equal(noise[0], noise[1]) and not torch.equal(noise[1], noise[2])

@@ -143,3 +143,61 @@ def test_a_token_cap_below_one_padded_example_is_refused_before_any_data_is_made
     finally:
         trainer.tmp.cleanup()
     assert not (tmp_path / "model").exists()
+
+
+def test_a_shape_prepared_ahead_is_the_one_real_batches_of_that_shape_replay():
+    """The trainer prepares every static shape on stand-in batches while the corpus is generated; a real batch of
+    a prepared shape is then copied into that shape's buffers, and its loss is its own, not the stand-in's."""
+    model = micro_model()
+    objective = ObjectiveConfig()
+    gen = torch.Generator().manual_seed(5)
+    step = GraphedLossStep(list(model.parameters()), lambda b: block_diffusion_loss(model, b, objective, gen),
+                           lambda: torch.autocast("cpu", enabled=False), capture=False)
+    c = model.config.canvas_length
+    stand_in = collate([([7] * 16, 4)] * 4, c, 0, random.Random(0))
+    step.prepare(stand_in, torch.device("cpu"))
+    step.prepare(stand_in, torch.device("cpu"))  # once per shape
+    assert list(step.shapes) == [(4, 16)]
+    buffers = step.shapes[(4, 16)].inputs.tensors()
+    batch = pad_batch(collate(ROWS, c, 0, random.Random(1)), 4, 16, 0)
+    state = gen.get_state()
+    got = step.step(batch, torch.device("cpu"))
+    gen.set_state(state)
+    assert torch.equal(got.loss, block_diffusion_loss(model, batch, objective, gen).loss.detach())
+    assert list(step.shapes) == [(4, 16)] and all(a is b for a, b in zip(step.shapes[(4, 16)].inputs.tensors(), buffers))
+
+
+def test_the_compiled_objective_traces_once_for_every_batch_shape_and_equals_eager():
+    """`--compile` runs the objective through torch.compile with dynamic shapes: one trace serves batches of any
+    rows and width (a recompile per shape would cost minutes with Inductor), and the traced function computes the
+    eager loss and gradients. Traced here with AOTAutograd's eager backend, which needs no C++ compiler."""
+    import torch._dynamo
+
+    from dgemma.train.trainer import training_objective, use_dense_experts
+
+    model = micro_model()
+    use_dense_experts(model)  # as GPU training runs it
+    objective = ObjectiveConfig(noise_samples=2)
+    eager = training_objective(model, objective)
+    torch._dynamo.reset()
+    traced = training_objective(model, objective, "aot_eager")
+    c = model.config.canvas_length
+    frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for i, shape in enumerate([(4, 32), (6, 64), (3, 96)]):
+        rows = [([2] + [5 + (i + j) % 50] * (shape[1] - 1 - j), 3) for j in range(shape[0])]
+        batch = collate(rows, c, 0, random.Random(i))
+        results = []
+        for fn in (eager, traced):
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(i)
+            parts = fn(batch, None)  # the default generator, as the captured step draws
+            parts.loss.backward()
+            results.append((parts.loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        (want, want_grads), (got, got_grads) = results
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), shape
+        scale = max(float(g.abs().max()) for g in want_grads)
+        assert all((g - w).abs().max() <= 1e-4 * scale for g, w in zip(got_grads, want_grads)), shape
+        if i == 0:
+            graphs_after_first = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs_after_first > frames_before
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_after_first  # no retrace for new shapes

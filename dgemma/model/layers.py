@@ -11,7 +11,9 @@ from dgemma.config import AttentionSpec
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """RMSNorm in float32, scaled by the plain weight (not 1 + weight), cast back to the input dtype."""
-    if x.is_cuda:
+    # Under torch.compile (training) the plain formula below: Inductor fuses it into the ops around it, which an
+    # opaque Triton call would stop.
+    if x.is_cuda and not torch.compiler.is_compiling():
         if not torch.is_grad_enabled():
             from dgemma.kernels.rms_norm import rms_norm_triton  # one kernel instead of seven
 

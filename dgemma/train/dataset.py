@@ -27,7 +27,7 @@ import dataclasses
 import math
 import multiprocessing
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -178,8 +178,12 @@ def build_corpus(
     max_length: int | None = None,
     workers: int = 1,
     chunk_size: int = 4096,
+    while_waiting: Callable[[], None] | None = None,
 ) -> Corpus:
-    """Generate and tokenize `n` training examples (deterministic for `seed`, whatever `workers` is)."""
+    """Generate and tokenize `n` training examples (deterministic for `seed`, whatever `workers` is).
+
+    `while_waiting` runs in this process while the workers generate (the trainer compiles and captures its step
+    there); with one worker, before generating."""
     if n <= 0:
         raise ConfigError(f"the number of training examples must be positive, got {n}")
     jobs = [
@@ -187,6 +191,8 @@ def build_corpus(
         for i in range(math.ceil(n / chunk_size))
     ]
     if workers <= 1 or len(jobs) == 1:
+        if while_waiting is not None:
+            while_waiting()
         tokenizer = Tokenizer.from_dir(tokenizer_dir)
         parts = [_make_chunk(tokenizer, job) for job in jobs]
     else:
@@ -195,7 +201,14 @@ def build_corpus(
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                  initargs=(tokenizer_dir,)) as pool:
-            parts = list(pool.map(_chunk, jobs))
+            pending = pool.map(_chunk, jobs)  # submits every job now
+            if while_waiting is not None:
+                try:
+                    while_waiting()
+                except BaseException:
+                    pool.shutdown(wait=False, cancel_futures=True)  # fail now, not after the whole corpus
+                    raise
+            parts = list(pending)
     corpus = Corpus.concat(parts)
     if len(corpus) == 0:
         raise ConfigError(f"every generated example is longer than max_length={max_length} tokens")
@@ -247,6 +260,14 @@ class TrainBatch:
 def padded_width(tokens: int, multiple: int) -> int:
     """`tokens` rounded up to a multiple of `multiple`: the width of a static batch shape."""
     return -(-tokens // multiple) * multiple
+
+
+def static_shape(longest: int, batch_size: int, max_batch_tokens: int | None, width_multiple: int) -> tuple[int, int]:
+    """(rows, width) of the static batch shape a batch whose longest row has `longest` tokens is padded to: the
+    width rounded up to `width_multiple`, and as many rows as fit `max_batch_tokens` (at most batch_size)."""
+    width = padded_width(longest, width_multiple)
+    rows = batch_size if not max_batch_tokens else min(batch_size, max_batch_tokens // width)
+    return rows, width
 
 
 def pad_batch(batch: TrainBatch, rows: int, width: int, pad_id: int) -> TrainBatch:
@@ -378,9 +399,7 @@ class BatchSampler:
 
     def static_shape(self, longest: int) -> tuple[int, int]:
         """(rows, width) that every batch of this width fits: the shape `pad_batch` gives it."""
-        width = self.width(longest)
-        rows = self.batch_size if not self.max_batch_tokens else min(self.batch_size, self.max_batch_tokens // width)
-        return rows, width
+        return static_shape(longest, self.batch_size, self.max_batch_tokens, self.width_multiple)
 
     def state(self) -> dict:
         return {"rng": self.rng.getstate(), "epoch": self.epoch, "order": list(self._order),

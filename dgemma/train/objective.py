@@ -96,7 +96,10 @@ def row_uniforms(rows: int, canvas_length: int, device: torch.device, generator:
     """Every random number a step draws, in one call: [rows, 3 + 2C] uniforms, a row per denoised row (noise
     level, self-conditioning choice, temperature, then C flips and C noise tokens). Row i's numbers do not depend
     on how many rows follow it (on a CPU generator), so padding rows at the end change nothing before them."""
-    return torch.rand(rows, 3 + 2 * canvas_length, device=device, generator=generator)
+    shape = (rows, 3 + 2 * canvas_length)
+    if generator is None:  # no generator argument at all: torch.compile cannot trace rand(generator=None) with
+        return torch.rand(shape, device=device)  # symbolic sizes
+    return torch.rand(shape, device=device, generator=generator)
 
 
 def clone_cache(cache: KVCache, detach: bool) -> KVCache:

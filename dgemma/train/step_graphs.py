@@ -83,6 +83,14 @@ class GraphedLossStep:
         shape.grads = [p.grad for p in self.params]
         return shape
 
+    def prepare(self, batch: TrainBatch, device: torch.device) -> None:
+        """Warm up and capture the shape of `batch` now (any tokens of that shape will do), so that the first real
+        batch of the shape just replays: the trainer captures every shape while the corpus is being generated,
+        and with torch.compile that warm-up is also where the objective compiles."""
+        key = tuple(batch.input_ids.shape)
+        if key not in self.shapes:
+            self.shapes[key] = self._new_shape(batch, device)
+
     def step(self, batch: TrainBatch, device: torch.device) -> LossParts:
         key = tuple(batch.input_ids.shape)
         shape = self.shapes.get(key)
