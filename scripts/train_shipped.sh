@@ -51,7 +51,6 @@ exec "$PYTHON" -m dgemma train \
     --batch-size 256 \
     --max-batch-tokens 49152 \
     --noise-samples 2 \
-    --compile \
     --max-length 512 \
     --lr 2e-3 \
     --warmup-steps 200 \

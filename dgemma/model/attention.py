@@ -329,12 +329,12 @@ def use_canvas_attention(q: torch.Tensor, batch: AttentionBatch, kind: str, cach
     return (
         kind == SLIDING
         and batch.canvas_keys is not None
-        and flash_varlen_supported()
         and not cache.ring
         and q.device.type == "cuda" and "cuda" in kernel_devices
         and q.dtype in (torch.bfloat16, torch.float16)
         and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
         and not torch.is_grad_enabled()
+        and flash_varlen_supported()  # last: torch.compile (training, kernels off) cannot trace the schema lookup
     )
 
 

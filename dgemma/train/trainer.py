@@ -554,8 +554,9 @@ class Trainer:
         cfg = self.config
         t0 = time.perf_counter()
         rng = random.Random(0)
-        widths = range(GRAPH_WIDTH_MULTIPLE, padded_width(cfg.max_length, GRAPH_WIDTH_MULTIPLE) + 1,
-                       GRAPH_WIDTH_MULTIPLE)
+        # Widest first: a compile traced on a 32-token width would tie the width's size to the 32-token canvas's
+        # (torch's duck sizing) and compile again for every other width.
+        widths = range(padded_width(cfg.max_length, GRAPH_WIDTH_MULTIPLE), 0, -GRAPH_WIDTH_MULTIPLE)
         for width in widths:
             rows, _ = static_shape(width, cfg.batch_size, cfg.max_batch_tokens, GRAPH_WIDTH_MULTIPLE)
             prompt = max(1, width - canvas_length)  # one block of response
