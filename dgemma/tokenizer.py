@@ -57,10 +57,14 @@ def _strftime_now(format: str) -> str:
 
 
 def compile_chat_template(source: str) -> jinja2.Template:
-    """Compile a chat template in a sandbox configured like transformers' (templates are untrusted)."""
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag]
-    )
+    """Compile a chat template in a sandbox configured like transformers' (templates are untrusted).
+
+    The template packaged with dgemma is ours, and renders in a plain environment with the same settings: the
+    sandbox's per-attribute checks were ~40% of rendering the training corpus (two renders per example)."""
+    from dgemma.chat_format import default_chat_template
+
+    environment = jinja2.Environment if source == default_chat_template() else ImmutableSandboxedEnvironment
+    env = environment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now

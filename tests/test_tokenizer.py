@@ -374,3 +374,37 @@ def test_checkpoint_without_a_template_still_encodes_but_cannot_render(copy_dir)
     assert tok.decode(tok.encode("plain text")) == "plain text"
     with pytest.raises(CheckpointError, match="chat_template.jinja"):
         tok.render_chat([{"role": "user", "content": "Hi"}])
+
+
+def test_the_packaged_template_renders_every_training_conversation_as_the_sandbox_does():
+    """dgemma's own template renders without the sandbox (speed: the training corpus is two renders per example);
+    the text must be the sandboxed render's, for every task family, tools and thinking included."""
+    import jinja2.sandbox
+
+    from dgemma.tokenizer import compile_chat_template
+    from dgemma.train.dataset import chat_renderer
+    from dgemma.train.tasks import generate_examples
+
+    renderer = chat_renderer()
+    assert type(renderer._template.environment) is jinja2.Environment
+    sandboxed = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=list(renderer._template.environment.extensions))
+    sandboxed.filters["tojson"] = renderer._template.environment.filters["tojson"]
+    sandboxed.globals.update(renderer._template.environment.globals)
+    reference = sandboxed.from_string(default_chat_template())
+    rendered = 0
+    for example in generate_examples(11, 400):
+        for messages, prompt in ((example.prompt_messages, True), (example.messages, False)):
+            got = renderer.render_chat(messages, example.tools, add_generation_prompt=prompt,
+                                       enable_thinking=example.enable_thinking)
+            original, renderer._template = renderer._template, reference
+            try:
+                want = renderer.render_chat(messages, example.tools, add_generation_prompt=prompt,
+                                            enable_thinking=example.enable_thinking)
+            finally:
+                renderer._template = original
+            assert got == want, example.family
+            rendered += 1
+    assert rendered == 800
+    # Any other template is untrusted: sandboxed.
+    assert isinstance(compile_chat_template("{{ messages }}").environment, jinja2.sandbox.SandboxedEnvironment)
