@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
@@ -64,10 +65,10 @@ class GraphedLossStep:
     def _new_shape(self, batch: TrainBatch, device: torch.device) -> _Shape:
         inputs = TrainBatch(*(t.to(device, copy=True) for t in batch.tensors()))  # buffers of its own
         shape = _Shape(inputs)
-        log.info("static training step %d: batches of %d x %d tokens%s", len(self.shapes) + 1,
-                 *batch.input_ids.shape, " (captured)" if self.capture else "")
         if not self.capture:
+            log.info("static training step %d: batches of %d x %d tokens", len(self.shapes) + 1, *batch.input_ids.shape)
             return shape
+        start = time.perf_counter()
         for p in self.params:
             p.grad = None
         stream = torch.cuda.Stream(device)
@@ -81,6 +82,9 @@ class GraphedLossStep:
         with torch.cuda.graph(shape.graph, pool=self.pool):
             shape.parts = self._forward_backward(shape.inputs)
         shape.grads = [p.grad for p in self.params]
+        # The time says what a new shape costs (seconds uncompiled; with torch.compile, any recompile shows here).
+        log.info("static training step %d: batches of %d x %d tokens (captured in %.1f s)", len(self.shapes) + 1,
+                 *batch.input_ids.shape, time.perf_counter() - start)
         return shape
 
     def prepare(self, batch: TrainBatch, device: torch.device) -> None:
