@@ -235,7 +235,9 @@ def test_tiny_training_run_loss_falls_clearly(trained):
     _, losses = trained
     assert len(losses) == STEPS
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < 0.6 * first, (first, last)
+    # Over seeds 3-6 this ratio is 0.51-0.62 (which examples land in the last five batches moves it); a model that
+    # does not learn stays near 1.
+    assert last < 0.65 * first, (first, last)
 
 
 def test_export_loads_in_dgemma_and_the_reference_with_the_same_logits(trained):
@@ -468,7 +470,8 @@ def test_a_batch_that_runs_out_of_memory_is_skipped_and_later_batches_are_capped
 
     monkeypatch.setattr(trainer_module, "block_diffusion_loss", flaky)
     seen = []
-    result = train(micro_config(tmp_path / "m", max_steps=4, max_batch_tokens=4096),
+    # max_length 200: the failed batch (the second) is then wider than any example, so a cap below it exists
+    result = train(micro_config(tmp_path / "m", max_steps=4, max_batch_tokens=4096, max_length=200),
                    callback=lambda step, m: seen.append(step))
     assert seen == [1, 2, 3, 4] and result.steps == 4  # the skipped batch is not a step
     rows, width = calls["shape"]

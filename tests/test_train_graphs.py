@@ -125,7 +125,7 @@ def test_the_training_loop_with_static_shapes_pads_every_batch_and_learns(tmp_pa
             trainer.tmp.cleanup()
     shapes = [tuple(map(int, m.groups())) for m in re.finditer(r"batches of (\d+) x (\d+) tokens", caplog.text)]
     assert shapes and all(width % 32 == 0 and rows == 16 for rows, width in shapes)
-    assert len(losses) == STEPS and sum(losses[-5:]) < 0.6 * sum(losses[:5])
+    assert len(losses) == STEPS and sum(losses[-5:]) < 0.65 * sum(losses[:5])  # as test_train's bar
     assert result.examples_seen == 16 * STEPS  # padding rows are not examples
 
 

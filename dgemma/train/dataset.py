@@ -27,7 +27,8 @@ import dataclasses
 import math
 import multiprocessing
 import random
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -169,6 +170,79 @@ def chunk_seed(seed: int, index: int) -> int:
     return seed * 1_000_003 + index
 
 
+class CorpusStream:
+    """The training corpus, `n` examples generated and tokenized in chunks by worker processes (deterministic for
+    `seed`, whatever the number of workers), handed over chunk by chunk in order as the workers finish them: the
+    trainer starts on chunk 0 while the rest are made. `part(i)` waits for chunk i; `corpus()` waits for all and
+    joins them. With one worker, chunks are made in this process when asked for. Close it (or use `with`) to stop
+    the workers."""
+
+    def __init__(self, tokenizer_dir: str, seed: int, n: int, families: list[str] | None = None,
+                 weights: dict[str, float] | None = None, max_length: int | None = None, workers: int = 1,
+                 chunk_size: int = 4096):
+        if n <= 0:
+            raise ConfigError(f"the number of training examples must be positive, got {n}")
+        self.max_length = max_length
+        self.workers = max(1, workers)
+        self._jobs = [
+            (chunk_seed(seed, i), min(chunk_size, n - i * chunk_size), families, weights, max_length)
+            for i in range(math.ceil(n / chunk_size))
+        ]
+        self._parts: dict[int, Corpus] = {}
+        self._joined: Corpus | None = None
+        self._start = time.perf_counter()
+        self.seconds: float | None = None  # from the start to the last chunk made, once known
+        self._pool = None
+        if self.workers == 1 or len(self._jobs) == 1:
+            self._tokenizer = Tokenizer.from_dir(tokenizer_dir)
+            self._futures = None
+        else:
+            # spawn: forking after CUDA or OpenMP started is unsafe. An executor (unlike multiprocessing.Pool) raises
+            # when a worker dies instead of replacing it forever.
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_init_worker, initargs=(tokenizer_dir,))
+            self._futures = [self._pool.submit(_chunk, job) for job in self._jobs]
+
+    @property
+    def num_parts(self) -> int:
+        return len(self._jobs)
+
+    def part(self, i: int) -> Corpus:
+        """Chunk i (waits for it)."""
+        if self._joined is not None:
+            raise RuntimeError("the chunks were joined by corpus(): index the joined corpus instead")
+        if i not in self._parts:
+            if self._futures is None:
+                self._parts[i] = _make_chunk(self._tokenizer, self._jobs[i])
+            else:
+                self._parts[i] = self._futures[i].result()
+            if len(self._parts) == self.num_parts:
+                self.seconds = time.perf_counter() - self._start
+        return self._parts[i]
+
+    def corpus(self) -> Corpus:
+        """Every chunk, joined in order (waits for all; the chunks are released)."""
+        if self._joined is None:
+            parts = [self.part(i) for i in range(self.num_parts)]
+            self._joined = Corpus.concat(parts)
+            self._parts.clear()
+            self.close()
+            if len(self._joined) == 0:
+                raise ConfigError(f"every generated example is longer than max_length={self.max_length} tokens")
+        return self._joined
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> "CorpusStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def build_corpus(
     tokenizer_dir: str,
     seed: int,
@@ -178,41 +252,10 @@ def build_corpus(
     max_length: int | None = None,
     workers: int = 1,
     chunk_size: int = 4096,
-    while_waiting: Callable[[], None] | None = None,
 ) -> Corpus:
-    """Generate and tokenize `n` training examples (deterministic for `seed`, whatever `workers` is).
-
-    `while_waiting` runs in this process while the workers generate (the trainer compiles and captures its step
-    there); with one worker, before generating."""
-    if n <= 0:
-        raise ConfigError(f"the number of training examples must be positive, got {n}")
-    jobs = [
-        (chunk_seed(seed, i), min(chunk_size, n - i * chunk_size), families, weights, max_length)
-        for i in range(math.ceil(n / chunk_size))
-    ]
-    if workers <= 1 or len(jobs) == 1:
-        if while_waiting is not None:
-            while_waiting()
-        tokenizer = Tokenizer.from_dir(tokenizer_dir)
-        parts = [_make_chunk(tokenizer, job) for job in jobs]
-    else:
-        # spawn: forking after CUDA or OpenMP started is unsafe. An executor (unlike multiprocessing.Pool) raises
-        # when a worker dies instead of replacing it forever.
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                 initargs=(tokenizer_dir,)) as pool:
-            pending = pool.map(_chunk, jobs)  # submits every job now
-            if while_waiting is not None:
-                try:
-                    while_waiting()
-                except BaseException:
-                    pool.shutdown(wait=False, cancel_futures=True)  # fail now, not after the whole corpus
-                    raise
-            parts = list(pending)
-    corpus = Corpus.concat(parts)
-    if len(corpus) == 0:
-        raise ConfigError(f"every generated example is longer than max_length={max_length} tokens")
-    return corpus
+    """Generate and tokenize `n` training examples at once (deterministic for `seed`, whatever `workers` is)."""
+    with CorpusStream(tokenizer_dir, seed, n, families, weights, max_length, workers, chunk_size) as stream:
+        return stream.corpus()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -357,41 +400,56 @@ def collate_from_corpus(corpus: Corpus, indices: Sequence[int], canvas_length: i
 
 
 class BatchSampler:
-    """Endless batches from a corpus: shuffled every epoch, grouped by length to keep padding low.
+    """Endless batches from a corpus: grouped by length to keep padding low, the corpus shuffled every epoch.
 
-    Each group of `pool_batches` batches is drawn at random, sorted by length and cut into batches, whose order is
-    then shuffled: rows of a batch have similar lengths, batches of a pool arrive in random order. A batch holds
-    `batch_size` rows, fewer where that many rows of its length would exceed `max_batch_tokens` (long tool prompts).
-    With `width_multiple` m, a batch's width counts as its longest row rounded up to a multiple of m, so that
-    `static_shape` can pad every batch to one of few shapes (one captured CUDA graph each).
+    Each pool of `pool_batches` batches is sorted by length and cut into batches, whose order is then shuffled: rows
+    of a batch have similar lengths, batches of a pool arrive in random order. A batch holds `batch_size` rows, fewer
+    where that many rows of its length would exceed `max_batch_tokens` (long tool prompts). With `width_multiple` m,
+    a batch's width counts as its longest row rounded up to a multiple of m, so that `static_shape` can pad every
+    batch to one of few shapes (one captured CUDA graph each).
+    From a `CorpusStream`, the first epoch streams: pools are cut from each chunk in turn, in the order its examples
+    were drawn (they are independent draws, already in random order), so training starts on chunk 0 while the
+    workers make the rest; from the second epoch on, pools are drawn from the whole corpus, shuffled.
     All randomness comes from one `random.Random`, so `state()` / `load_state()` resume the exact stream.
     """
 
-    def __init__(self, corpus: Corpus, batch_size: int, canvas_length: int, pad_id: int, seed: int,
+    def __init__(self, source: Corpus | CorpusStream, batch_size: int, canvas_length: int, pad_id: int, seed: int,
                  pool_batches: int = 16, max_batch_tokens: int | None = None, width_multiple: int = 1):
         if batch_size <= 0:
             raise ConfigError(f"batch_size must be positive, got {batch_size}")
         if width_multiple <= 0:
             raise ConfigError(f"width_multiple must be positive, got {width_multiple}")
         self.width_multiple = width_multiple
-        longest = self.width(int(corpus.lengths.max())) if len(corpus) else 0
-        if max_batch_tokens is not None and max_batch_tokens < longest:
-            raise ConfigError(f"max_batch_tokens={max_batch_tokens} cannot hold the corpus's longest example "
-                              f"({longest} tokens{' padded' if width_multiple > 1 else ''})")
-        if len(corpus) < batch_size:
-            raise ConfigError(f"the corpus has {len(corpus)} examples, fewer than one batch of {batch_size}")
-        self.corpus = corpus
         self.batch_size = batch_size
         self.canvas_length = canvas_length
         self.pad_id = pad_id
         self.pool_batches = pool_batches
         self.max_batch_tokens = max_batch_tokens  # rows x longest row: bounds activation memory
         self.rng = random.Random(seed)
-        self._lengths = corpus.lengths.tolist()  # read at every refill: a list once, not per pool
+        self.stream = source if isinstance(source, CorpusStream) else None
         self.epoch = 0
+        self._part = 0  # streaming: the next chunk to become a pool
         self._order: list[int] = []
-        self._pending: list[list[int]] = []  # batches (lists of example indices) of the current pool
+        self._pending: list[list[int]] = []  # batches (lists of example indices into self.corpus) of the current pool
         self._cursor = 0  # next position in _order
+        self.longest = 0
+        if self.stream is None:
+            self._use(source)
+
+    def _use(self, corpus: Corpus) -> None:
+        """The corpus that pending batches index: a chunk while the first epoch streams, then the whole corpus."""
+        longest = self.width(int(corpus.lengths.max())) if len(corpus) else 0
+        if self.max_batch_tokens is not None and self.max_batch_tokens < longest:
+            raise ConfigError(f"max_batch_tokens={self.max_batch_tokens} cannot hold the corpus's longest example "
+                              f"({longest} tokens{' padded' if self.width_multiple > 1 else ''})")
+        self.corpus = corpus
+        self._lengths = corpus.lengths.tolist()  # read at every refill: a list once, not per pool
+        self.longest = max(self.longest, max(self._lengths, default=0))  # of the examples met so far
+
+    @property
+    def streaming(self) -> bool:
+        """Whether pending batches index a chunk of the stream (the first epoch) rather than the whole corpus."""
+        return self.stream is not None and self.epoch <= 1
 
     def width(self, longest: int) -> int:
         """The width a batch whose longest row has `longest` tokens counts as."""
@@ -403,32 +461,61 @@ class BatchSampler:
 
     def state(self) -> dict:
         return {"rng": self.rng.getstate(), "epoch": self.epoch, "order": list(self._order),
-                "pending": [list(b) for b in self._pending], "cursor": self._cursor}
+                "pending": [list(b) for b in self._pending], "cursor": self._cursor, "part": self._part,
+                "streaming": self.streaming}
 
     def load_state(self, state: dict) -> None:
         self.rng.setstate(state["rng"])
         self.epoch, self._cursor = state["epoch"], state["cursor"]
         self._order = list(state["order"])
         self._pending = [list(b) for b in state["pending"]]
+        if self.stream is not None:
+            if state.get("streaming"):  # the pending batches index the last chunk taken
+                self._part = state["part"]
+                if self._part:
+                    self._use(self.stream.part(self._part - 1))
+            else:  # a state from a shuffled epoch (or from before streaming): the whole corpus
+                self._part = self.stream.num_parts
+                self.epoch = max(self.epoch, 2)
+                self._use(self.stream.corpus())
 
-    def _refill(self) -> None:
-        if self._cursor + self.batch_size > len(self._order):
-            self._order = list(range(len(self.corpus)))
-            self.rng.shuffle(self._order)
+    def _next_pool(self) -> list[int]:
+        """The example indices (into self.corpus) of the next pool: up to pool_batches whole batches of the order."""
+        while self._cursor + self.batch_size > len(self._order):  # the current order is used up
+            if self.stream is not None and self.epoch <= 1 and self._part < self.stream.num_parts:
+                # The streaming epoch: the next chunk, in the order its examples were drawn (the tail short of a
+                # batch, and a chunk max_length emptied, wait for the second epoch).
+                self.epoch = 1
+                self._use(self.stream.part(self._part))
+                self._part += 1
+                self._order = list(range(len(self.corpus)))
+            else:
+                if self.stream is not None and self.epoch <= 1:
+                    self._use(self.stream.corpus())  # the stream is over: the whole corpus from now on
+                    self.epoch = 1
+                if len(self.corpus) < self.batch_size:
+                    raise ConfigError(f"the corpus has {len(self.corpus)} examples, fewer than one batch of "
+                                      f"{self.batch_size}")
+                self._order = list(range(len(self.corpus)))
+                self.rng.shuffle(self._order)
+                self.epoch += 1
             self._cursor = 0
-            self.epoch += 1
         take = min(self.pool_batches * self.batch_size, (len(self._order) - self._cursor) // self.batch_size
                    * self.batch_size)
         pool = self._order[self._cursor : self._cursor + take]
         self._cursor += take
+        return pool
+
+    def _refill(self) -> None:
+        pool = self._next_pool()
         lengths = self._lengths
         pool.sort(key=lambda i: lengths[i])
         batches: list[list[int]] = [[]]
         for i in pool:  # ascending lengths: a row's length is its batch's padded width
             rows = len(batches[-1]) + 1
-            if rows > self.batch_size or (self.max_batch_tokens and rows * self.width(lengths[i])
-                                           > self.max_batch_tokens):
-                batches.append([])
+            if batches[-1] and (rows > self.batch_size or (self.max_batch_tokens and rows * self.width(lengths[i])
+                                                            > self.max_batch_tokens)):
+                batches.append([])  # (a row wider than the cap, met after the cap was lowered, goes alone)
             batches[-1].append(i)
         self.rng.shuffle(batches)
         self._pending = batches
@@ -447,7 +534,8 @@ class BatchSampler:
         return self
 
     def __next__(self) -> TrainBatch:
-        return collate_from_corpus(self.corpus, self.next_indices(), self.canvas_length, self.pad_id, self.rng)
+        indices = self.next_indices()  # first: it may move on to the next chunk
+        return collate_from_corpus(self.corpus, indices, self.canvas_length, self.pad_id, self.rng)
 
 
 # --------------------------------------------------------------------------------------------------

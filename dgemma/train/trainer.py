@@ -40,7 +40,7 @@ from dgemma.config import FULL, SLIDING, AttentionSpec, ModelConfig
 from dgemma.errors import ConfigError
 from dgemma.model.diffusion_gemma import DiffusionGemma
 from dgemma.model.moe import Experts
-from dgemma.train.dataset import (BatchSampler, TrainBatch, build_corpus, collate, pad_batch, padded_width,
+from dgemma.train.dataset import (BatchSampler, CorpusStream, TrainBatch, collate, pad_batch, padded_width,
                                   static_shape, tokenize_examples, tokenizer_corpus)
 from dgemma.train.objective import LossParts, ObjectiveConfig, block_diffusion_loss
 from dgemma.train.step_graphs import GraphedLossStep
@@ -664,20 +664,50 @@ class Trainer:
                 def capture():
                     self._capture_all_shapes(graphs, mc.vocab_size, mc.canvas_length)
 
+        # The corpus streams: workers make it chunk by chunk while the step is captured and then while it trains
+        # (the first epoch takes the chunks in the order they are made).
         t0 = time.perf_counter()
         workers = cfg.workers or max(1, min(16, os.cpu_count() or 1))
-        corpus = build_corpus(str(self.tokenizer_dir), cfg.seed, cfg.train_examples, cfg.families,
-                              cfg.family_weights, cfg.max_length, workers=workers, while_waiting=capture)
-        val_batches = self._val_batches(tokenizer, mc.canvas_length, mc.pad_token_id)
-        self._stage("data_s", t0)
-        log.info("corpus: %d examples, %s tokens (%.1f mean), generated and tokenized by %d workers in %.1f s "
-                 "(%s examples/s)", len(corpus), _fmt_count(int(corpus.lengths.sum())),
-                 float(corpus.lengths.float().mean()), workers, self.timings["data_s"],
-                 _fmt_count(len(corpus) / self.timings["data_s"]))
+        stream = CorpusStream(str(self.tokenizer_dir), cfg.seed, cfg.train_examples, cfg.families,
+                              cfg.family_weights, cfg.max_length, workers=workers)
+        try:
+            if capture is not None:
+                capture()
+            val_batches = self._val_batches(tokenizer, mc.canvas_length, mc.pad_token_id)
+            sampler = BatchSampler(stream, cfg.batch_size, mc.canvas_length, mc.pad_token_id, cfg.seed,
+                                   max_batch_tokens=cfg.max_batch_tokens,
+                                   width_multiple=GRAPH_WIDTH_MULTIPLE if self.use_graphs else 1)
+            self._stage("data_s", t0)  # until the first step can start
+            losses, counters, params = self._train(model, master, sampler, state, tokenizer_files, objective,
+                                                   graphs, val_batches)
+        finally:
+            stream.close()
+        if stream.seconds is not None:
+            log.info("corpus: %d chunks of up to 4096 examples made by %d workers in %.1f s, during capture and "
+                     "training", stream.num_parts, workers, stream.seconds)
 
-        sampler = BatchSampler(corpus, cfg.batch_size, mc.canvas_length, mc.pad_token_id, cfg.seed,
-                               max_batch_tokens=cfg.max_batch_tokens,
-                               width_multiple=GRAPH_WIDTH_MULTIPLE if self.use_graphs else 1)
+        t0 = time.perf_counter()
+        out = self.export(model)
+        self._stage("export_s", t0)
+        result = TrainResult(
+            out_dir=out, steps=counters["step"], examples_seen=counters["examples"],
+            encoder_tokens=counters["encoder_tokens"], canvas_tokens=counters["canvas_tokens"],
+            train_seconds=counters["train_seconds"], final_loss=losses["loss"],
+            final_diffusion_loss=losses["diffusion"], final_ar_loss=losses["ar"], val_loss=losses.get("val"),
+            parameters=params,
+            checkpoint_bytes=sum(p.stat().st_size for p in out.glob("*.safetensors")), timings_s=self.timings,
+            peak_memory_bytes=torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
+        )
+        del model, master
+        if cfg.final_eval or cfg.sweep:
+            self._evaluate(result)
+        if not cfg.keep_state:
+            cfg.state_path.unlink(missing_ok=True)  # the run is complete: the checkpoint is what remains
+        return result
+
+    def _train(self, model, master, sampler, state, tokenizer_files, objective, graphs, val_batches):
+        """Optimizer, resume, and the loop: (losses, counters, parameter count)."""
+        cfg, mc = self.config, model.config
         # Fused: one kernel per step on GPUs and CPUs alike, and it skips non-finite steps on the device (found_inf).
         optimizer = torch.optim.AdamW(master.param_groups(cfg.weight_decay), lr=cfg.lr,
                                       betas=(cfg.beta1, cfg.beta2), fused=True)
@@ -700,28 +730,11 @@ class Trainer:
                  cfg.init_from or cfg.preset, mc.canvas_length, self.device,
                  "bf16 under autocast, fp32 master weights" if self.autocast_dtype else "fp32",
                  "dense" if isinstance(model.layers[0].experts, DenseExperts) else "model's own")
-
+        log.info("training starts %.1f s after the corpus workers did (the corpus keeps coming)",
+                 self.timings["data_s"])
         losses = self._loop(model, master, optimizer, sampler, gen, counters, val_batches, tokenizer_files,
                             objective, graphs)
-
-        t0 = time.perf_counter()
-        out = self.export(model)
-        self._stage("export_s", t0)
-        result = TrainResult(
-            out_dir=out, steps=counters["step"], examples_seen=counters["examples"],
-            encoder_tokens=counters["encoder_tokens"], canvas_tokens=counters["canvas_tokens"],
-            train_seconds=counters["train_seconds"], final_loss=losses["loss"],
-            final_diffusion_loss=losses["diffusion"], final_ar_loss=losses["ar"], val_loss=losses.get("val"),
-            parameters=params,
-            checkpoint_bytes=sum(p.stat().st_size for p in out.glob("*.safetensors")), timings_s=self.timings,
-            peak_memory_bytes=torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
-        )
-        del model, master, optimizer
-        if cfg.final_eval or cfg.sweep:
-            self._evaluate(result)
-        if not cfg.keep_state:
-            cfg.state_path.unlink(missing_ok=True)  # the run is complete: the checkpoint is what remains
-        return result
+        return losses, counters, params
 
     def _loop(self, model, master, optimizer, sampler, gen, counters, val_batches, tokenizer_files, objective,
               graphs: GraphedLossStep | None) -> dict:
@@ -871,7 +884,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         rows, width = batch.input_ids.shape
-        longest = int(sampler.corpus.lengths.max())
+        longest = sampler.longest  # of the examples met so far (while the corpus streams, a longer one goes alone)
         cap = max(longest, int(0.75 * rows * width))
         if sampler.max_batch_tokens is not None and sampler.max_batch_tokens <= longest:
             raise ConfigError(f"out of GPU memory on a batch of {rows} x {width} tokens with max_batch_tokens already "
