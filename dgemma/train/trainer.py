@@ -1,7 +1,8 @@
 """`dgemma train`: block-diffusion supervised training of DiffusionGemma-architecture checkpoints, CPU or CUDA.
 
     tokenizer  (a new byte-level BPE trained on rendered conversations, or the one of --init-from)
-    corpus     (tasks.generate_examples, rendered and tokenized up front, in worker processes)
+    corpus     (tasks.generate_examples, rendered and tokenized by worker processes in chunks, streamed into the
+               first epoch while the step trains)
     model      (a preset architecture with random weights, or --init-from)
     loop:      batch -> objective (CUDA: bfloat16 model under autocast) -> backward -> clip -> AdamW on float32
                master weights
