@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
     g.add_argument("--family-weights", default=None, metavar="JSON",
                    help='mixture weights, e.g. \'{"mul": 3, "long": 2}\' (others keep their default)')
     g.add_argument("--max-length", type=int, default=d.max_length, help="drop longer examples (tokens)")
-    g.add_argument("--workers", type=int, default=d.workers, help="data generation processes (0: one per CPU, <= 16)")
+    g.add_argument("--workers", type=int, default=d.workers, help="data generation processes (0: one per CPU but one, <= 16)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step")
     g.add_argument("--max-batch-tokens", type=int, default=None,

@@ -156,7 +156,7 @@ class TrainConfig:
     cuda_graphs: bool = True
     moe_impl: str = "auto"  # "dense" (all experts, weighted: no host sync) or "model"; auto = dense on CUDA
     seed: int = 0
-    workers: int = 0  # processes generating the corpus (0 = up to 16, one per CPU)
+    workers: int = 0  # processes generating the corpus (0 = one per CPU but one, at most 16)
     eval_every: int = 500  # steps between held-out validation losses (0 = only at the end)
     val_examples: int = 256
     checkpoint_every_min: float = 2.0  # minutes between saves of the resumable state (0 = only at the end)
@@ -668,7 +668,8 @@ class Trainer:
         # The corpus streams: workers make it chunk by chunk while the step is captured and then while it trains
         # (the first epoch takes the chunks in the order they are made).
         t0 = time.perf_counter()
-        workers = cfg.workers or max(1, min(16, os.cpu_count() or 1))
+        # One CPU stays free for the training loop itself, which now runs while the workers do.
+        workers = cfg.workers or max(1, min(16, (os.cpu_count() or 2) - 1))
         stream = CorpusStream(str(self.tokenizer_dir), cfg.seed, cfg.train_examples, cfg.families,
                               cfg.family_weights, cfg.max_length, workers=workers)
         try:
