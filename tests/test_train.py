@@ -523,3 +523,13 @@ def test_filler_weight_scales_the_pad_filler_against_the_answer_tokens(monkeypat
                                             torch.Generator().manual_seed(0)).diffusion) for w in (1.0, 0.0)}
     assert losses[1.0] == pytest.approx(math.log(v) * share, rel=1e-5)
     assert losses[0.0] == pytest.approx(math.log(v), rel=1e-5)
+
+
+def test_a_token_cap_below_max_length_is_refused_before_any_data_is_made(tmp_path):
+    """The corpus streams in during training: a cap that cannot take the longest possible example must stop the
+    run at the start, not when a chunk holding such an example arrives."""
+    from dgemma.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"max_batch_tokens must be an integer >= max_length \(300\)"):
+        train(micro_config(tmp_path / "m", max_length=300, max_batch_tokens=200))
+    assert not (tmp_path / "m").exists()
