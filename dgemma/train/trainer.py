@@ -550,8 +550,10 @@ class Trainer:
         return model
 
     def _capture_all_shapes(self, graphs: GraphedLossStep, vocab_size: int, canvas_length: int) -> None:
-        """Warm up (and compile) and capture the step for every batch shape the sampler can produce, on stand-in
-        batches: the first real batch of each shape then only replays."""
+        """Compile, warm up and capture the step for every batch shape the sampler can produce, on stand-in batches,
+        before the first step (with --compile: the trace is made on the widest shape, see below). Without compile
+        each shape is captured when its first batch comes: capturing ahead would only delay the first step, and
+        shapes a run never meets would cost time for nothing."""
         cfg = self.config
         t0 = time.perf_counter()
         rng = random.Random(0)
@@ -661,7 +663,7 @@ class Trainer:
         if self.use_graphs:
             graphs = GraphedLossStep(master.model_params, lambda b: objective(b, None),  # the default generator
                                      self._autocast, capture=self.device.type == "cuda")
-            if graphs.capture:
+            if graphs.capture and cfg.compile:
                 def capture():
                     self._capture_all_shapes(graphs, mc.vocab_size, mc.canvas_length)
 
@@ -685,8 +687,8 @@ class Trainer:
         finally:
             stream.close()
         if stream.seconds is not None:
-            log.info("corpus: %d chunks of up to 4096 examples made by %d workers in %.1f s, during capture and "
-                     "training", stream.num_parts, workers, stream.seconds)
+            log.info("corpus: %d chunks of up to 4096 examples made by %d workers in %.1f s, while the step "
+                     "trained", stream.num_parts, workers, stream.seconds)
 
         t0 = time.perf_counter()
         out = self.export(model)
