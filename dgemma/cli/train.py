@@ -66,7 +66,8 @@ def add_parser(sub) -> None:
                    help="auto: bf16 autocast with fp32 master weights on CUDA, fp32 on CPU")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; at most 4 when training on a GPU)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the training objective, forward and backward (CUDA: ~1.6x faster steps; the compile runs while the corpus is generated)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the training objective, forward and backward (~1.6x faster steps on an H100, but on a GPU "
+                        "each batch shape still takes ~1 min to warm up: see docs/benchmarks.md)")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run the CUDA training step eagerly instead of replaying one captured graph per batch shape")
     g.add_argument("--profile-at", type=int, default=None, metavar="STEP",
