@@ -36,7 +36,8 @@ def add_parser(sub) -> None:
     g.add_argument("--family-weights", default=None, metavar="JSON",
                    help='mixture weights, e.g. \'{"mul": 3, "long": 2}\' (others keep their default)')
     g.add_argument("--max-length", type=int, default=d.max_length, help="drop longer examples (tokens)")
-    g.add_argument("--workers", type=int, default=d.workers, help="data generation processes (0: one per CPU but one, <= 16)")
+    g.add_argument("--workers", type=int, default=d.workers,
+                   help="data generation processes (0: one per CPU but one, <= 16)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step")
     g.add_argument("--max-batch-tokens", type=int, default=None,
@@ -66,8 +67,9 @@ def add_parser(sub) -> None:
                    help="auto: bf16 autocast with fp32 master weights on CUDA, fp32 on CPU")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; at most 4 when training on a GPU)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the training objective, forward and backward (~1.6x faster steps on an H100, but on a GPU "
-                        "each batch shape still takes ~1 min to warm up: see docs/benchmarks.md)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the training objective, forward and backward (~1.6x faster steps on an H100, "
+                        "but on a GPU each batch shape still takes ~1 min to warm up: see docs/benchmarks.md)")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run the CUDA training step eagerly instead of replaying one captured graph per batch shape")
     g.add_argument("--profile-at", type=int, default=None, metavar="STEP",

@@ -183,6 +183,7 @@ class CorpusStream:
         if n <= 0:
             raise ConfigError(f"the number of training examples must be positive, got {n}")
         self.max_length = max_length
+        self.chunk_size = chunk_size
         self.workers = max(1, workers)
         self._jobs = [
             (chunk_seed(seed, i), min(chunk_size, n - i * chunk_size), families, weights, max_length)

@@ -688,8 +688,8 @@ class Trainer:
         finally:
             stream.close()
         if stream.seconds is not None:
-            log.info("corpus: %d chunks of up to 4096 examples made by %d workers in %.1f s, while the step "
-                     "trained", stream.num_parts, workers, stream.seconds)
+            log.info("corpus: %d chunks of up to %d examples made by %d workers in %.1f s, while the step "
+                     "trained", stream.num_parts, stream.chunk_size, workers, stream.seconds)
 
         t0 = time.perf_counter()
         out = self.export(model)
