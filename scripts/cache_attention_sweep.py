@@ -2,6 +2,7 @@
 replaces and the one it competes with. Needs a GPU:
 
     python scripts/cache_attention_sweep.py [--quick] [--model-ab]
+    python scripts/cache_attention_sweep.py --full [--model-ab]   # full layers at the bench's short caches
 
 Cases: a canvas (256 queries) on a sliding layer whose cache is a ring of W - 1 + 2048 slots (prefix 4096), batch
 1 and 8: the kernel vs SDPA with a mask over the whole ring (what the model ran before) and vs flash attention over
@@ -81,17 +82,46 @@ def sliding_case(b: int, configs) -> dict[str, float]:
           configs, {"masked SDPA over the ring (before)": bench(sdpa), "flash, full layout": bench(flash)})
 
 
-def full_case(b: int, configs) -> None:
+def full_case(b: int, configs, prefix: int = P) -> dict[str, float]:
     hq, hkv, d = HEADS_FULL
     q = torch.randn(b, C, hq, d, device=DEV, dtype=DT) * d**-0.5
-    keys = torch.randn(b, P + C + 1, hkv, d, device=DEV, dtype=DT)
+    keys = torch.randn(b, prefix + C + 1, hkv, d, device=DEV, dtype=DT)
     values = torch.randn_like(keys)
     rows = torch.arange(b, device=DEV)
-    end = torch.full((b, C), P + C, device=DEV)
-    mask = (torch.arange(P + C + 1, device=DEV) < P + C)[None, None, None, :].expand(b, 1, C, P + C + 1)
+    end = torch.full((b, C), prefix + C, device=DEV)
+    mask = (torch.arange(prefix + C + 1, device=DEV) < prefix + C)[None, None, None, :].expand(b, 1, C, prefix + C + 1)
     eager = lambda: grouped_attention(q, keys, values, mask)
-    sweep(f"full layer, batch {b}", lambda cfg: cache_attention_triton(q, keys, values, rows, None, end, None, **cfg),
-          configs, {"two batched matmuls (now)": bench(eager)})
+    want = eager().float()
+    for cfg in configs[:1] + [c for c in configs if c["block_d"] == d][:1]:  # both score paths, checked once
+        got = cache_attention_triton(q, keys, values, rows, None, end, None, **cfg).float()
+        assert (got - want).norm() / want.norm() < 2e-2, f"cache_attention disagrees with the matmuls ({cfg})"
+    return sweep(f"full layer, batch {b}, {prefix}-token prefix",
+                 lambda cfg: cache_attention_triton(q, keys, values, rows, None, end, None, **cfg),
+                 configs, {"two batched matmuls": bench(eager)})
+
+
+def full_model_ab(tile: dict) -> None:
+    """Denoising steps (batch 1 and 8) and a 1024-token prefill at a 1024-token prefix (the bench's shapes) with
+    full layers on the two matmuls (what short caches ran before the seventh session) and on the kernel with the
+    default and the best tiles."""
+    import functools
+
+    import dgemma.kernels.cache_attention as kernel
+    import dgemma.model.attention as attention
+    from dgemma.bench.measure import decoder_step_ms, prefill_ms
+    from dgemma.checkpoint.random_init import build_random_model
+
+    model = build_random_model("26b-a4b", "bfloat16", DEV)
+    model.pack_projections()
+    default_use, default_fn = attention.use_cache_attention, kernel.cache_attention_triton
+    no_full = lambda q, batch, kind, *rest: kind != attention.FULL and default_use(q, batch, kind, *rest)
+    for name, use, fn in (("matmuls", no_full, default_fn), ("kernel, default tiles", default_use, default_fn),
+                          ("kernel, best tiles", default_use, functools.partial(default_fn, **tile))):
+        attention.use_cache_attention, kernel.cache_attention_triton = use, fn
+        steps = {b: decoder_step_ms(model, b, 1024) for b in (1, 8)}
+        print(f"full layers on {name}: step b1 {steps[1]:.2f} ms, b8 {steps[8]:.2f} ms, prefill 1024 "
+              f"{prefill_ms(model, 1024):.2f} ms", flush=True)
+    attention.use_cache_attention, kernel.cache_attention_triton = default_use, default_fn
 
 
 def model_ab(tile: dict) -> None:
@@ -120,6 +150,18 @@ def model_ab(tile: dict) -> None:
 def main() -> None:
     quick = "--quick" in sys.argv
     print(torch.cuda.get_device_name(), flush=True)
+    if "--full" in sys.argv:  # full layers at the bench's short caches: whole-head-dim scores vs chunks
+        full = [dict(block_m=bm, block_n=bn, block_d=bd, block_dv=dv, num_warps=nw, num_stages=ns)
+                for bm, bn, bd, dv, nw, ns in itertools.product((64, 128), (32, 64), (128, 512), (128, 256), (4, 8),
+                                                                 (2, 3))]
+        runs = {(b, p): full_case(b, full, p) for b in (1, 8) for p in (1024, 2048)}
+        best = min((k for k in runs[1, 1024] if all(k in r for r in runs.values())),
+                   key=lambda k: sum(r[k] for r in runs.values()))
+        print(f"best over batch 1 and 8, prefix 1024 and 2048: {best} ("
+              + " + ".join(f"{r[best]:.1f}" for r in runs.values()) + " us)", flush=True)
+        if "--model-ab" in sys.argv:
+            full_model_ab(ast.literal_eval(best))
+        return
     sliding = [dict(block_m=bm, block_n=bn, block_d=bd, num_warps=nw, num_stages=ns)
                for bm, bn, bd, nw, ns in itertools.product((32, 64, 128), (32, 64), (64, 128), (4, 8), (2,))]
     full = [dict(block_m=bm, block_n=bn, block_d=128, block_dv=dv, num_warps=nw, num_stages=2)

@@ -25,6 +25,7 @@ from kernel_wiring import (
     spy_on_kernels,
 )
 
+from dgemma.config import FULL
 from dgemma.checkpoint.random_init import InitScale, build_random_model, preset
 from dgemma.model.layers import (
     apply_rope,
@@ -208,9 +209,10 @@ def test_interpreted_model_with_the_kernels_is_as_accurate_as_eager(tiny_fp16, m
     fused_model.pack_projections()  # as an LLM runs it: the kernels read q, k and v as views of one GEMM
     _, fused = run(fused_model, prompt, canvas, soft_logits)
     # 6 layers, encoder and decoder: q, k and v of each; experts of each (40 and 32 tokens, top-2 of 8: <= 32
-    # each); the routing and the two residual norms of each (no ring here: no cache_attention).
+    # each); the routing and the two residual norms of each; attention of each full layer (no ring here: sliding
+    # layers keep SDPA).
     assert calls == {"norm_rope": 36, "fused_moe": 12, "route_top_k": 12, "attention_residual": 12,
-                     "layer_output": 12, "cache_attention": 0}
+                     "layer_output": 12, "cache_attention": 2 * cfg.layer_types.count(FULL)}
     report = {"fused": rel_err(fused, truth), "eager": rel_err(eager, truth),
               "fused_argmax_agree": argmax_agreement(fused, truth), "eager_argmax_agree": argmax_agreement(eager, truth)}
     assert report["fused"] <= 1.25 * report["eager"] + 2e-3, report
@@ -304,8 +306,9 @@ def test_interpreted_head_norm_reads_views_of_a_packed_projection_in_place(rope)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("b,t,hq,hkv,d", [(2, 5, 4, 2, 32), (1, 37, 8, 1, 64), (3, 1, 4, 2, 512)])  # 512: split D
 @pytest.mark.parametrize("window,ring", [(None, None), (12, None), (12, 20)])  # full; sliding; sliding on a ring
+@pytest.mark.parametrize("whole_d", [False, True])  # scores in head-dim chunks, or one product (queries loaded once)
 def test_interpreted_cache_attention_matches_masked_attention_over_each_querys_positions(dtype, b, t, hq, hkv, d,
-                                                                                         window, ring):
+                                                                                         window, ring, whole_d):
     """Each query sees the positions [key_start, key_end): all before its bound on full layers, a window on sliding
     ones. Rows are read from the cache rows the batch names; on a ring, position p from slot p % S."""
     from dgemma.kernels.cache_attention import cache_attention_triton
@@ -324,7 +327,8 @@ def test_interpreted_cache_attention_matches_masked_attention_over_each_querys_p
         cache_keys, cache_values = keys[:, :ring].clone(), values[:, :ring].clone()
         for p in range(written):
             cache_keys[:, p % ring], cache_values[:, p % ring] = keys[:, p], values[:, p]
-    got = cache_attention_triton(q, cache_keys, cache_values, rows, key_start, key_end, ring, block_m=16, block_n=16)
+    tile = dict(block_m=16, block_n=16, block_d=d) if whole_d else dict(block_m=16, block_n=16)
+    got = cache_attention_triton(q, cache_keys, cache_values, rows, key_start, key_end, ring, **tile)
     positions = torch.arange(written)
     mask = positions < key_end[..., None]  # [B, T, S]
     if key_start is not None:

@@ -15,7 +15,8 @@ head, token-major (row r = token * G + head), so keys are read once for all G he
 nearby bounds. Keys are walked in tiles up to the block's largest bound with an online softmax (float32 scores,
 probabilities rounded to the value dtype for the second product, as flash attention does). D = 512 is split into
 BLOCK_D chunks for the scores and BLOCK_DV blocks of output (each program recomputes the scores for its block):
-a [BLOCK_M, 512] float32 accumulator would not fit in registers. Scale 1.0, as everywhere in Gemma 4 attention.
+a [BLOCK_M, 512] float32 accumulator would not fit in registers. A tile with BLOCK_D = D loads its queries once
+instead of once per key tile. Scale 1.0, as everywhere in Gemma 4 attention.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def _cache_attention_kernel(q_ptr, k_ptr, v_ptr, rows_ptr, start_ptr, end_ptr, o
     dv = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     d = tl.arange(0, BLOCK_D)
     n = tl.arange(0, BLOCK_N)
+    if BLOCK_D == D:  # the query tile is loaded once, not once per key tile
+        q_all = tl.load(q_rows[:, None] + d[None, :], mask=r_ok[:, None], other=0.0)  # [BM, D]
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
@@ -64,11 +67,16 @@ def _cache_attention_kernel(q_ptr, k_ptr, v_ptr, rows_ptr, start_ptr, end_ptr, o
             slots = pos
         slot_ok = pos_ok
         s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            q = tl.load(q_rows[:, None] + d0 + d[None, :], mask=r_ok[:, None], other=0.0)  # [BM, BD]
-            k = tl.load(k_base + slots[None, :].to(tl.int64) * HKV * D + d0 + d[:, None],
-                        mask=slot_ok[None, :], other=0.0)  # [BD, BN]
-            s = tl.dot(q, k, s)
+        if BLOCK_D == D:
+            k = tl.load(k_base + slots[None, :].to(tl.int64) * HKV * D + d[:, None], mask=slot_ok[None, :],
+                        other=0.0)  # [D, BN]
+            s = tl.dot(q_all, k, s)
+        else:
+            for d0 in range(0, D, BLOCK_D):
+                q = tl.load(q_rows[:, None] + d0 + d[None, :], mask=r_ok[:, None], other=0.0)  # [BM, BD]
+                k = tl.load(k_base + slots[None, :].to(tl.int64) * HKV * D + d0 + d[:, None],
+                            mask=slot_ok[None, :], other=0.0)  # [BD, BN]
+                s = tl.dot(q, k, s)
         s = tl.where((pos[None, :] < end[:, None]) & (pos[None, :] >= start[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees nothing yet: keep zeros
@@ -84,13 +92,17 @@ def _cache_attention_kernel(q_ptr, k_ptr, v_ptr, rows_ptr, start_ptr, end_ptr, o
              out.to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
 
 
-# Tiles from scripts/cache_attention_sweep.py on an H100 (2026-11-27, 26b-a4b shapes, a 256-query canvas over a
-# 4096-token prefix). Sliding layers (head_dim 256, the window on a ring), best summed over batch 1 and 8 of 24
+# Tiles from scripts/cache_attention_sweep.py on an H100 (2026-11-27, 26b-a4b shapes, a 256-query canvas).
+# Sliding layers (head_dim 256, the window on a ring, 4096-token prefix), best summed over batch 1 and 8 of 24
 # tiles: 144.8 + 290.9 us (masked SDPA over the ring: 307.2 + 697.2 us; flash attention over the same keys in the
-# full layout: 45.6 + 150.2 us). Full layers (head_dim 512, 4352 keys), best of 16 at batch 1: 374.4 us (the two
-# batched matmuls: 682.5 us).
+# full layout: 45.6 + 150.2 us). Full layers (head_dim 512), `--full`, 64 tiles at batch 1 and 8 over 1024- and
+# 2048-token prefixes: scores as one product over the whole head_dim win everywhere; the best summed over the four
+# cases, 105.3 + 174.7 + 423.2 + 715.7 us (the two batched matmuls: 229.0 + 387.2 + 1416.0 + 2575.3 us). At batch
+# 1 its 128-row tiles leave SMs idle (64 programs): 64-row tiles took 64.0 and 104.4 us there.
 SLIDING_TILE = dict(block_m=128, block_n=64, block_d=64, block_dv=256, num_warps=8, num_stages=2)
-FULL_TILE = dict(block_m=64, block_n=64, block_d=128, block_dv=128, num_warps=4, num_stages=2)
+FULL_TILE = dict(block_m=128, block_n=32, block_d=512, block_dv=256, num_warps=8, num_stages=2)
+FULL_TILE_FEW_ROWS = dict(block_m=64, block_n=32, block_d=512, block_dv=256, num_warps=4, num_stages=3)
+FULL_FEW_ROWS = 8192  # batch x queries x query heads below which FULL_TILE_FEW_ROWS runs (a batch-1 canvas: 4096)
 
 
 def cache_attention_triton(
@@ -101,7 +113,7 @@ def cache_attention_triton(
     key_start: torch.Tensor | None,  # [B, T] first position each query sees (may be < 0), or None: position 0
     key_end: torch.Tensor,  # [B, T] one past the last
     ring: int | None = None,  # position p sits in slot p % ring (a sliding ring); None: slot = position
-    **tile,  # block_m, block_n, block_d, block_dv, num_warps, num_stages: default SLIDING_TILE / FULL_TILE by D
+    **tile,  # block_m, block_n, block_d, block_dv, num_warps, num_stages: defaults by D and rows (above)
 ) -> torch.Tensor:
     """softmax(q k^T) v over each query's positions [key_start, key_end), read in place from the cache:
     [B, T, Hq, D] in q's dtype."""
@@ -118,7 +130,8 @@ def cache_attention_triton(
     unknown = set(tile) - set(SLIDING_TILE)
     if unknown:
         raise ValueError(f"cache_attention: unknown tile options {sorted(unknown)}")
-    tile = {**(SLIDING_TILE if d <= 256 else FULL_TILE), **tile}
+    default = SLIDING_TILE if d <= 256 else FULL_TILE_FEW_ROWS if b * t * hq < FULL_FEW_ROWS else FULL_TILE
+    tile = {**default, **tile}
     q = q.contiguous()
     block_d, block_dv = min(tile["block_d"], d), min(tile["block_dv"], d)
     g = hq // hkv
