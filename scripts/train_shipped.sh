@@ -38,8 +38,8 @@
 # the CPU (`dgemma eval --n 500 --threads 2`), tool calls 100%, 5.42 tokens per forward: below the quality bar on
 # the arithmetic, sorting and string families, so nothing is shipped yet (docs/benchmarks.md). Batch 128 tied it.
 # On one NVIDIA H100 80GB the same step runs at 16.0 steps/s (1000 steps, 2026-11-27): ~13,400 steps in 14 minutes.
-# --compile (1.6x per step) is not used: on the GPU its
-# per-shape warm-up still takes about a minute (docs/benchmarks.md, sixth session).
+# --compile (1.6x per step) is not used: on a 16-core H100 host its first compile took over 6 minutes of the budget
+# (docs/benchmarks.md, sixth session).
 # Options after OUT_DIR are passed on to `dgemma train` (e.g. --batch-size 1024 --max-batch-tokens 98304).
 set -euo pipefail
 

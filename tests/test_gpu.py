@@ -517,3 +517,28 @@ def test_compiled_captured_training_step_draws_new_noise_at_every_replay():
     noise = [step.step(batch, torch.device("cuda")).noise for _ in range(3)]
     assert step.shapes[(8, 31)].graph is not None
     assert not torch.equal(noise[0], noise[1]) and not torch.equal(noise[1], noise[2])
+
+
+@pytest.mark.parametrize("noise_samples", [1, 2])
+def test_training_objective_traces_as_one_graph_on_gpu(noise_samples):
+    """`--compile` traces the whole objective as one graph on CUDA, as on a CPU: a graph break splits the compiled
+    step into pieces, each compiled and guarded separately. CUDA-only code is where breaks hid: the KV cache's
+    free-memory check (a driver query) and copy.copy of the cache split one step into ten graphs on an H100."""
+    import random
+
+    from dgemma.train.dataset import collate
+    from dgemma.train.objective import ObjectiveConfig, block_diffusion_loss
+    from dgemma.train.trainer import MasterWeights, model_preset, use_dense_experts
+
+    model = build_random_model(model_preset("micro", 64, [1]), "float32", "cuda", seed=0)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    use_dense_experts(model)
+    model.set_kernel_devices(())
+    MasterWeights(model, torch.bfloat16)  # the trainer's bf16 model with float32 master weights
+    rng = random.Random(0)
+    batch = collate([([2] + [rng.randrange(3, 64) for _ in range(40)], 8) for _ in range(8)], 16, 0, rng)
+    cfg = ObjectiveConfig(noise_samples=noise_samples)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(lambda b: block_diffusion_loss(model, b, cfg, None))(batch.to("cuda"))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

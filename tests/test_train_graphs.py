@@ -201,3 +201,21 @@ def test_the_compiled_objective_traces_once_for_every_batch_shape_and_equals_eag
             graphs_after_first = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert graphs_after_first > frames_before
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_after_first  # no retrace for new shapes
+
+
+def test_the_cache_memory_check_stays_out_of_a_compiled_step():
+    """A training step builds KV caches on the device, and a cache checks the free GPU memory first: a driver query
+    torch.compile cannot trace (on an H100 it split the compiled step into ten graphs; tests/test_gpu.py checks the
+    whole objective there). Traced, the check is skipped, so even a CUDA cache traces as one graph here."""
+    import torch._dynamo
+
+    from dgemma.model.kv_cache import check_fits_on_device
+
+    config = model_preset("micro", 64, [1])
+
+    def build_check(n: torch.Tensor) -> torch.Tensor:
+        check_fits_on_device(config, 4096, 1 << 20, torch.bfloat16, torch.device("cuda"))  # far beyond any card
+        return n + 1
+
+    torch._dynamo.reset()
+    assert torch.compile(build_check, backend="eager", fullgraph=True)(torch.zeros(1)).item() == 1

@@ -69,7 +69,7 @@ def add_parser(sub) -> None:
                    help="CPU threads for torch (default: torch's choice; at most 4 when training on a GPU)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the training objective, forward and backward (~1.6x faster steps on an H100, "
-                        "but on a GPU each batch shape still takes ~1 min to warm up: see docs/benchmarks.md)")
+                        "but the first compile takes over 6 min on a GPU host: see docs/benchmarks.md)")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run the CUDA training step eagerly instead of replaying one captured graph per batch shape")
     g.add_argument("--profile-at", type=int, default=None, metavar="STEP",

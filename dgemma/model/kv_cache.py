@@ -88,7 +88,7 @@ def free_device_bytes(device: torch.device) -> int:
 def check_fits_on_device(config: ModelConfig, rows: int, capacity: int, dtype: torch.dtype,
                          device: torch.device, max_write_tokens: int | None = None) -> None:
     """A clear error before allocating, instead of an out-of-memory error halfway through start-up."""
-    if device.type != "cuda":
+    if device.type != "cuda" or torch.compiler.is_compiling():  # a compiled training step cannot trace the query
         return
     free = free_device_bytes(device)
     fit = max_positions_that_fit(config, dtype, rows, free, max_write_tokens)

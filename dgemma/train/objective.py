@@ -25,7 +25,6 @@ as in one forward of the reference model.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
@@ -102,22 +101,25 @@ def row_uniforms(rows: int, canvas_length: int, device: torch.device, generator:
     return torch.rand(shape, device=device, generator=generator)
 
 
-def clone_cache(cache: KVCache, detach: bool) -> KVCache:
-    """A copy of the cache whose tensors can be written without touching tensors autograd saved."""
-    out = copy.copy(cache)
-    out.keys = [(k.detach() if detach else k).clone() for k in cache.keys]
-    out.values = [(v.detach() if detach else v).clone() for v in cache.values]
-    return out
+# The two helpers below change the cache object in place: torch.compile cannot trace copy.copy (a graph break that,
+# on a GPU, split the compiled step into ten graphs).
+
+
+def use_copies(cache: KVCache, keys: list[torch.Tensor], values: list[torch.Tensor], detach: bool) -> KVCache:
+    """Point the cache at copies of `keys` and `values` (one tensor per layer), so a decoder pass writes its canvas
+    without touching tensors autograd saved; `detach` cuts the copies from the graph."""
+    cache.keys = [(k.detach() if detach else k).clone() for k in keys]
+    cache.values = [(v.detach() if detach else v).clone() for v in values]
+    return cache
 
 
 def repeat_rows(cache: KVCache, times: int) -> KVCache:
-    """Each row of the cache `times` times in a row ([B, ...] -> [B * times, ...]); differentiable, so the decoder's
-    gradient still reaches the encoder that wrote the rows."""
-    out = copy.copy(cache)
-    out.rows = cache.rows * times
-    out.keys = [k.repeat_interleave(times, dim=0) for k in cache.keys]
-    out.values = [v.repeat_interleave(times, dim=0) for v in cache.values]
-    return out
+    """Each row of the cache `times` times in a row ([B, ...] -> [B * times, ...]), in place; differentiable, so the
+    decoder's gradient still reaches the encoder that wrote the rows."""
+    cache.rows = cache.rows * times
+    cache.keys = [k.repeat_interleave(times, dim=0) for k in cache.keys]
+    cache.values = [v.repeat_interleave(times, dim=0) for v in cache.values]
+    return cache
 
 
 def block_diffusion_loss(
@@ -168,18 +170,19 @@ def block_diffusion_loss(
                                      row_range=(0, b), canvas=True)
 
     # 3. Self-conditioning input from a gradient-free first pass, for a random subset of rows.
+    encoded = cache.keys, cache.values  # what both decoder passes read; each writes its canvas into copies
     soft = None
     if config.self_cond_prob > 0:
         chosen = u[:, 1] < config.self_cond_prob  # [B]
         with torch.no_grad():
-            first = model.decode(noisy, dec, clone_cache(cache, detach=True))  # [B, C, V] float32
+            first = model.decode(noisy, dec, use_copies(cache, *encoded, detach=True))  # [B, C, V] float32
             lo, hi = config.self_cond_t_min, config.self_cond_t_max
             temperature = lo + (hi - lo) * u[:, 2]  # [B]
             soft = model.soft_embedding(first / temperature[:, None, None])  # [B, C, H]
             soft = soft * chosen[:, None, None].to(soft.dtype)  # zero signal = "first step" for the other rows
 
     # 4. The graded denoising pass: a mean over the canvas positions of real rows (padding rows weigh 0).
-    logits = model.decode(noisy, dec, clone_cache(cache, detach=False), soft)  # [B, C, V] float32
+    logits = model.decode(noisy, dec, use_copies(cache, *encoded, detach=False), soft)  # [B, C, V] float32
     ce = F.cross_entropy(logits.reshape(b * c, -1), clean.reshape(-1), reduction="none").view(b, c)
     if config.weight_by_t:
         ce = ce / noise[:, None]

@@ -149,8 +149,8 @@ class TrainConfig:
     precision: str = "auto"  # "bf16": bfloat16 model under autocast, float32 master weights; "fp32"; auto: bf16 on CUDA
     # torch.compile the objective (forward and backward, dynamic shapes: one compile for every batch shape): Inductor
     # fuses the norms, RoPE, casts and residual adds that are most of a small model's step (1.6x on an H100 at batch
-    # 256). The compile (~2 minutes) runs while the first chunks of the corpus are made; on a GPU each further batch
-    # shape still takes ~1 minute to warm up (not understood yet), so short runs do not gain.
+    # 256). The compile runs before the first step: one graph since the seventh session, but on a 16-core GPU host
+    # its first shape took over 6 minutes (docs/benchmarks.md), so short runs do not gain.
     compile: bool = False
     # CUDA: forward and backward replayed as one captured graph per batch shape (step_graphs.py), compiled or not;
     # batches are padded to widths that are multiples of GRAPH_WIDTH_MULTIPLE.
