@@ -245,7 +245,7 @@ def test_attention_and_experts_with_fused_kernels_match_eager_on_gpu(config, sca
         eager, fused = experts_kernel_off_and_on(model, 0, x)
         assert rel_err(fused, eager) < tol, (per_expert, rel_err(fused, eager))
     assert calls == {"norm_rope": 6, "fused_moe": 3, "route_top_k": 3, "attention_residual": 0, "layer_output": 0,
-                     "cache_attention": 1}  # the full layer's
+                     "cache_attention": int(config.full.head_dim > 256)}  # a head_dim-512 full layer's
 
 
 @pytest.mark.parametrize("config,scale,prefix,max_write", [(*TINY, 200, 64), (*SLICE, 1500, 256)],
@@ -294,11 +294,11 @@ def test_model_with_fused_kernels_is_as_accurate_as_eager_on_gpu(config, scale, 
     model.pack_projections()  # as an LLM runs it
     fused = logits_of(model)
     # Every layer's q, k and v in both passes; the experts wherever a pass has <= 32 assignments per expert (all here);
-    # every layer's routing and residual norms; every full layer's attention.
+    # every layer's routing and residual norms; the attention of every full layer of head_dim 512.
     per_pass = 2 * config.num_layers * draws
+    full_attention = 2 * config.layer_types.count(FULL) * draws if config.full.head_dim > 256 else 0
     assert calls == {"norm_rope": 3 * per_pass, "fused_moe": per_pass, "route_top_k": per_pass,
-                     "attention_residual": per_pass, "layer_output": per_pass,
-                     "cache_attention": 2 * config.layer_types.count(FULL) * draws}, calls
+                     "attention_residual": per_pass, "layer_output": per_pass, "cache_attention": full_attention}, calls
     report = {"fused": rel_err(fused, truth), "eager": rel_err(eager, truth),
               "fused_argmax_agree": argmax_agreement(fused, truth), "eager_argmax_agree": argmax_agreement(eager, truth)}
     print(config.num_layers, "layers:", report)

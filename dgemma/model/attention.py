@@ -293,23 +293,27 @@ class Attention(nn.Module):
 # Where `cache_attention` runs, from measurements on an H100 (docs/benchmarks.md):
 # * a sliding layer's attention over a ring (a long context), where it replaces SDPA with a mask over the whole ring
 #   (a canvas at a 4096-token prefix: 307 -> 145 us a layer at batch 1, 697 -> 291 us at batch 8);
-# * every full layer (head_dim 512, where no flash kernel runs), in place of two batched matmuls that read and mask
-#   every slot. With scores as one product over the whole head_dim (seventh session's tiles), a canvas at a
-#   1024-token prefix: 229 -> 64 us a layer at batch 1, 1416 -> 423 us at batch 8; whole model: step b8 68.70 ->
-#   66.04 ms, a 1024-token prefill 35.12 -> 33.45 ms, step b1 24.51 -> 24.44 ms;
+# * a full layer with head_dim > 256 (the released model's 512, where no flash kernel runs), in place of two
+#   batched matmuls that read and mask every slot. With scores as one product over the whole head_dim (seventh
+#   session's tiles), a canvas at a 1024-token prefix: 229 -> 64 us a layer at batch 1, 1416 -> 423 us at batch 8;
+#   whole model: step b8 68.70 -> 66.04 ms, a 1024-token prefill 35.12 -> 33.45 ms, step b1 24.51 -> 24.44 ms.
+#   Smaller full layers (SDPA's) only in a cache of at least 4096 positions, where the earlier sweep measured it;
 # * from a canvas-sized number of queries up: for single tokens its grid has a program per KV head only (AR 159 ->
 #   125 tok/s on sliding layers).
 CACHE_ATTENTION_MIN_TOKENS = 16
 CACHE_ATTENTION_MAX_TOKENS = 2048  # longer prompt chunks: not measured against the masked path
+CACHE_ATTENTION_MIN_FULL_POSITIONS = 4096
 
 
 def use_cache_attention(q: torch.Tensor, batch: AttentionBatch, kind: str, cache: KVCache,
                         kernel_devices: tuple[str, ...]) -> bool:
-    """Whether attention runs as `dgemma.kernels.cache_attention`: a sliding layer on a ring or a full layer (above), inference in bf16/fp16 with a power-of-two head_dim >= 16, on a kernel device. Shapes, dtypes
+    """Whether attention runs as `dgemma.kernels.cache_attention`: a sliding layer on a ring or a full layer (above),
+    inference in bf16/fp16 with a power-of-two head_dim >= 16, on a kernel device. Shapes, dtypes
     and flags only: a captured graph keeps the choice."""
     d = q.shape[-1]
     return (
-        (kind == FULL or cache.ring)
+        ((kind == SLIDING and cache.ring)
+         or (kind == FULL and (d > 256 or cache.capacity >= CACHE_ATTENTION_MIN_FULL_POSITIONS)))
         and batch.key_end is not None
         and CACHE_ATTENTION_MIN_TOKENS <= q.shape[1] <= CACHE_ATTENTION_MAX_TOKENS
         and q.device.type in kernel_devices
