@@ -26,8 +26,7 @@ from dgemma.errors import ConfigError
 
 def slot_bytes(config: ModelConfig, dtype: torch.dtype, kind: str) -> int:
     """Bytes one slot of one row takes over all layers of type `kind` (SLIDING or FULL), keys and values."""
-    size = torch.empty((), dtype=dtype).element_size()
-    return sum(2 * config.attention(i).num_kv_heads * config.attention(i).head_dim * size
+    return sum(2 * config.attention(i).num_kv_heads * config.attention(i).head_dim * dtype.itemsize
                for i in range(config.num_layers) if config.layer_types[i] == kind)
 
 
