@@ -39,7 +39,7 @@
 # the arithmetic, sorting and string families, so nothing is shipped yet (docs/benchmarks.md). Batch 128 tied it.
 # On one NVIDIA H100 80GB the same step runs at 16.0 steps/s (1000 steps, 2026-11-27): ~13,400 steps in 14 minutes.
 # --compile (1.6x per step) is not used: on a 16-core H100 host its first compile took over 6 minutes of the budget
-# (docs/benchmarks.md, sixth session).
+# (docs/benchmarks.md, sixth session). --compile layers compiles in seconds; its GPU speed is to be measured.
 # Options after OUT_DIR are passed on to `dgemma train` (e.g. --batch-size 1024 --max-batch-tokens 98304).
 set -euo pipefail
 

@@ -1,17 +1,21 @@
 """Where the mini model's training step spends its device time, and what CUDA graphs and torch.compile change.
 
-    python scripts/train_step_profile.py [eager] [graphs] [compiled] [--batch 256] [--width 128] [--rows 25]
+    python scripts/train_step_profile.py [eager] [graphs] [compiled] [compiled_layers] [--batch 256] [--width 128]
+        [--rows 25] [--device cpu]
 
 One step = the trainer's: the block-diffusion objective (2 noisy copies per row, self-conditioning) forward and
 backward under bf16 autocast, float32 master weights, gradient clipping and the fused AdamW, on random tokens
-(rows of `width` tokens, the last 40 the response). Per variant: wall and device ms per step (mean of 10 after 3
-warm-up steps), kernels per step, the setup time (compile included), and a table of the top kernels by device
-time ("eager" groups the operators by input shape instead).
+(rows of `width` tokens, the last 40 the response). Variants: eager; graphs (the CUDA graph `dgemma train`
+replays); compiled (`--compile objective`, under the graph); compiled_layers (`--compile layers`, under the graph).
+Per variant: wall and device ms per step (mean of 10 after 3 warm-up steps), kernels per step, the setup time
+(compile included), and a table of the top kernels by device time ("eager" groups the operators by input shape
+instead). With --device cpu (float32, no graph, no profile): wall per step and setup only.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import time
 
@@ -25,19 +29,22 @@ from dgemma.train.step_graphs import GraphedLossStep
 from dgemma.train.trainer import MasterWeights, model_preset, training_objective, use_dense_experts
 
 
-def run(variant: str, batch, rows: int) -> None:
-    device = torch.device("cuda")
+def run(variant: str, batch, rows: int, device: torch.device) -> None:
+    cuda = device.type == "cuda"
     start = time.perf_counter()
-    model = build_random_model(model_preset("mini", 1024, [1]), torch.float32, "cuda", seed=0)
+    model = build_random_model(model_preset("mini", 1024, [1]), torch.float32, device, seed=0)
     for p in model.parameters():
         p.requires_grad_(True)
     use_dense_experts(model)
     model.set_kernel_devices(())
-    master = MasterWeights(model, torch.bfloat16)
-    optimizer = torch.optim.AdamW(master.param_groups(0.1), lr=1e-3, fused=True)
-    loss = training_objective(model, ObjectiveConfig(noise_samples=2), "inductor" if variant == "compiled" else None)
-    step = GraphedLossStep(master.model_params, lambda b: loss(b, None),
-                           lambda: torch.autocast("cuda", dtype=torch.bfloat16), capture=variant != "eager")
+    master = MasterWeights(model, torch.bfloat16 if cuda else None)
+    optimizer = torch.optim.AdamW(master.param_groups(0.1), lr=1e-3, fused=cuda)
+    loss = training_objective(model, ObjectiveConfig(noise_samples=2),
+                              "inductor" if variant.startswith("compiled") else None,
+                              "layers" if variant == "compiled_layers" else "objective")
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    step = GraphedLossStep(master.model_params, lambda b: loss(b, None), autocast,
+                           capture=cuda and variant != "eager")
 
     def train_step():
         step.step(batch, device)
@@ -47,15 +54,19 @@ def run(variant: str, batch, rows: int) -> None:
         optimizer.zero_grad(set_to_none=True)
         master.master_to_model()
 
+    sync = torch.cuda.synchronize if cuda else lambda: None
     for _ in range(3):
         train_step()
-    torch.cuda.synchronize()
+    sync()
     setup_s = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(10):
         train_step()
-    torch.cuda.synchronize()
+    sync()
     wall_ms = (time.perf_counter() - start) * 100
+    if not cuda:
+        print(f"{variant}: {wall_ms:.1f} ms wall a step, setup {setup_s:.1f} s (3 steps, compile included)", flush=True)
+        return
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=variant == "eager") as prof:
         train_step()
         torch.cuda.synchronize()
@@ -79,13 +90,19 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--device", default="cuda")
     args = p.parse_args()
+    device = torch.device(args.device)
+    unknown = set(args.variants) - {"eager", "graphs", "compiled", "compiled_layers"}
+    if unknown or (device.type != "cuda" and "graphs" in args.variants):
+        p.error(f"variants: eager, graphs (CUDA only), compiled, compiled_layers; got {args.variants}")
     rng = random.Random(0)
     examples = [([rng.randrange(3, 1024) for _ in range(args.width)], args.width - 40) for _ in range(args.batch)]
-    batch = collate(examples, model_preset("mini", 1024, [1]).canvas_length, 0, rng).to("cuda")
-    print(torch.cuda.get_device_name(), torch.__version__, f"batch {args.batch} x {args.width} tokens", flush=True)
+    batch = collate(examples, model_preset("mini", 1024, [1]).canvas_length, 0, rng).to(device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(name, torch.__version__, f"batch {args.batch} x {args.width} tokens", flush=True)
     for variant in args.variants:
-        run(variant, batch, args.rows)
+        run(variant, batch, args.rows, device)
 
 
 if __name__ == "__main__":

@@ -444,11 +444,13 @@ def test_fused_graph_step_is_as_accurate_as_the_encoder_and_denoiser_graphs_on_g
     assert fused["argmax_agree"] >= separate["argmax_agree"] - 0.1, report
 
 
-@pytest.mark.parametrize("backend", [None, "inductor"], ids=["eager", "compiled"])
-def test_captured_training_step_matches_the_eager_step_on_gpu(monkeypatch, backend):
-    """The graphed forward+backward (dgemma/train/step_graphs.py), compiled (`--compile`) or not, gives the eager
-    loss and gradients, for every batch replayed into a shape's buffers and across shapes. The noise is fixed (a
-    static tensor the graph reads), so both sides see the same corrupted canvases."""
+@pytest.mark.parametrize("backend,scope", [(None, "objective"), ("inductor", "objective"), ("inductor", "layers")],
+                         ids=["eager", "compiled", "compiled_layers"])
+def test_captured_training_step_matches_the_eager_step_on_gpu(monkeypatch, backend, scope):
+    """The graphed forward+backward (dgemma/train/step_graphs.py), compiled (`--compile objective` or `layers`) or
+    not, gives the eager loss and gradients, for every batch replayed into a shape's buffers and across shapes. The
+    noise is fixed (a static tensor the graph reads), so both sides see the same corrupted canvases."""
+    import copy
     import random
 
     import dgemma.train.objective as objective
@@ -471,9 +473,10 @@ def test_captured_training_step_matches_the_eager_step_on_gpu(monkeypatch, backe
         return uniforms[rows]  # [rows, 3 + 2C], the same numbers for both sides
 
     monkeypatch.setattr(objective, "row_uniforms", fixed_uniforms)
-    params = list(model.parameters())
+    reference = copy.deepcopy(model)  # eager: "layers" compiles the model's own layers
+    params, reference_params = list(model.parameters()), list(reference.parameters())
     cfg = objective.ObjectiveConfig()
-    loss = training_objective(model, cfg, backend)
+    loss = training_objective(model, cfg, backend, scope)
     step = GraphedLossStep(params, lambda b: loss(b, None), lambda: torch.autocast("cuda", enabled=False),
                            capture=True)
     rng = random.Random(0)
@@ -484,11 +487,11 @@ def test_captured_training_step_matches_the_eager_step_on_gpu(monkeypatch, backe
         model.zero_grad(set_to_none=True)
         got = step.step(batch, torch.device("cuda"))
         got_grads = [p.grad.clone() for p in params]
-        model.zero_grad(set_to_none=True)
-        want = objective.block_diffusion_loss(model, batch.to("cuda"), cfg)
+        reference.zero_grad(set_to_none=True)
+        want = objective.block_diffusion_loss(reference, batch.to("cuda"), cfg)
         want.loss.backward()
         assert rel_err(got.loss, want.loss.detach()) < 1e-4
-        for g, p in zip(got_grads, params):
+        for g, p in zip(got_grads, reference_params):
             assert (g - p.grad).abs().max() <= 1e-3 * p.grad.abs().max() + 1e-6
     assert sorted(step.shapes) == [(4, 64), (8, 32)]
 

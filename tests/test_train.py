@@ -310,10 +310,20 @@ def test_resume_refuses_a_state_saved_with_other_settings(tmp_path):
     (dict(qk_norm_init="zeros"), "qk_norm_init"),
     (dict(profile_at=-1), "profile_at"),
     (dict(objective=ObjectiveConfig(noise_samples=0)), "noise_samples"),
+    (dict(compile=True), "compile"),
+    (dict(compile="graph"), "compile"),
 ])
 def test_train_config_names_the_bad_field(tmp_path, changes, field):
     with pytest.raises(ConfigError, match=field):
         micro_config(tmp_path / "x", **changes).validate()
+
+
+@pytest.mark.parametrize("saved, now", [(True, "objective"), (False, "off")])
+def test_a_state_saved_with_the_old_compile_flag_reads_as_its_scope(tmp_path, saved, now):
+    """States written before `--compile layers` stored a boolean: it meant the whole objective."""
+    data = micro_config(tmp_path / "x").to_dict()
+    data["compile"] = saved
+    assert TrainConfig.from_dict(data).validate().compile == now
 
 
 def test_profiling_the_real_loop_logs_its_tables_once(tmp_path, caplog, monkeypatch):
@@ -533,3 +543,13 @@ def test_a_token_cap_below_max_length_is_refused_before_any_data_is_made(tmp_pat
     with pytest.raises(ConfigError, match=r"max_batch_tokens must be an integer >= max_length \(300\)"):
         train(micro_config(tmp_path / "m", max_length=300, max_batch_tokens=200))
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("flags, scope", [([], "off"), (["--compile"], "objective"), (["--compile", "layers"], "layers")])
+def test_the_compile_flag_names_its_scope(tmp_path, flags, scope):
+    """A bare --compile keeps its meaning (the whole objective); --compile layers picks the per-layer regions."""
+    from dgemma.cli import build_parser
+    from dgemma.cli.train import config_from_args
+
+    args = build_parser().parse_args(["train", "--out", str(tmp_path / "m"), "--max-steps", "1", *flags])
+    assert config_from_args(args).compile == scope

@@ -219,3 +219,43 @@ def test_the_cache_memory_check_stays_out_of_a_compiled_step():
 
     torch._dynamo.reset()
     assert torch.compile(build_check, backend="eager", fullgraph=True)(torch.zeros(1)).item() == 1
+
+
+def test_compiled_feed_forward_layers_share_one_trace_and_equal_eager():
+    """`--compile layers` compiles `Layer.feed_forward` once for the whole model: it reads no layer index, so every
+    layer replays the same trace. Graphs come only from the grad mode (the gradient-free self-conditioning pass),
+    the layer scalar's type (a parameter in the decoder, a tensor in the encoder) and the first new width; none
+    from the number of layers, and none from later widths. Loss and gradients equal the eager objective's."""
+    import torch._dynamo
+
+    from dgemma.train.trainer import training_objective, use_dense_experts
+
+    model = micro_model()
+    use_dense_experts(model)
+    objective = ObjectiveConfig(noise_samples=2)
+    eager = training_objective(model, objective)
+    torch._dynamo.reset()
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    c = model.config.canvas_length
+    traced_model = micro_model()
+    use_dense_experts(traced_model)
+    traced = training_objective(traced_model, objective, "aot_eager", scope="layers")
+    graphs_after_shape = []
+    for i, shape in enumerate([(4, 32), (6, 64), (3, 96), (5, 128)]):
+        rows = [([2] + [5 + (i + j) % 50] * (shape[1] - 1 - j), 3) for j in range(shape[0])]
+        batch = collate(rows, c, 0, random.Random(i))
+        results = []
+        for m, fn in ((model, eager), (traced_model, traced)):
+            m.zero_grad(set_to_none=True)
+            torch.manual_seed(i)
+            parts = fn(batch, None)
+            parts.loss.backward()
+            results.append((parts.loss.detach(), [p.grad.clone() for p in m.parameters()]))
+        (want, want_grads), (got, got_grads) = results
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), shape
+        scale = max(float(g.abs().max()) for g in want_grads)
+        assert all((g - w).abs().max() <= 1e-4 * scale for g, w in zip(got_grads, want_grads)), shape
+        graphs_after_shape.append(torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before)
+    # A trace per layer would be >= 3 layers x 3 passes = 9 graphs.
+    assert model.config.num_layers == 3 and graphs_after_shape[-1] <= 4, graphs_after_shape
+    assert graphs_after_shape[-1] == graphs_after_shape[1], graphs_after_shape  # later widths: no new trace

@@ -12,7 +12,7 @@ CUDA_HOST_THREADS = 4  # torch's CPU threads when training on a GPU (unless --th
 
 
 def add_parser(sub) -> None:
-    from dgemma.train.trainer import MODEL_PRESETS, TrainConfig
+    from dgemma.train.trainer import COMPILE_SCOPES, MODEL_PRESETS, TrainConfig
 
     d = TrainConfig(out_dir="")
     p = sub.add_parser(
@@ -67,15 +67,17 @@ def add_parser(sub) -> None:
                    help="auto: bf16 autocast with fp32 master weights on CUDA, fp32 on CPU")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; at most 4 when training on a GPU)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the training objective, forward and backward (~1.6x faster steps on an H100, "
-                        "but the first compile takes over 6 min on a GPU host: see docs/benchmarks.md)")
+    g.add_argument("--compile", nargs="?", const="objective", default="off", choices=COMPILE_SCOPES,
+                   help="torch.compile in training, forward and backward: 'objective' (the default of a bare "
+                        "--compile: ~1.6x faster steps on an H100, but its first compile took over 6 min on a GPU "
+                        "host) or 'layers' (each layer's feed-forward half, one short compile for all layers); "
+                        "see docs/benchmarks.md")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run the CUDA training step eagerly instead of replaying one captured graph per batch shape")
     g.add_argument("--profile-at", type=int, default=None, metavar="STEP",
                    help="profile 5 steps of the real loop from STEP (torch.profiler tables in the log)")
     g.add_argument("--moe-impl", choices=["auto", "dense", "model"], default=d.moe_impl,
-                   help="dense: all experts in batched matmuls (no host sync; default on CUDA)")
+                   help="dense: all experts in batched matmuls (no host sync; default on CUDA and with --compile)")
     g = p.add_argument_group("checkpoints and evaluation")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between validation losses (0: end)")
     g.add_argument("--checkpoint-every-min", type=float, default=d.checkpoint_every_min)

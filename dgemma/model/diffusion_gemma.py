@@ -48,6 +48,11 @@ class Layer(nn.Module):
     def forward(self, x, cos, sin, batch: AttentionBatch, cache: KVCache, scalar: torch.Tensor) -> torch.Tensor:
         # x: [B, T, H]; scalar: [1], or [T, 1] when encoder and decoder tokens share the forward
         attn = self.self_attn(self.input_layernorm(x), cos, sin, batch, self.kind, cache, self.index)
+        return self.feed_forward(x, attn, scalar)
+
+    def feed_forward(self, x: torch.Tensor, attn: torch.Tensor, scalar: torch.Tensor) -> torch.Tensor:
+        """Everything after attention: the residual norms, the dense MLP, routing and experts. It reads no layer
+        index or cache, so one torch.compile of it serves every layer in training (`compile_feed_forward`)."""
         h, dense_in, router_in, experts_in = self.attention_residual(x, attn)  # [B, T, H] each
         dense = self.mlp(dense_in)
         weights, experts = self.router(router_in.reshape(-1, h.shape[-1]))  # routed on the raw residual

@@ -28,6 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,9 @@ GENERATION_CONFIG = {
 # --------------------------------------------------------------------------------------------------
 
 
+COMPILE_SCOPES = ("off", "objective", "layers")  # TrainConfig.compile
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run depends on. Fields that change the model or the data stream must match on resume."""
@@ -147,15 +151,18 @@ class TrainConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     device: str | None = None  # default: cuda if available
     precision: str = "auto"  # "bf16": bfloat16 model under autocast, float32 master weights; "fp32"; auto: bf16 on CUDA
-    # torch.compile the objective (forward and backward, dynamic shapes: one compile for every batch shape): Inductor
-    # fuses the norms, RoPE, casts and residual adds that are most of a small model's step (1.6x on an H100 at batch
-    # 256). The compile runs before the first step: one graph since the seventh session, but on a 16-core GPU host
-    # its first shape took over 6 minutes (docs/benchmarks.md), so short runs do not gain.
-    compile: bool = False
+    # torch.compile in training (Inductor, dynamic shapes), forward and backward: Inductor fuses the norms, casts,
+    # residual adds and expert products that are most of a small model's step. "objective": the whole objective
+    # (1.6x a step on an H100 at batch 256; one graph since the seventh session, but its first compile took over 6
+    # minutes on a 16-core GPU host, docs/benchmarks.md). "layers": each layer's feed-forward half (norms, MLP,
+    # routing, experts), one compile shared by every layer (~20 s on a 2-core CPU); attention stays eager.
+    compile: str = "off"  # "off", "objective" or "layers"
     # CUDA: forward and backward replayed as one captured graph per batch shape (step_graphs.py), compiled or not;
     # batches are padded to widths that are multiples of GRAPH_WIDTH_MULTIPLE.
     cuda_graphs: bool = True
-    moe_impl: str = "auto"  # "dense" (all experts, weighted: no host sync) or "model"; auto = dense on CUDA
+    # "dense" (all experts, weighted: no host sync) or "model"; auto = dense on CUDA and under torch.compile (its
+    # fake tensors refuse torch._grouped_mm in float32, which eager CPU training runs)
+    moe_impl: str = "auto"
     seed: int = 0
     workers: int = 0  # processes generating the corpus (0 = one per CPU but one, at most 16)
     eval_every: int = 500  # steps between held-out validation losses (0 = only at the end)
@@ -220,6 +227,8 @@ class TrainConfig:
             raise ConfigError(f"qk_norm_init must be 'unit' or 'ones', got {self.qk_norm_init!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        if self.compile not in COMPILE_SCOPES:
+            raise ConfigError(f"compile must be one of {list(COMPILE_SCOPES)}, got {self.compile!r}")
         if self.moe_impl not in ("auto", "dense", "model"):
             raise ConfigError(f"moe_impl must be 'auto', 'dense' or 'model', got {self.moe_impl!r}")
         unknown = [f for f in (self.families or []) + list(self.family_weights or {}) if f not in FAMILIES]
@@ -237,6 +246,8 @@ class TrainConfig:
     def from_dict(cls, data: dict) -> "TrainConfig":
         data = dict(data)
         data["objective"] = ObjectiveConfig(**data.get("objective", {}))
+        if isinstance(data.get("compile"), bool):  # states saved before the layers scope: a flag for the objective
+            data["compile"] = "objective" if data["compile"] else "off"
         return cls(**data)
 
     @property
@@ -306,15 +317,28 @@ def use_dense_experts(model: DiffusionGemma) -> None:
         layer.experts = new
 
 
-def training_objective(model: DiffusionGemma, config: ObjectiveConfig, compile_backend: str | None = None
-                       ) -> Callable[[TrainBatch, torch.Generator | None], LossParts]:
+def compile_feed_forward(model: DiffusionGemma, backend: str) -> None:
+    """Every layer's `feed_forward` through one torch.compile of `Layer.feed_forward`: it reads no layer index or
+    cache, so the trace made for one layer serves all of them (recompiles come only from the grad mode, the layer
+    scalar's type and the first new width), where a whole-objective trace covers every layer of three passes."""
+    compiled = torch.compile(type(model.layers[0]).feed_forward, backend=backend, dynamic=True)
+    for layer in model.layers:
+        layer.feed_forward = types.MethodType(compiled, layer)  # this model's layers only
+
+
+def training_objective(model: DiffusionGemma, config: ObjectiveConfig, compile_backend: str | None = None,
+                       scope: str = "objective") -> Callable[[TrainBatch, torch.Generator | None], LossParts]:
     """`(batch, generator) -> LossParts`: the block-diffusion loss of a batch, through torch.compile when a backend
-    is named ("inductor" for training; tests trace with "aot_eager")."""
+    is named ("inductor" for training; tests trace with "aot_eager"), over the whole objective or, with scope
+    "layers", each layer's feed-forward half (`compile_feed_forward`, which changes the model's layers)."""
 
     def loss(batch: TrainBatch, generator: torch.Generator | None) -> LossParts:
         return block_diffusion_loss(model, batch, config, generator)
 
     if compile_backend is None:
+        return loss
+    if scope == "layers":
+        compile_feed_forward(model, compile_backend)
         return loss
     # dynamic: batch shapes differ in rows and width, and one compile serves them all. fallback_random keeps
     # torch.rand an ordinary op: the eager path's numbers, drawn on the device inside a CUDA graph.
@@ -543,7 +567,8 @@ class Trainer:
         for p in model.parameters():
             p.requires_grad_(True)
         model.train()
-        if cfg.moe_impl == "dense" or (cfg.moe_impl == "auto" and self.device.type == "cuda"):
+        dense_auto = self.device.type == "cuda" or cfg.compile != "off"
+        if cfg.moe_impl == "dense" or (cfg.moe_impl == "auto" and dense_auto):
             use_dense_experts(model)
         # Eager ops in every pass: the fused inference kernels have no backward, and the gradient-free
         # self-conditioning pass should compute exactly the function the graded pass differentiates.
@@ -552,9 +577,9 @@ class Trainer:
 
     def _capture_all_shapes(self, graphs: GraphedLossStep, vocab_size: int, canvas_length: int) -> None:
         """Compile, warm up and capture the step for every batch shape the sampler can produce, on stand-in batches,
-        before the first step (with --compile: the trace is made on the widest shape, see below). Without compile
-        each shape is captured when its first batch comes: capturing ahead would only delay the first step, and
-        shapes a run never meets would cost time for nothing."""
+        before the first step (with --compile objective: the trace is made on the widest shape, see below).
+        Otherwise each shape is captured when its first batch comes: capturing ahead would only delay the first
+        step, and shapes a run never meets would cost time for nothing."""
         cfg = self.config
         t0 = time.perf_counter()
         rng = random.Random(0)
@@ -569,7 +594,7 @@ class Trainer:
         torch.cuda.synchronize(self.device)
         self._stage("capture_s", t0)
         log.info("captured the training step for %d batch shapes%s in %.1f s", len(widths),
-                 " (compiled)" if cfg.compile else "", time.perf_counter() - t0)
+                 f" (compiled: {cfg.compile})" if cfg.compile != "off" else "", time.perf_counter() - t0)
 
     def _val_batches(self, tokenizer, canvas_length: int, pad_id: int) -> list[TrainBatch]:
         cfg = self.config
@@ -659,12 +684,13 @@ class Trainer:
         mc = model.config
         self._stage("model_s", t0)
 
-        objective = training_objective(model, cfg.objective, "inductor" if cfg.compile else None)
+        objective = training_objective(model, cfg.objective, "inductor" if cfg.compile != "off" else None,
+                                       cfg.compile)
         graphs, capture = None, None
         if self.use_graphs:
             graphs = GraphedLossStep(master.model_params, lambda b: objective(b, None),  # the default generator
                                      self._autocast, capture=self.device.type == "cuda")
-            if graphs.capture and cfg.compile:
+            if graphs.capture and cfg.compile == "objective":  # its compile is long: done before the first step
                 def capture():
                     self._capture_all_shapes(graphs, mc.vocab_size, mc.canvas_length)
 
