@@ -335,6 +335,8 @@ def training_objective(model: DiffusionGemma, config: ObjectiveConfig, compile_b
     def loss(batch: TrainBatch, generator: torch.Generator | None) -> LossParts:
         return block_diffusion_loss(model, batch, config, generator)
 
+    if scope not in ("objective", "layers"):
+        raise ConfigError(f"compile scope must be 'objective' or 'layers', got {scope!r}")
     if compile_backend is None:
         return loss
     if scope == "layers":
@@ -684,8 +686,9 @@ class Trainer:
         mc = model.config
         self._stage("model_s", t0)
 
-        objective = training_objective(model, cfg.objective, "inductor" if cfg.compile != "off" else None,
-                                       cfg.compile)
+        compiled = cfg.compile != "off"
+        objective = training_objective(model, cfg.objective, "inductor" if compiled else None,
+                                       cfg.compile if compiled else "objective")
         graphs, capture = None, None
         if self.use_graphs:
             graphs = GraphedLossStep(master.model_params, lambda b: objective(b, None),  # the default generator
