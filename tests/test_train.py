@@ -312,6 +312,7 @@ def test_resume_refuses_a_state_saved_with_other_settings(tmp_path):
     (dict(objective=ObjectiveConfig(noise_samples=0)), "noise_samples"),
     (dict(compile=True), "compile"),
     (dict(compile="graph"), "compile"),
+    (dict(compile="layers", moe_impl="model"), "moe_impl 'model' cannot be compiled"),
 ])
 def test_train_config_names_the_bad_field(tmp_path, changes, field):
     with pytest.raises(ConfigError, match=field):

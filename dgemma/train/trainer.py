@@ -231,6 +231,9 @@ class TrainConfig:
             raise ConfigError(f"compile must be one of {list(COMPILE_SCOPES)}, got {self.compile!r}")
         if self.moe_impl not in ("auto", "dense", "model"):
             raise ConfigError(f"moe_impl must be 'auto', 'dense' or 'model', got {self.moe_impl!r}")
+        if self.compile != "off" and self.moe_impl == "model":
+            raise ConfigError("moe_impl 'model' cannot be compiled (torch._grouped_mm does not trace in float32): "
+                              "use moe_impl 'auto' or 'dense' with compile")
         unknown = [f for f in (self.families or []) + list(self.family_weights or {}) if f not in FAMILIES]
         if unknown:
             raise ConfigError(f"unknown task families {unknown}; known: {sorted(FAMILIES)}")
