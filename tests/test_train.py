@@ -404,6 +404,19 @@ def test_eval_cli_reports_families_speed_and_the_bar_as_json(trained, capsys):
     assert any("tool calls" in row["criterion"] for row in data["bar"])
 
 
+def test_eval_cli_shows_the_wrong_answers_it_was_asked_for(trained, capsys):
+    """--failures K prints each wrong answer's family, prompt, expected answer and generated text (a few training
+    steps answer almost nothing right); a negative K is refused."""
+    result, _ = trained
+    args = ["eval", "--model", str(result.out_dir), "--n", "4", "--families", "add", "--no-latency",
+            "--max-new-tokens", "16"]
+    assert main([*args, "--failures", "2"]) == 0
+    shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("--- add: ")]
+    assert 1 <= len(shown) <= 2
+    assert main([*args, "--failures", "-1"]) == 2
+    assert "--failures must be >= 0" in capsys.readouterr().err
+
+
 def test_batches_cut_from_the_corpus_equal_the_generic_collate(trained):
     from dgemma.train.dataset import build_corpus, collate_from_corpus
 

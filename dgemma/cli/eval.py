@@ -27,6 +27,9 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (e.g. 2 to time a 2-core laptop)")
     p.add_argument("--no-latency", action="store_true", help="skip the single-request 64-token timing")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--failures", type=int, default=0, metavar="K",
+                   help="after the table, the first K wrong answers: prompt, expected and generated text "
+                        "(the JSON always lists up to max(K, 5))")
     p.add_argument("--sweep", action="store_true", help="compare sampler settings (see dgemma.train.evaluate)")
     p.add_argument("--write", action="store_true", help="with --sweep: write the chosen settings to the checkpoint")
     p.add_argument("--tolerance", type=float, default=0.01,
@@ -43,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.n <= 0:
         raise ConfigError(f"--n must be positive, got {args.n}")
+    if args.failures < 0:
+        raise ConfigError(f"--failures must be >= 0, got {args.failures}")
     if args.write and not args.sweep:
         raise ConfigError("--write stores the result of --sweep: pass both")
     if args.threads is not None:
@@ -69,11 +74,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"chosen: {json.dumps(choice, sort_keys=True)}" + (f" (written to {llm.path})" if args.write else ""))
         return 0
     report = ev.evaluate(llm, examples, params, batch_size=args.batch_size, seed=seed,
-                         measure_latency=not args.no_latency)
+                         measure_latency=not args.no_latency, keep_failures=max(args.failures, 5))
     if args.json:
         print(json.dumps({"model": str(llm.path), **report.to_json()}))
     else:
         print(f"model: {llm.path}")
         print(report.table())
+        for f in report.failures[: args.failures]:
+            print(f"--- {f['family']}: {f['prompt']!r}\n    expected {f['expected']!r}\n    got      {f['output']!r}")
     sys.stdout.flush()
     return 0
