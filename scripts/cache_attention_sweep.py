@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 
-from dgemma.kernels.cache_attention import cache_attention_triton
+from dgemma.kernels.cache_attention import FULL_TILE, FULL_TILE_FEW_ROWS, cache_attention_triton
 from dgemma.model.attention import canvas_attention, grouped_attention
 
 DEV, DT = "cuda", torch.bfloat16
@@ -159,6 +159,10 @@ def main() -> None:
                    key=lambda k: sum(r[k] for r in runs.values()))
         print(f"best over batch 1 and 8, prefix 1024 and 2048: {best} ("
               + " + ".join(f"{r[best]:.1f}" for r in runs.values()) + " us)", flush=True)
+        # A long cache, where the kernel ran before with the earlier default tile: the defaults now vs it.
+        earlier = dict(block_m=64, block_n=64, block_d=128, block_dv=128, num_warps=4, num_stages=2)
+        for b in (1, 8):
+            full_case(b, [earlier, FULL_TILE_FEW_ROWS, FULL_TILE], 4096)
         if "--model-ab" in sys.argv:
             full_model_ab(ast.literal_eval(best))
         return
