@@ -14,6 +14,7 @@ Model output must be decoded with `skip_special_tokens=False`: every marker here
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping
@@ -41,8 +42,9 @@ QUOTE = '<|"|>'  # Gemma 4 wraps every string value in this token instead of '"'
 _STANDARD_SCHEMA_KEYS = ("description", "type", "properties", "required", "nullable")
 
 
+@functools.cache
 def default_chat_template() -> str:
-    """The chat template packaged with dgemma (used for test and random checkpoints)."""
+    """The chat template packaged with dgemma (used for test and random checkpoints); read once."""
     return resources.files("dgemma").joinpath("assets/chat_template.jinja").read_text(encoding="utf-8")
 
 

@@ -34,6 +34,28 @@ def loss_and_grads(model, batch, objective, seed=0):
     return parts, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def shape_batch(model, i: int, shape: tuple[int, int]):
+    """A batch of `shape` (rows, width) whose rows differ by seed i."""
+    rows = [([2] + [5 + (i + j) % 50] * (shape[1] - 1 - j), 3) for j in range(shape[0])]
+    return collate(rows, model.config.canvas_length, 0, random.Random(i))
+
+
+def assert_same_step(eager_model, eager, model, traced, batch, seed: int, shape) -> None:
+    """One forward and backward of each objective on the batch, drawing from the default generator at `seed` (as
+    the captured step does): the same loss, and the same gradients within 1e-4 of the largest."""
+    results = []
+    for m, fn in ((eager_model, eager), (model, traced)):
+        m.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        parts = fn(batch, None)
+        parts.loss.backward()
+        results.append((parts.loss.detach(), [p.grad.clone() for p in m.parameters()]))
+    (want, want_grads), (got, got_grads) = results
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), shape
+    scale = max(float(g.abs().max()) for g in want_grads)
+    assert all((g - w).abs().max() <= 1e-4 * scale for g, w in zip(got_grads, want_grads)), shape
+
+
 @pytest.mark.parametrize("objective", [ObjectiveConfig(), ObjectiveConfig(noise_samples=3, filler_weight=0.5)],
                          ids=["default", "noise_samples_3"])
 def test_padding_rows_and_columns_change_no_loss_and_no_gradient(objective):
@@ -181,22 +203,9 @@ def test_the_compiled_objective_traces_once_for_every_batch_shape_and_equals_eag
     eager = training_objective(model, objective)
     torch._dynamo.reset()
     traced = training_objective(model, objective, "aot_eager")
-    c = model.config.canvas_length
     frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for i, shape in enumerate([(4, 32), (6, 64), (3, 96)]):
-        rows = [([2] + [5 + (i + j) % 50] * (shape[1] - 1 - j), 3) for j in range(shape[0])]
-        batch = collate(rows, c, 0, random.Random(i))
-        results = []
-        for fn in (eager, traced):
-            model.zero_grad(set_to_none=True)
-            torch.manual_seed(i)
-            parts = fn(batch, None)  # the default generator, as the captured step draws
-            parts.loss.backward()
-            results.append((parts.loss.detach(), [p.grad.clone() for p in model.parameters()]))
-        (want, want_grads), (got, got_grads) = results
-        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), shape
-        scale = max(float(g.abs().max()) for g in want_grads)
-        assert all((g - w).abs().max() <= 1e-4 * scale for g, w in zip(got_grads, want_grads)), shape
+        assert_same_step(model, eager, model, traced, shape_batch(model, i, shape), i, shape)
         if i == 0:
             graphs_after_first = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert graphs_after_first > frames_before
@@ -236,25 +245,12 @@ def test_compiled_feed_forward_layers_share_one_trace_and_equal_eager():
     eager = training_objective(model, objective)
     torch._dynamo.reset()
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    c = model.config.canvas_length
     traced_model = micro_model()
     use_dense_experts(traced_model)
     traced = training_objective(traced_model, objective, "aot_eager", scope="layers")
     graphs_after_shape = []
     for i, shape in enumerate([(4, 32), (6, 64), (3, 96), (5, 128)]):
-        rows = [([2] + [5 + (i + j) % 50] * (shape[1] - 1 - j), 3) for j in range(shape[0])]
-        batch = collate(rows, c, 0, random.Random(i))
-        results = []
-        for m, fn in ((model, eager), (traced_model, traced)):
-            m.zero_grad(set_to_none=True)
-            torch.manual_seed(i)
-            parts = fn(batch, None)
-            parts.loss.backward()
-            results.append((parts.loss.detach(), [p.grad.clone() for p in m.parameters()]))
-        (want, want_grads), (got, got_grads) = results
-        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), shape
-        scale = max(float(g.abs().max()) for g in want_grads)
-        assert all((g - w).abs().max() <= 1e-4 * scale for g, w in zip(got_grads, want_grads)), shape
+        assert_same_step(model, eager, traced_model, traced, shape_batch(model, i, shape), i, shape)
         graphs_after_shape.append(torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before)
     # A trace per layer would be >= 3 layers x 3 passes = 9 graphs.
     assert model.config.num_layers == 3 and graphs_after_shape[-1] <= 4, graphs_after_shape

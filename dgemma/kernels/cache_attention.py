@@ -65,17 +65,16 @@ def _cache_attention_kernel(q_ptr, k_ptr, v_ptr, rows_ptr, start_ptr, end_ptr, o
             slots = pos % ring
         else:
             slots = pos
-        slot_ok = pos_ok
         s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if BLOCK_D == D:
-            k = tl.load(k_base + slots[None, :].to(tl.int64) * HKV * D + d[:, None], mask=slot_ok[None, :],
+            k = tl.load(k_base + slots[None, :].to(tl.int64) * HKV * D + d[:, None], mask=pos_ok[None, :],
                         other=0.0)  # [D, BN]
             s = tl.dot(q_all, k, s)
         else:
             for d0 in range(0, D, BLOCK_D):
                 q = tl.load(q_rows[:, None] + d0 + d[None, :], mask=r_ok[:, None], other=0.0)  # [BM, BD]
                 k = tl.load(k_base + slots[None, :].to(tl.int64) * HKV * D + d0 + d[:, None],
-                            mask=slot_ok[None, :], other=0.0)  # [BD, BN]
+                            mask=pos_ok[None, :], other=0.0)  # [BD, BN]
                 s = tl.dot(q, k, s)
         s = tl.where((pos[None, :] < end[:, None]) & (pos[None, :] >= start[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -83,7 +82,7 @@ def _cache_attention_kernel(q_ptr, k_ptr, v_ptr, rows_ptr, start_ptr, end_ptr, o
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + slots[:, None].to(tl.int64) * HKV * D + dv[None, :], mask=slot_ok[:, None],
+        v = tl.load(v_base + slots[:, None].to(tl.int64) * HKV * D + dv[None, :], mask=pos_ok[:, None],
                     other=0.0)  # [BN, BDV]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new

@@ -483,7 +483,7 @@ class BatchSampler:
     def _next_pool(self) -> list[int]:
         """The example indices (into self.corpus) of the next pool: up to pool_batches whole batches of the order."""
         while self._cursor + self.batch_size > len(self._order):  # the current order is used up
-            if self.stream is not None and self.epoch <= 1 and self._part < self.stream.num_parts:
+            if self.streaming and self._part < self.stream.num_parts:
                 # The streaming epoch: the next chunk, in the order its examples were drawn (the tail short of a
                 # batch, and a chunk max_length emptied, wait for the second epoch).
                 self.epoch = 1
@@ -491,7 +491,7 @@ class BatchSampler:
                 self._part += 1
                 self._order = list(range(len(self.corpus)))
             else:
-                if self.stream is not None and self.epoch <= 1:
+                if self.streaming:
                     self._use(self.stream.corpus())  # the stream is over: the whole corpus from now on
                     self.epoch = 1
                 if len(self.corpus) < self.batch_size:

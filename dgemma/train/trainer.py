@@ -332,15 +332,16 @@ def compile_feed_forward(model: DiffusionGemma, backend: str) -> None:
 def training_objective(model: DiffusionGemma, config: ObjectiveConfig, compile_backend: str | None = None,
                        scope: str = "objective") -> Callable[[TrainBatch, torch.Generator | None], LossParts]:
     """`(batch, generator) -> LossParts`: the block-diffusion loss of a batch, through torch.compile when a backend
-    is named ("inductor" for training; tests trace with "aot_eager"), over the whole objective or, with scope
-    "layers", each layer's feed-forward half (`compile_feed_forward`, which changes the model's layers)."""
+    is named ("inductor" for training; tests trace with "aot_eager") and the scope (`COMPILE_SCOPES`) is not "off":
+    the whole objective or, with "layers", each layer's feed-forward half (`compile_feed_forward`, which changes the
+    model's layers)."""
 
     def loss(batch: TrainBatch, generator: torch.Generator | None) -> LossParts:
         return block_diffusion_loss(model, batch, config, generator)
 
-    if scope not in ("objective", "layers"):
-        raise ConfigError(f"compile scope must be 'objective' or 'layers', got {scope!r}")
-    if compile_backend is None:
+    if scope not in COMPILE_SCOPES:
+        raise ConfigError(f"compile scope must be one of {list(COMPILE_SCOPES)}, got {scope!r}")
+    if compile_backend is None or scope == "off":
         return loss
     if scope == "layers":
         compile_feed_forward(model, compile_backend)
@@ -598,8 +599,8 @@ class Trainer:
             graphs.prepare(collate(examples, canvas_length, 0, rng), self.device)
         torch.cuda.synchronize(self.device)
         self._stage("capture_s", t0)
-        log.info("captured the training step for %d batch shapes%s in %.1f s", len(widths),
-                 f" (compiled: {cfg.compile})" if cfg.compile != "off" else "", time.perf_counter() - t0)
+        log.info("captured the compiled training step for %d batch shapes in %.1f s", len(widths),
+                 time.perf_counter() - t0)
 
     def _val_batches(self, tokenizer, canvas_length: int, pad_id: int) -> list[TrainBatch]:
         cfg = self.config
@@ -689,16 +690,13 @@ class Trainer:
         mc = model.config
         self._stage("model_s", t0)
 
-        compiled = cfg.compile != "off"
-        objective = training_objective(model, cfg.objective, "inductor" if compiled else None,
-                                       cfg.compile if compiled else "objective")
-        graphs, capture = None, None
+        objective = training_objective(model, cfg.objective, "inductor", cfg.compile)
+        graphs = None
         if self.use_graphs:
             graphs = GraphedLossStep(master.model_params, lambda b: objective(b, None),  # the default generator
                                      self._autocast, capture=self.device.type == "cuda")
-            if graphs.capture and cfg.compile == "objective":  # its compile is long: done before the first step
-                def capture():
-                    self._capture_all_shapes(graphs, mc.vocab_size, mc.canvas_length)
+        # The whole objective's compile is long: done, with every shape's capture, before the first step.
+        capture_ahead = graphs is not None and graphs.capture and cfg.compile == "objective"
 
         # The corpus streams: workers make it chunk by chunk while the step is captured and then while it trains
         # (the first epoch takes the chunks in the order they are made).
@@ -708,8 +706,8 @@ class Trainer:
         stream = CorpusStream(str(self.tokenizer_dir), cfg.seed, cfg.train_examples, cfg.families,
                               cfg.family_weights, cfg.max_length, workers=workers)
         try:
-            if capture is not None:
-                capture()
+            if capture_ahead:
+                self._capture_all_shapes(graphs, mc.vocab_size, mc.canvas_length)
             val_batches = self._val_batches(tokenizer, mc.canvas_length, mc.pad_token_id)
             sampler = BatchSampler(stream, cfg.batch_size, mc.canvas_length, mc.pad_token_id, cfg.seed,
                                    max_batch_tokens=cfg.max_batch_tokens,
