@@ -163,6 +163,29 @@ def test_interpreted_fused_moe_matches_the_expert_loop(n, h, i, e, k):
     assert err < ULPS * torch.finfo(torch.float16).eps, err
 
 
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_interpreted_combine_is_the_weighted_sum_of_each_tokens_rows(dtype):
+    """Each token's K expert rows, weighted (weights rounded to the activation dtype) and summed in float32."""
+    from dgemma.kernels.fused_moe import combine_triton
+
+    gen = torch.Generator().manual_seed(0)
+    n, k, h = 7, 3, 1100  # h over one 1024-column tile: the masked last tile
+    rows = torch.randn(n * k, h, generator=gen).to(dtype)
+    weights = torch.rand(n, k, generator=gen)
+    expected = (weights.to(dtype).double()[..., None] * rows.double().view(n, k, h)).sum(1)
+    got = combine_triton(rows, weights)
+    assert got.dtype == dtype and got.shape == (n, h)
+    assert rel_err(got.double(), expected) < ULPS * torch.finfo(dtype).eps
+
+
+def test_combine_refuses_rows_that_do_not_match_the_weights():
+    from dgemma.kernels.fused_moe import combine_triton
+
+    with pytest.raises(ValueError, match=r"combine needs contiguous rows \[4 \* 2, H\]"):
+        combine_triton(torch.zeros(7, 16), torch.zeros(4, 2))
+
+
 @pytest.fixture(scope="module")
 def tiny_fp16():
     return build_random_model("tiny", "float16", "cpu", seed=1, scale=InitScale(embed_std=1.0, perturb=0.1))
