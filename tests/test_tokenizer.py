@@ -152,6 +152,24 @@ def test_vocab_size_never_exceeds_the_request():
     assert build_default_tokenizer(512).get_vocab_size() == 512
 
 
+def test_a_letters_tokenizer_gives_each_letter_its_own_token_and_round_trips(tmp_path):
+    """Merges join only punctuation and whitespace: a word is its letters (the first may carry the space before
+    it), so "mango" and its reversal "ognam" are the same five tokens in the other order."""
+    texts = ["Reverse the word mango.", "What is \"star\" backwards?", "Sort: pear, fig, plum", "HELLO world"] * 50
+    write_tokenizer_files(tmp_path, build_tokenizer(texts, 400, letters=True))
+    tok = Tokenizer.from_dir(tmp_path)
+    assert [tok.decode([i]) for i in tok.encode("mango")] == list("mango")
+    assert [tok.decode([i]) for i in tok.encode("ognam")] == list("ognam")
+    pieces = [tok.decode([i]) for i in tok.encode("Reverse the word mango. HELLO")]
+    assert all(sum(c.isalpha() for c in piece) <= 1 for piece in pieces), pieces
+    assert "".join(pieces) == "Reverse the word mango. HELLO"
+    text = "Hello, world! 12 + 30 = 42 café 🙂 <|turn>user\nhi<turn|>"
+    assert tok.decode(tok.encode(text), skip_special_tokens=False) == text
+    transformers = pytest.importorskip("transformers")
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path)).encode(text, add_special_tokens=False) == \
+        tok.encode(text)
+
+
 def test_too_small_vocab_is_a_config_error():
     with pytest.raises(ConfigError, match="vocab_size=100"):
         build_tokenizer(["abc"], MIN_VOCAB_SIZE - 175)

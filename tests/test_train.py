@@ -308,6 +308,7 @@ def test_resume_refuses_a_state_saved_with_other_settings(tmp_path):
     (dict(objective=ObjectiveConfig(self_cond_prob=1.5)), "self_cond_prob"),
     (dict(objective=ObjectiveConfig(filler_weight=-0.1)), "filler_weight"),
     (dict(qk_norm_init="zeros"), "qk_norm_init"),
+    (dict(tokenizer="chars"), "tokenizer must be one of"),
     (dict(profile_at=-1), "profile_at"),
     (dict(objective=ObjectiveConfig(noise_samples=0)), "noise_samples"),
     (dict(compile=True), "compile"),
@@ -317,6 +318,18 @@ def test_resume_refuses_a_state_saved_with_other_settings(tmp_path):
 def test_train_config_names_the_bad_field(tmp_path, changes, field):
     with pytest.raises(ConfigError, match=field):
         micro_config(tmp_path / "x", **changes).validate()
+
+
+def test_a_letters_run_trains_and_exports_a_tokenizer_that_spells(tmp_path):
+    """--tokenizer letters: the exported tokenizer has one token per letter, and the run trains on it."""
+    from dgemma.tokenizer import Tokenizer
+
+    result = train(micro_config(tmp_path / "m", max_steps=2, tokenizer="letters"))
+    tok = Tokenizer.from_dir(result.out_dir)
+    ids = tok.encode("Spell mango backwards.")
+    assert [tok.decode([i]) for i in ids] == ["S", "p", "e", "l", "l", " m", "a", "n", "g", "o",
+                                                " b", "a", "c", "k", "w", "a", "r", "d", "s", "."]
+    assert tok.decode(ids) == "Spell mango backwards."
 
 
 @pytest.mark.parametrize("saved, now", [(True, "objective"), (False, "off")])

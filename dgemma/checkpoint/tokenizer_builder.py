@@ -7,7 +7,10 @@ tokens sit at the same low ids as in Gemma 4 (pad 0, eos 1, bos 2, unk 3), follo
 markers. The pieces that keep it exact:
 
 - every byte is in the vocabulary (ByteLevel alphabet), so any UTF-8 text round-trips;
-- each digit is its own token, because arithmetic tasks learn better on digit-level numbers.
+- each digit is its own token, because arithmetic tasks learn better on digit-level numbers;
+- optionally (`letters=True`) each ASCII letter too, with the space before it: merges then join only
+  punctuation and whitespace, so spelling a word, reversing it or changing its case maps tokens to tokens instead
+  of asking a small model to learn the letters inside every merged piece.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from dgemma.chat_format import default_chat_template
 from dgemma.errors import ConfigError
@@ -49,10 +52,14 @@ _BYTE_ALPHABET_SIZE = 256
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + _BYTE_ALPHABET_SIZE  # below this some byte would have no token
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+TOKENIZER_KINDS = ("bpe", "letters")  # build_tokenizer(letters=False / True)
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int, letters: bool = False) -> Tokenizer:
     """Train a byte-level BPE on `texts`. Ids: SPECIAL_TOKENS first, the 256 byte symbols, then merges.
 
-    `vocab_size` is an upper bound: a small corpus can run out of merges before reaching it.
+    `vocab_size` is an upper bound: a small corpus can run out of merges before reaching it (with `letters`,
+    the merges of punctuation and whitespace alone end a few hundred tokens in).
     """
     if vocab_size < MIN_VOCAB_SIZE:
         raise ConfigError(
@@ -64,6 +71,7 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         [
             # Digits first, so no merge can ever join two digits.
             pre_tokenizers.Digits(individual_digits=True),
+            *([pre_tokenizers.Split(Regex(" ?[A-Za-z]"), "isolated")] if letters else []),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ]
     )

@@ -12,6 +12,7 @@ CUDA_HOST_THREADS = 4  # torch's CPU threads when training on a GPU (unless --th
 
 
 def add_parser(sub) -> None:
+    from dgemma.checkpoint.tokenizer_builder import TOKENIZER_KINDS
     from dgemma.train.trainer import COMPILE_SCOPES, MODEL_PRESETS, TrainConfig
 
     d = TrainConfig(out_dir="")
@@ -30,6 +31,9 @@ def add_parser(sub) -> None:
                    help="architecture of a new model: mini (the shipped ~12M model), micro (a toy for smoke tests)")
     g.add_argument("--init-from", default=None, metavar="DIR", help="fine-tune this checkpoint instead")
     g.add_argument("--vocab-size", type=int, default=d.vocab_size, help="BPE vocabulary of a new tokenizer")
+    g.add_argument("--tokenizer", choices=TOKENIZER_KINDS, default=d.tokenizer,
+                   help="a new tokenizer's pieces: bpe (merged words) or letters (every ASCII letter its own token, "
+                        "so spelling tasks copy tokens; sequences about 2x longer)")
     g.add_argument("--train-examples", type=int, default=d.train_examples,
                    help="examples generated up front (repeated in epochs if training outlasts them)")
     g.add_argument("--families", default=None, help="comma-separated task families (default: all)")
@@ -110,6 +114,7 @@ def config_from_args(args: argparse.Namespace):
     families = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else None
     return TrainConfig(
         out_dir=args.out, preset=args.preset, init_from=args.init_from, vocab_size=args.vocab_size,
+        tokenizer=args.tokenizer,
         train_examples=args.train_examples, families=families, family_weights=weights, max_length=args.max_length,
         workers=args.workers, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
         max_steps=args.max_steps,

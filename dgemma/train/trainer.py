@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from dgemma.checkpoint.layout import checkpoint_tensors
 from dgemma.checkpoint.random_init import InitScale, build_random_model, write_checkpoint_files
+from dgemma.checkpoint.tokenizer_builder import TOKENIZER_KINDS
 from dgemma.config import FULL, SLIDING, AttentionSpec, ModelConfig
 from dgemma.errors import ConfigError
 from dgemma.model.diffusion_gemma import DiffusionGemma
@@ -125,6 +126,9 @@ class TrainConfig:
     preset: str = "mini"  # architecture of a new model (see model_preset); ignored with init_from
     init_from: str | None = None  # fine-tune this checkpoint (keeps its architecture and tokenizer)
     vocab_size: int = 1024  # BPE vocabulary of a new tokenizer
+    # "letters": every ASCII letter is its own token in a new tokenizer (tokenizer_builder.build_tokenizer), so the
+    # spelling tasks (reverse a word, change its case, count its letters) copy tokens; sequences get about 2x longer.
+    tokenizer: str = "bpe"
     tokenizer_examples: int = 20_000  # rendered conversations the tokenizer is trained on
     train_examples: int = 200_000  # examples generated and tokenized up front (epochs repeat them)
     families: list[str] | None = None  # task families to train on (default: all)
@@ -223,6 +227,8 @@ class TrainConfig:
         for name in ("init_std", "embed_std", "max_shard_mb"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.tokenizer not in TOKENIZER_KINDS:
+            raise ConfigError(f"tokenizer must be one of {list(TOKENIZER_KINDS)}, got {self.tokenizer!r}")
         if self.qk_norm_init not in ("unit", "ones"):
             raise ConfigError(f"qk_norm_init must be 'unit' or 'ones', got {self.qk_norm_init!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -540,7 +546,8 @@ class Trainer:
             from dgemma.checkpoint.tokenizer_builder import build_tokenizer, write_tokenizer_files
 
             texts = tokenizer_corpus(cfg.seed + 7_777, cfg.tokenizer_examples, cfg.families, cfg.family_weights)
-            write_tokenizer_files(self.tokenizer_dir, build_tokenizer(texts, cfg.vocab_size),
+            write_tokenizer_files(self.tokenizer_dir,
+                                  build_tokenizer(texts, cfg.vocab_size, letters=cfg.tokenizer == "letters"),
                                   model_max_length=2048)
             files = {name: (self.tokenizer_dir / name).read_text(encoding="utf-8") for name in TOKENIZER_FILES}
         self.tokenizer_dir.mkdir(parents=True, exist_ok=True)
