@@ -580,3 +580,24 @@ def test_the_compile_flag_names_its_scope(tmp_path, flags, scope):
 
     args = build_parser().parse_args(["train", "--out", str(tmp_path / "m"), "--max-steps", "1", *flags])
     assert config_from_args(args).compile == scope
+
+
+def test_the_shipped_recipe_script_is_a_valid_train_command():
+    """scripts/train_shipped.sh's `dgemma train` line parses and validates (an option renamed in the CLI, or a bad
+    mixture, would otherwise surface only on a GPU host)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from dgemma.cli import build_parser
+    from dgemma.cli.train import config_from_args
+
+    script = (Path(__file__).parent.parent / "scripts" / "train_shipped.sh").read_text()
+    mixture = re.search(r"^MIXTURE='(.*?)'", script, re.S | re.M).group(1)
+    command = script[script.index('exec "$PYTHON" -m dgemma train'):].replace("\\\n", " ")
+    command = command.replace('"$MIXTURE"', shlex.quote(mixture)).replace('"$OUT"', "/tmp/x")
+    command = command.replace('"${TIME_BUDGET_MIN:-17}"', "17").replace('"${@:2}"', "")
+    argv = shlex.split(command)[4:]  # after: exec "$PYTHON" -m dgemma
+    config = config_from_args(build_parser().parse_args(argv)).validate()
+    assert config.compile == "layers" and config.time_budget_min == 17 and config.device == "cuda"
+    assert config.family_weights["mul"] == 3.0 and config.sweep
