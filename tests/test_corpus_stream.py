@@ -109,3 +109,24 @@ def test_a_resumed_sampler_goes_on_with_the_same_batches(tokenizer_dir, stop):
         resumed = BatchSampler(s, BATCH, canvas_length=16, pad_id=0, seed=0, pool_batches=4)
         resumed.load_state(state)
         assert batches(resumed, 12) == want
+
+
+def test_examples_over_max_length_are_counted_by_family(tokenizer_dir):
+    from dgemma.train.dataset import Corpus
+
+    with stream(tokenizer_dir) as s:  # max_length 400: some tool prompts are longer, nothing else is
+        parts = [s.part(i) for i in range(s.num_parts)]
+        dropped = dict(s.dropped)
+    assert set(dropped) == {"tool_call", "tool_answer"}
+    assert sum(dropped.values()) + sum(len(p) for p in parts) == N
+    assert Corpus.concat(parts).dropped_by_family() == dropped
+
+
+def test_a_family_that_loses_every_example_to_max_length_is_refused(tokenizer_dir):
+    from dgemma.errors import ConfigError
+
+    with CorpusStream(tokenizer_dir, seed=5, n=64, families=["add", "tool_answer"], max_length=60,
+                      chunk_size=CHUNK) as s:
+        with pytest.raises(ConfigError, match=r"every generated example of tool_answer \(\d+\) is longer than "
+                                              r"max_length=60 tokens: raise --max-length"):
+            s.part(0)

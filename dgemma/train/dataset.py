@@ -94,6 +94,14 @@ class Corpus:
     prompt_lens: torch.Tensor  # [N] int64
     families: torch.Tensor  # [N] int64 index into `family_names`
     family_names: list[str]
+    # [F] int64: examples of each family left out for being longer than max_length (None: no example was)
+    dropped: torch.Tensor | None = None
+
+    def dropped_by_family(self) -> dict[str, int]:
+        """{family: examples left out for length}, families with none left out omitted."""
+        if self.dropped is None:
+            return {}
+        return {name: int(n) for name, n in zip(self.family_names, self.dropped.tolist()) if n}
 
     def __len__(self) -> int:
         return int(self.lengths.shape[0])
@@ -119,6 +127,8 @@ class Corpus:
             prompt_lens=torch.cat([p.prompt_lens for p in parts]),
             families=torch.cat([p.families for p in parts]),
             family_names=list(names),
+            dropped=torch.stack([p.dropped if p.dropped is not None else torch.zeros(len(names), dtype=torch.int64)
+                                 for p in parts]).sum(0),
         )
 
 
@@ -127,9 +137,11 @@ def tokenize_examples(tokenizer: Tokenizer, examples: Sequence[Example], max_len
     names = list(FAMILIES)
     flat: list[int] = []
     starts, lengths, prompt_lens, families = [], [], [], []
+    dropped = torch.zeros(len(names), dtype=torch.int64)
     for example in examples:
         prompt, response = encode_example(tokenizer, example)
         if max_length is not None and len(prompt) + len(response) > max_length:
+            dropped[names.index(example.family)] += 1
             continue
         starts.append(len(flat))
         flat.extend(prompt)
@@ -144,7 +156,19 @@ def tokenize_examples(tokenizer: Tokenizer, examples: Sequence[Example], max_len
         prompt_lens=torch.tensor(prompt_lens, dtype=torch.int64),
         families=torch.tensor(families, dtype=torch.int64),
         family_names=names,
+        dropped=dropped,
     )
+
+
+def check_lengths(chunk: Corpus, max_length: int | None) -> None:
+    """Refuse a corpus in which some family lost every example to max_length: training would silently go without
+    it (e.g. tool prompts under a letter-level tokenizer and the default 512). Partial losses are only logged."""
+    kept = torch.bincount(chunk.families, minlength=len(chunk.family_names))
+    lost = [name for name, n in chunk.dropped_by_family().items() if kept[chunk.family_names.index(name)] == 0]
+    if lost:
+        counts = ", ".join(f"{name} ({chunk.dropped_by_family()[name]})" for name in lost)
+        raise ConfigError(f"every generated example of {counts} is longer than max_length={max_length} tokens: "
+                          "raise --max-length or leave those families out")
 
 
 # Worker state for `build_corpus`: the tokenizer is built once per process, not once per chunk.
@@ -193,6 +217,7 @@ class CorpusStream:
         self._joined: Corpus | None = None
         self._start = time.perf_counter()
         self.seconds: float | None = None  # from the start to the last chunk made, once known
+        self.dropped: dict[str, int] = {}  # examples left out for length, by family, in the chunks made so far
         self._pool = None
         if self.workers == 1 or len(self._jobs) == 1:
             self._tokenizer = Tokenizer.from_dir(tokenizer_dir)
@@ -217,6 +242,10 @@ class CorpusStream:
                 self._parts[i] = _make_chunk(self._tokenizer, self._jobs[i])
             else:
                 self._parts[i] = self._futures[i].result()
+            if i == 0:
+                check_lengths(self._parts[0], self.max_length)
+            for name, n in self._parts[i].dropped_by_family().items():
+                self.dropped[name] = self.dropped.get(name, 0) + n
             if len(self._parts) == self.num_parts:
                 self.seconds = time.perf_counter() - self._start
         return self._parts[i]

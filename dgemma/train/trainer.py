@@ -727,6 +727,9 @@ class Trainer:
         if stream.seconds is not None:
             log.info("corpus: %d chunks of up to %d examples made by %d workers in %.1f s, while the step "
                      "trained", stream.num_parts, stream.chunk_size, workers, stream.seconds)
+        if stream.dropped:
+            log.info("examples longer than max_length=%d left out: %s", cfg.max_length,
+                     ", ".join(f"{name} {n}" for name, n in sorted(stream.dropped.items(), key=lambda kv: -kv[1])))
 
         t0 = time.perf_counter()
         out = self.export(model)
