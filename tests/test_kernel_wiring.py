@@ -164,6 +164,24 @@ def test_interpreted_fused_moe_matches_the_expert_loop(n, h, i, e, k):
 
 
 @interpreted
+def test_interpreted_fused_moe_with_256_row_tiles_matches_the_expert_loop():
+    """Tiles taller than any expert's group (one pass over each expert's weights), as a sweep may choose for
+    batches of 8 canvases: same result as the loop."""
+    from dgemma.kernels.fused_moe import fused_moe_triton
+
+    gen = torch.Generator().manual_seed(0)
+    n, h, i, e, k = 300, 64, 32, 4, 2  # ~150 assignments per expert
+    x = torch.randn(n, h, generator=gen).half()
+    gate_up = (torch.randn(e, 2 * i, h, generator=gen) * h**-0.5).half()
+    down = (torch.randn(e, h, i, generator=gen) * i**-0.5).half()
+    weights, experts = torch.topk(torch.randn(n, e, generator=gen).softmax(-1), k)
+    tall = dict(BLOCK_M=256, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=3)
+    expected = experts_loop(x, weights, experts, gate_up, down).float()
+    err = rel_err(fused_moe_triton(x, weights, experts, gate_up, down, tall, tall).float(), expected)
+    assert err < ULPS * torch.finfo(torch.float16).eps, err
+
+
+@interpreted
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_interpreted_combine_is_the_weighted_sum_of_each_tokens_rows(dtype):
     """Each token's K expert rows, weighted (weights rounded to the activation dtype) and summed in float32."""
