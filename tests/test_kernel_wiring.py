@@ -164,9 +164,9 @@ def test_interpreted_fused_moe_matches_the_expert_loop(n, h, i, e, k):
 
 
 @interpreted
-def test_interpreted_fused_moe_with_256_row_tiles_matches_the_expert_loop():
-    """Tiles taller than any expert's group (one pass over each expert's weights), as a sweep may choose for
-    batches of 8 canvases: same result as the loop."""
+def test_interpreted_fused_moe_with_256_row_tiles_or_split_passes_matches_the_expert_loop():
+    """Tiles taller than any expert's group (one pass over each expert's weights), or an expert's passes shared by
+    programs launched side by side, as a sweep may choose for batches of 8 canvases: same result as the loop."""
     from dgemma.kernels.fused_moe import fused_moe_triton
 
     gen = torch.Generator().manual_seed(0)
@@ -175,10 +175,12 @@ def test_interpreted_fused_moe_with_256_row_tiles_matches_the_expert_loop():
     gate_up = (torch.randn(e, 2 * i, h, generator=gen) * h**-0.5).half()
     down = (torch.randn(e, h, i, generator=gen) * i**-0.5).half()
     weights, experts = torch.topk(torch.randn(n, e, generator=gen).softmax(-1), k)
-    tall = dict(BLOCK_M=256, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=3)
     expected = experts_loop(x, weights, experts, gate_up, down).float()
-    err = rel_err(fused_moe_triton(x, weights, experts, gate_up, down, tall, tall).float(), expected)
-    assert err < ULPS * torch.finfo(torch.float16).eps, err
+    tall = dict(BLOCK_M=256, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=3)
+    split = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, M_SPLITS=2)  # passes of 64 rows taken in turn by 2 programs
+    for tile in (tall, split):
+        err = rel_err(fused_moe_triton(x, weights, experts, gate_up, down, tile, tile).float(), expected)
+        assert err < ULPS * torch.finfo(torch.float16).eps, (tile, err)
 
 
 @interpreted

@@ -4,10 +4,13 @@ At a batch-1 denoising step each expert gets ~16 of the 2048 token-expert assign
 pure weight streaming (45.7 GB a step). torch._grouped_mm reaches ~69% of copy bandwidth there and needs a
 gathered copy of the inputs, a separate gelu*up pass and an un-permuting gather. Here:
 
-- `gate_up` kernel, grid (expert, I-tile): gathers the expert's tokens by index, computes the gate and up tiles
+- `gate_up` kernel, grid (split, expert, I-tile): gathers the expert's tokens by index, computes the gate and up tiles
   with one pass over x, and writes gelu_tanh(gate) * up: [N*K, I] in expert-sorted order.
-- `down` kernel, grid (expert, H-tile): multiplies by down_proj and scatters each row straight to its
+- `down` kernel, grid (split, expert, H-tile): multiplies by down_proj and scatters each row straight to its
   token-major slot (token * K + k), so the weighted sum over K needs no gather.
+- Both grids have a first axis of M_SPLITS programs (1 by default) that share an expert's tile and take its
+  passes of BLOCK_M rows in turn: an expert just over one tile's rows is then read by two programs launched side by
+  side (the second read can come from L2) instead of twice by one program in sequence. For tile sweeps.
 - `combine` kernel, grid (token, H-tile): the weighted sum of a token's K rows in float32, one read of [N*K, H].
   It replaced a batched matmul of [N, 1, K] x [N, K, H], whose N products of one row each ran at a seventh of
   copy bandwidth (26 us a layer at a batch-1 step on an H200, 0.8 ms of the step).
@@ -45,9 +48,11 @@ def _gelu_tanh(x):
 
 @triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, token_ptr, ends_ptr, out_ptr, H, I, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
-    e = tl.program_id(0)
-    pid_n = tl.program_id(1)
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                    M_SPLITS: tl.constexpr):
+    split = tl.program_id(0)
+    e = tl.program_id(1)
+    pid_n = tl.program_id(2)
     end = tl.load(ends_ptr + e)
     start = tl.load(ends_ptr + e - 1, mask=e > 0, other=0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -57,7 +62,7 @@ def _gate_up_kernel(x_ptr, w_ptr, token_ptr, ends_ptr, out_ptr, H, I, BLOCK_M: t
     w_gate = w_ptr + e.to(tl.int64) * 2 * I * H + offs_n[None, :].to(tl.int64) * H + offs_k[:, None]
     w_up = w_gate + I * H
     dtype = out_ptr.dtype.element_ty
-    for m0 in range(start, end, BLOCK_M):
+    for m0 in range(start + split * BLOCK_M, end, BLOCK_M * M_SPLITS):
         rows = m0 + tl.arange(0, BLOCK_M)
         r_mask = rows < end
         tokens = tl.load(token_ptr + rows, mask=r_mask, other=0).to(tl.int64)
@@ -89,16 +94,17 @@ def _gate_up_kernel(x_ptr, w_ptr, token_ptr, ends_ptr, out_ptr, H, I, BLOCK_M: t
 
 @triton.jit
 def _down_kernel(h_ptr, w_ptr, dest_ptr, ends_ptr, out_ptr, H, I, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
-    e = tl.program_id(0)
-    pid_n = tl.program_id(1)
+                 BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, M_SPLITS: tl.constexpr):
+    split = tl.program_id(0)
+    e = tl.program_id(1)
+    pid_n = tl.program_id(2)
     end = tl.load(ends_ptr + e)
     start = tl.load(ends_ptr + e - 1, mask=e > 0, other=0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns, within H
     offs_k = tl.arange(0, BLOCK_K)  # within I
     n_mask = offs_n < H
     w_ptrs = w_ptr + e.to(tl.int64) * H * I + offs_n[None, :].to(tl.int64) * I + offs_k[:, None]  # [BK, BN]
-    for m0 in range(start, end, BLOCK_M):
+    for m0 in range(start + split * BLOCK_M, end, BLOCK_M * M_SPLITS):
         rows = m0 + tl.arange(0, BLOCK_M)
         r_mask = rows < end
         a_ptrs = h_ptr + rows[:, None].to(tl.int64) * I + offs_k[None, :]
@@ -194,13 +200,15 @@ def fused_moe_triton(
     default_gate_up, default_down = tiles_for(assignments, num_experts)
     t1 = _fit(tile_gate_up or default_gate_up, inter, hidden)
     bm1 = t1.pop("BLOCK_M", block_m)  # a tile may fix its rows per pass (tile sweeps)
-    _gate_up_kernel[(num_experts, triton.cdiv(inter, t1["BLOCK_N"]))](
-        x, gate_up, token_of, ends, hidden_act, hidden, inter, BLOCK_M=bm1,
+    s1 = t1.pop("M_SPLITS", 1)
+    _gate_up_kernel[(s1, num_experts, triton.cdiv(inter, t1["BLOCK_N"]))](
+        x, gate_up, token_of, ends, hidden_act, hidden, inter, BLOCK_M=bm1, M_SPLITS=s1,
         EVEN_N=inter % t1["BLOCK_N"] == 0, EVEN_K=hidden % t1["BLOCK_K"] == 0, **t1)
     out = torch.empty((assignments, hidden), dtype=x.dtype, device=x.device)  # token-major
     t2 = _fit(tile_down or default_down, hidden, inter)
     bm2 = t2.pop("BLOCK_M", block_m)
-    _down_kernel[(num_experts, triton.cdiv(hidden, t2["BLOCK_N"]))](
-        hidden_act, down, order, ends, out, hidden, inter, BLOCK_M=bm2,
+    s2 = t2.pop("M_SPLITS", 1)
+    _down_kernel[(s2, num_experts, triton.cdiv(hidden, t2["BLOCK_N"]))](
+        hidden_act, down, order, ends, out, hidden, inter, BLOCK_M=bm2, M_SPLITS=s2,
         EVEN_N=hidden % t2["BLOCK_N"] == 0, EVEN_K=inter % t2["BLOCK_K"] == 0, **t2)
     return combine_triton(out, weights)  # deterministic, float32 accumulation (as `combine` on CUDA)
