@@ -200,6 +200,7 @@ def test_interpreted_combine_is_the_weighted_sum_of_each_tokens_rows(dtype):
 
 
 def test_combine_refuses_rows_that_do_not_match_the_weights():
+    pytest.importorskip("triton")
     from dgemma.kernels.fused_moe import combine_triton
 
     with pytest.raises(ValueError, match=r"combine needs contiguous rows \[4 \* 2, H\]"):
