@@ -94,7 +94,7 @@ class Corpus:
     prompt_lens: torch.Tensor  # [N] int64
     families: torch.Tensor  # [N] int64 index into `family_names`
     family_names: list[str]
-    # [F] int64: examples of each family left out for being longer than max_length (None: no example was)
+    # [F] int64: examples of each family left out for being longer than max_length (None: not counted)
     dropped: torch.Tensor | None = None
 
     def dropped_by_family(self) -> dict[str, int]:
