@@ -164,9 +164,10 @@ def check_lengths(chunk: Corpus, max_length: int | None) -> None:
     """Refuse a corpus in which some family lost every example to max_length: training would silently go without
     it (e.g. tool prompts under a letter-level tokenizer and the default 512). Partial losses are only logged."""
     kept = torch.bincount(chunk.families, minlength=len(chunk.family_names))
-    lost = [name for name, n in chunk.dropped_by_family().items() if kept[chunk.family_names.index(name)] == 0]
+    dropped = chunk.dropped_by_family()
+    lost = [name for name in dropped if kept[chunk.family_names.index(name)] == 0]
     if lost:
-        counts = ", ".join(f"{name} ({chunk.dropped_by_family()[name]})" for name in lost)
+        counts = ", ".join(f"{name} ({dropped[name]})" for name in lost)
         raise ConfigError(f"every generated example of {counts} is longer than max_length={max_length} tokens: "
                           "raise --max-length or leave those families out")
 
@@ -217,7 +218,6 @@ class CorpusStream:
         self._joined: Corpus | None = None
         self._start = time.perf_counter()
         self.seconds: float | None = None  # from the start to the last chunk made, once known
-        self.dropped: dict[str, int] = {}  # examples left out for length, by family, in the chunks made so far
         self._pool = None
         if self.workers == 1 or len(self._jobs) == 1:
             self._tokenizer = Tokenizer.from_dir(tokenizer_dir)
@@ -233,6 +233,17 @@ class CorpusStream:
     def num_parts(self) -> int:
         return len(self._jobs)
 
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Examples left out for length, by family, in the chunks made so far."""
+        if self._joined is not None:
+            return self._joined.dropped_by_family()
+        totals: dict[str, int] = {}
+        for part in self._parts.values():
+            for name, n in part.dropped_by_family().items():
+                totals[name] = totals.get(name, 0) + n
+        return totals
+
     def part(self, i: int) -> Corpus:
         """Chunk i (waits for it)."""
         if self._joined is not None:
@@ -244,8 +255,6 @@ class CorpusStream:
                 self._parts[i] = self._futures[i].result()
             if i == 0:
                 check_lengths(self._parts[0], self.max_length)
-            for name, n in self._parts[i].dropped_by_family().items():
-                self.dropped[name] = self.dropped.get(name, 0) + n
             if len(self._parts) == self.num_parts:
                 self.seconds = time.perf_counter() - self._start
         return self._parts[i]
