@@ -1,9 +1,12 @@
 """Time the fused Triton MoE kernels against torch._grouped_mm on the 26b-a4b expert shapes, and sweep tiles.
 
-python scripts/moe_kernel_sweep.py [--quick] [--sizes 256,512,1024,2048]  (needs a Hopper GPU). Also times the
+python scripts/moe_kernel_sweep.py [--quick | --splits] [--sizes 256,512,1024,2048]  (needs a Hopper GPU). Also
+times the
 fused q/k norm+RoPE kernel. Without --quick it sweeps both kernels' tiles (rows per pass included) at every size:
 several minutes a size. Rows per pass go up to 256: at 2048 tokens (8 canvases) experts get 128 assignments on
 average and about half get more, so 128-row tiles stream those experts' weights twice.
+--splits times only the tiles in use with 64 or 128 rows per pass and 1 to 4 programs per expert (M_SPLITS), the
+sweep behind moe_tiles.LARGE_TILES' splits (seconds a size; e.g. --splits --sizes 2048,4096,8192).
 """
 
 from __future__ import annotations
@@ -28,9 +31,21 @@ def bench(fn):
     return triton.testing.do_bench(fn, warmup=5, rep=40)
 
 
+def sweep_splits(run_fused, n: int) -> None:
+    """The load's tiles with 64 or 128 rows per pass and 1 to 4 programs sharing each expert's passes."""
+    gate_up, down = tiles_for(n * K, E)
+    times = []
+    for bm, splits in itertools.product((64, 128), (1, 2, 3, 4)):
+        t1, t2 = dict(gate_up, BLOCK_M=bm, M_SPLITS=splits), dict(down, BLOCK_M=bm, M_SPLITS=splits)
+        times.append((bench(lambda: run_fused(t1, t2)), bm, splits))
+    for t, bm, splits in sorted(times):
+        print(f"  BLOCK_M {bm} M_SPLITS {splits}: {t*1e3:.0f} us", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="time the default tiles only")
+    p.add_argument("--splits", action="store_true", help="time rows per pass x programs per expert only")
     p.add_argument("--sizes", default="256,512,1024,2048", help="token counts (x top-8 assignments)")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -62,6 +77,9 @@ def main() -> None:
         t_ref, t_f = bench(run_ref), bench(run_fused)
         print(f"N={n}: grouped_mm {t_ref*1e3:.0f} us ({nbytes/t_ref/1e9:.2f} TB/s), fused {t_f*1e3:.0f} us "
               f"({nbytes/t_f/1e9:.2f} TB/s), rel err {err:.2e}", flush=True)
+        if args.splits:
+            sweep_splits(run_fused, n)
+            continue
         if quick:
             continue
         # Tiles are swept per size, rows per pass (BLOCK_M) included: busier experts want taller tiles.

@@ -47,9 +47,9 @@ interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 # Which path runs (CPU tensors stand in for CUDA ones by naming "cpu" among the kernel devices)
 
 
-def test_fused_moe_runs_only_for_inference_with_at_most_128_assignments_per_expert():
+def test_fused_moe_runs_only_for_inference_with_at_most_512_assignments_per_expert():
     gate_up = torch.empty(8, 64, 16, dtype=torch.bfloat16)  # E = 8
-    fits = FUSED_MOE_MAX_ASSIGNMENTS_PER_EXPERT * 8 // 2  # tokens at top-2 that give exactly 128 per expert
+    fits = FUSED_MOE_MAX_ASSIGNMENTS_PER_EXPERT * 8 // 2  # tokens at top-2 that give exactly 512 per expert
     x, ids = torch.empty(fits, 16, dtype=torch.bfloat16), torch.zeros(fits, 2, dtype=torch.int64)
     with torch.no_grad():
         assert use_fused_moe(x, ids, gate_up, kernel_devices=("cpu",))
@@ -69,6 +69,7 @@ def test_busier_experts_get_the_tiles_measured_for_their_load():
     assert tiles_for(33 * 128, 128)[0]["BLOCK_M"] == 128
     assert tiles_for(64 * 128, 128) == LARGE_TILES[0][1:]
     assert tiles_for(128 * 128, 128) == LARGE_TILES[1][1:]
+    assert tiles_for(512 * 128, 128)[0]["M_SPLITS"] == 4  # 32 canvases: 4 programs share each expert's passes
     assert LARGE_TILES[-1][0] == FUSED_MOE_MAX_ASSIGNMENTS_PER_EXPERT  # every load the model sends has a tile
 
 

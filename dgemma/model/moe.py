@@ -115,10 +115,10 @@ def combine(out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, dtype
 
 
 # The fused Triton kernel streams each expert's weights once per tile of rows and beat torch._grouped_mm on an
-# H200 (26b-a4b shapes, top-8 of 128) from 256 to 2048 tokens (16 to 128 assignments per expert) with tiles chosen
-# per load (dgemma/kernels/fused_moe.py: tiles_for). Larger calls (prefill chunks, batches over 8 canvases) keep
-# _grouped_mm, which was not measured to lose there.
-FUSED_MOE_MAX_ASSIGNMENTS_PER_EXPERT = 128
+# H200 and an H100 (26b-a4b shapes, top-8 of 128) from 256 to 8192 tokens (16 to 512 assignments per expert, 32
+# canvases) with tiles chosen per load (dgemma/kernels/moe_tiles.py). Larger calls (prefill chunks over 8192 tokens)
+# keep _grouped_mm, which was not measured to lose there.
+FUSED_MOE_MAX_ASSIGNMENTS_PER_EXPERT = 512
 
 
 def use_fused_moe(
