@@ -314,10 +314,46 @@ def test_resume_refuses_a_state_saved_with_other_settings(tmp_path):
     (dict(compile=True), "compile"),
     (dict(compile="graph"), "compile"),
     (dict(compile="layers", moe_impl="model"), "moe_impl 'model' cannot be compiled"),
+    (dict(architecture={"depth": 12}), r"unknown fields \['depth'\]"),
+    (dict(architecture={"layer_types": "SSX"}), "layer_types must be a string of S"),
+    (dict(architecture={"layer_types": ["S", "F"]}), "layer_types must be a string of S"),
+    (dict(architecture={"hidden_size": 0}), "hidden_size"),
+    (dict(architecture={"top_k_experts": 9}), "top_k_experts"),
+    (dict(architecture={"sliding": {"head_dim": 33}}), "head_dim"),
+    (dict(architecture={"full": {"dim": 64}}), "full must be an object with fields among"),
+    (dict(architecture={"hidden_size": 32}, init_from="/tmp/some-model"), "keeps its own"),
 ])
 def test_train_config_names_the_bad_field(tmp_path, changes, field):
     with pytest.raises(ConfigError, match=field):
         micro_config(tmp_path / "x", **changes).validate()
+
+
+def test_an_architecture_changes_the_preset_and_the_export_carries_it(tmp_path):
+    """--architecture: a deeper, narrower micro with a longer window trains, and dgemma loads the export as such."""
+    from dgemma.checkpoint.loader import load_model
+
+    changes = {"layer_types": "SSFSSF", "hidden_size": 48, "sliding_window": 24, "sliding": {"head_dim": 16}}
+    result = train(micro_config(tmp_path / "m", max_steps=2, architecture=changes))
+    model, _, _ = load_model(result.out_dir, torch.float32, "cpu")
+    cfg = model.config
+    assert (cfg.num_layers, cfg.hidden_size, cfg.sliding_window, cfg.sliding.head_dim) == (6, 48, 24, 16)
+    assert [i for i, kind in enumerate(cfg.layer_types) if kind == "full_attention"] == [2, 5]
+    assert cfg.full == model_preset("micro", 64, [1]).full  # what was not named stays the preset's
+
+
+def test_the_cli_reads_an_architecture_as_a_json_object():
+    from dgemma.cli import build_parser
+    from dgemma.cli.train import config_from_args
+
+    def parse(*extra):
+        args = build_parser().parse_args(["train", "--out", "/tmp/x", "--max-steps", "1", *extra])
+        return config_from_args(args).validate()
+
+    assert parse("--architecture", '{"sliding_window": 64}').architecture == {"sliding_window": 64}
+    with pytest.raises(ConfigError, match="--architecture must be a JSON object"):
+        parse("--architecture", '["S", "F"]')
+    with pytest.raises(ConfigError, match="--architecture is not valid JSON"):
+        parse("--architecture", "{sliding_window: 64}")
 
 
 def test_a_letters_run_trains_and_exports_a_tokenizer_that_spells(tmp_path):

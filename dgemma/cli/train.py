@@ -29,6 +29,9 @@ def add_parser(sub) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--preset", choices=MODEL_PRESETS, default=d.preset,
                    help="architecture of a new model: mini (the shipped ~12M model), micro (a toy for smoke tests)")
+    g.add_argument("--architecture", default=None, metavar="JSON",
+                   help='change fields of the preset, e.g. \'{"layer_types": "SSFSSFSSFSSF", "hidden_size": 224, '
+                        '"sliding_window": 64, "sliding": {"head_dim": 56}}\' (layer_types: S sliding, F full)')
     g.add_argument("--init-from", default=None, metavar="DIR", help="fine-tune this checkpoint instead")
     g.add_argument("--vocab-size", type=int, default=d.vocab_size, help="BPE vocabulary of a new tokenizer")
     g.add_argument("--tokenizer", choices=TOKENIZER_KINDS, default=d.tokenizer,
@@ -99,21 +102,27 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def _json_object(text: str | None, option: str, shape: str) -> dict | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{option} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{option} must be a JSON object {shape}")
+    return value
+
+
 def config_from_args(args: argparse.Namespace):
     from dgemma.train.objective import ObjectiveConfig
     from dgemma.train.trainer import TrainConfig
 
-    weights = None
-    if args.family_weights:
-        try:
-            weights = json.loads(args.family_weights)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--family-weights is not valid JSON: {exc}") from None
-        if not isinstance(weights, dict):
-            raise ConfigError("--family-weights must be a JSON object {family: weight}")
+    weights = _json_object(args.family_weights, "--family-weights", "{family: weight}")
+    architecture = _json_object(args.architecture, "--architecture", "{field: value}")
     families = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else None
     return TrainConfig(
-        out_dir=args.out, preset=args.preset, init_from=args.init_from, vocab_size=args.vocab_size,
+        out_dir=args.out, preset=args.preset, architecture=architecture, init_from=args.init_from, vocab_size=args.vocab_size,
         tokenizer=args.tokenizer,
         train_examples=args.train_examples, families=families, family_weights=weights, max_length=args.max_length,
         workers=args.workers, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,

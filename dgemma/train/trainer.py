@@ -64,8 +64,9 @@ def _layers(pattern: str) -> list[str]:
     return [FULL if c == "F" else SLIDING for c in pattern]
 
 
-def model_preset(name: str, vocab_size: int, eos_token_ids: list[int]) -> ModelConfig:
-    """A training architecture; the vocabulary comes from the tokenizer.
+def model_preset(name: str, vocab_size: int, eos_token_ids: list[int], architecture: dict | None = None) -> ModelConfig:
+    """A training architecture; the vocabulary comes from the tokenizer, `architecture` changes the preset's fields
+    (`with_architecture`).
 
     mini (the shipped dgemma-mini): 8 layers of hidden 256, full attention on layers 2, 5 and 7 (every third and
     the last) and a 32-token sliding window on the others, 4 query heads (sliding: 2 KV heads of 64; full: 1 KV
@@ -76,27 +77,61 @@ def model_preset(name: str, vocab_size: int, eos_token_ids: list[int]) -> ModelC
     """
     common = dict(vocab_size=vocab_size, eos_token_id=list(eos_token_ids), pad_token_id=0, bos_token_id=2)
     if name == "mini":
-        return ModelConfig(
+        config = ModelConfig(
             hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_experts=8, top_k_experts=2,
             num_attention_heads=4, layer_types=_layers("SSFSSFSF"),
             sliding=AttentionSpec(head_dim=64, num_kv_heads=2, rope_theta=10_000.0),
             full=AttentionSpec(head_dim=128, num_kv_heads=1, rope_theta=1_000_000.0, partial_rotary_factor=0.25,
                                has_v_proj=False),
             sliding_window=32, canvas_length=32, max_position_embeddings=2048, **common,
-        ).validate()
-    if name == "micro":
-        return ModelConfig(
+        )
+    elif name == "micro":
+        config = ModelConfig(
             hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=8, top_k_experts=2,
             num_attention_heads=2, layer_types=_layers("SSF"),
             sliding=AttentionSpec(head_dim=32, num_kv_heads=1, rope_theta=10_000.0),
             full=AttentionSpec(head_dim=64, num_kv_heads=1, rope_theta=1_000_000.0, partial_rotary_factor=0.25,
                                has_v_proj=False),
             sliding_window=16, canvas_length=16, max_position_embeddings=2048, **common,
-        ).validate()
-    raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+        )
+    else:
+        raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+    return with_architecture(config, architecture or {})
 
 
 MODEL_PRESETS = ("mini", "micro")
+# ModelConfig fields an architecture may change (the vocabulary and special tokens come from the tokenizer).
+ARCHITECTURE_FIELDS = ("hidden_size", "intermediate_size", "moe_intermediate_size", "num_experts", "top_k_experts",
+                       "num_attention_heads", "layer_types", "sliding_window", "canvas_length",
+                       "max_position_embeddings", "sliding", "full")
+
+
+def with_architecture(config: ModelConfig, changes: dict) -> ModelConfig:
+    """`config` with some fields changed, validated: e.g. {"layer_types": "SSFSSFSSFSSF", "hidden_size": 224,
+    "sliding_window": 64, "sliding": {"head_dim": 56}}. layer_types is a string of S (sliding) and F (full), one
+    letter per layer; "sliding" and "full" change fields of that layer type's AttentionSpec."""
+    if not isinstance(changes, dict):
+        raise ConfigError(f"architecture must be a JSON object {{field: value}}, got {changes!r}")
+    unknown = sorted(set(changes) - set(ARCHITECTURE_FIELDS))
+    if unknown:
+        raise ConfigError(f"architecture: unknown fields {unknown}; known: {list(ARCHITECTURE_FIELDS)}")
+    fields = dict(changes)
+    if "layer_types" in fields:
+        pattern = fields["layer_types"]
+        if not isinstance(pattern, str) or not pattern or set(pattern) - {"S", "F"}:
+            raise ConfigError("architecture: layer_types must be a string of S (sliding) and F (full), one letter "
+                              f"per layer, e.g. 'SSFSSF'; got {pattern!r}")
+        fields["layer_types"] = _layers(pattern)
+    spec_fields = [f.name for f in dataclasses.fields(AttentionSpec)]
+    for kind in ("sliding", "full"):
+        if kind in fields:
+            spec = fields[kind]
+            bad = sorted(set(spec) - set(spec_fields)) if isinstance(spec, dict) else None
+            if bad is None or bad:
+                raise ConfigError(f"architecture: {kind} must be an object with fields among {spec_fields}, got "
+                                  f"{spec!r}")
+            fields[kind] = dataclasses.replace(getattr(config, kind), **spec)
+    return dataclasses.replace(config, **fields).validate()
 
 # Sampler defaults written with a new checkpoint (a sweep after training replaces the tuned ones).
 GENERATION_CONFIG = {
@@ -124,6 +159,7 @@ class TrainConfig:
 
     out_dir: str  # the exported checkpoint; the resumable state is <out_dir>.train.pt
     preset: str = "mini"  # architecture of a new model (see model_preset); ignored with init_from
+    architecture: dict | None = None  # changes to the preset's fields (with_architecture); not with init_from
     init_from: str | None = None  # fine-tune this checkpoint (keeps its architecture and tokenizer)
     vocab_size: int = 1024  # BPE vocabulary of a new tokenizer
     # "letters": every ASCII letter is its own token in a new tokenizer (tokenizer_builder.build_tokenizer), so the
@@ -192,6 +228,10 @@ class TrainConfig:
             raise ConfigError("out_dir is required: the directory the trained checkpoint is written to")
         if self.init_from is None and self.preset not in MODEL_PRESETS:
             raise ConfigError(f"preset must be one of {list(MODEL_PRESETS)}, got {self.preset!r}")
+        if self.architecture is not None:
+            if self.init_from is not None:
+                raise ConfigError("architecture changes a new model's preset; a model from init_from keeps its own")
+            model_preset(self.preset, self.vocab_size, [1], self.architecture)  # bad fields fail before any work
         positive_ints = ("vocab_size", "tokenizer_examples", "train_examples", "max_length", "batch_size",
                          "val_examples")
         for name in positive_ints:
@@ -565,7 +605,7 @@ class Trainer:
             eos = [tokenizer.eos_id] + [tokenizer.token_to_id(t) for t in ("<turn|>", "<|tool_response>")]
             if any(t is None for t in eos):
                 raise ConfigError("the tokenizer lacks the chat markers <turn|> / <|tool_response>")
-            model_config = model_preset(cfg.preset, tokenizer.vocab_size, eos)
+            model_config = model_preset(cfg.preset, tokenizer.vocab_size, eos, cfg.architecture)
             model = build_random_model(model_config, torch.float32, self.device, seed=cfg.seed,
                                        scale=InitScale(linear_std=cfg.init_std, embed_std=cfg.embed_std))
             if cfg.qk_norm_init == "unit":
