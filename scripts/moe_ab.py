@@ -8,9 +8,9 @@ variants are swapped in place (module attributes looked up at each call, so newl
     options: --batches 1,8 (graphed step), --concurrency 1,8 (engine runs, 2 x concurrency requests, at least 4)
 
 Prints the MoE piece alone at 256 to 8192 tokens (with the variants' relative difference), the graphed
-denoising step at batch 1 and 8 and the 1024-token prefill for each variant (two alternating rounds), then the
-engine's output throughput at 1 and 8 concurrent requests (`dgemma bench`'s protocol: random 1024-token prompts,
-1024 output tokens, 16 steps, EOS ignored).
+denoising step at each of --batches and the 1024-token prefill for each variant (two alternating rounds), then the
+engine's output throughput at each --concurrency (`dgemma bench`'s protocol: random 1024-token prompts, 1024 output
+tokens, 16 steps, EOS ignored).
 """
 
 from __future__ import annotations
