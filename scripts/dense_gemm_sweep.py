@@ -24,16 +24,18 @@ def mm(x, w, y, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     rm = pid_m * BM + tl.arange(0, BM); rn = pid_n * BN + tl.arange(0, BN); rk = tl.arange(0, BK)
     acc = tl.zeros((BM, BN), tl.float32)
     for k0 in range(0, K, BK):
-        a = tl.load(x + rm[:, None] * K + (k0 + rk)[None, :], mask=(rm[:, None] < M) & ((k0 + rk)[None, :] < K), other=0.)
-        b = tl.load(w + rn[None, :] * K + (k0 + rk)[:, None], mask=(rn[None, :] < N) & ((k0 + rk)[:, None] < K), other=0.)
+        kk = k0 + rk
+        a = tl.load(x + rm[:, None] * K + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.)  # [BM, BK]
+        b = tl.load(w + rn[None, :] * K + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.)  # [BK, BN]
         acc = tl.dot(a, b, acc)
-    tl.store(y + rm[:, None] * N + rn[None, :], acc.to(y.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+    out_mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(y + rm[:, None] * N + rn[None, :], acc.to(y.dtype.element_ty), mask=out_mask)
 
 def tmm(x, w, cfg):
     M, K = x.shape; N = w.shape[0]
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    mm[(triton.cdiv(N, cfg["BN"]), triton.cdiv(M, cfg["BM"]))](x, w, y, M, N, K, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
-        num_warps=cfg["w"], num_stages=cfg["s"])
+    mm[(triton.cdiv(N, cfg["BN"]), triton.cdiv(M, cfg["BM"]))](
+        x, w, y, M, N, K, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], num_warps=cfg["w"], num_stages=cfg["s"])
     return y
 
 def gbench(fn, L):
@@ -72,7 +74,9 @@ for name, (N, K) in shapes.items():
             continue
         if t < best[0]:
             best = (t, cfg)
-    err = ((tmm(x, ws[0], best[1]).float() - F.linear(x, ws[0]).float()).norm() / F.linear(x, ws[0]).float().norm()).item()
+    ref = F.linear(x, ws[0]).float()
+    err = ((tmm(x, ws[0], best[1]).float() - ref).norm() / ref.norm()).item()
     ws.clear()
     torch.cuda.empty_cache()
-    print(f"M={M} {name:12s} N={N} K={K}: floor {floor:.1f} us, cuBLAS {tc:.1f} us, triton {best[0]:.1f} us {best[1]} err {err:.1e}", flush=True)
+    print(f"M={M} {name:12s} N={N} K={K}: floor {floor:.1f} us, cuBLAS {tc:.1f} us, triton {best[0]:.1f} us "
+          f"{best[1]} err {err:.1e}", flush=True)

@@ -1,9 +1,8 @@
 """Time the fused Triton MoE kernels against torch._grouped_mm on the 26b-a4b expert shapes, and sweep tiles.
 
 python scripts/moe_kernel_sweep.py [--quick | --splits] [--sizes 256,512,1024,2048]  (needs a Hopper GPU). Also
-times the
-fused q/k norm+RoPE kernel. Without --quick it sweeps both kernels' tiles (rows per pass included) at every size:
-several minutes a size. Rows per pass go up to 256: at 2048 tokens (8 canvases) experts get 128 assignments on
+times the fused q/k norm+RoPE kernel. Without --quick it sweeps both kernels' tiles (rows per pass included) at every
+size: several minutes a size. Rows per pass go up to 256: at 2048 tokens (8 canvases) experts get 128 assignments on
 average and about half get more, so 128-row tiles stream those experts' weights twice.
 --splits times only the tiles in use with 64 or 128 rows per pass and 1 to 4 programs per expert (M_SPLITS), the
 sweep behind moe_tiles.LARGE_TILES' splits (seconds a size; e.g. --splits --sizes 2048,4096,8192).
@@ -53,7 +52,6 @@ def main() -> None:
     gu = [torch.randn(E, 2 * I, H, device=dev, dtype=dt) * 0.02 for _ in range(layers)]
     dn = [torch.randn(E, H, I, device=dev, dtype=dt) * 0.02 for _ in range(layers)]
     nbytes = gu[0].numel() * 2 + dn[0].numel() * 2
-    quick = args.quick
     for n in [int(v) for v in args.sizes.split(",")]:
         x = torch.randn(n, H, device=dev, dtype=dt)
         probs = torch.randn(n, E, device=dev).softmax(-1)
@@ -79,8 +77,7 @@ def main() -> None:
               f"({nbytes/t_f/1e9:.2f} TB/s), rel err {err:.2e}", flush=True)
         if args.splits:
             sweep_splits(run_fused, n)
-            continue
-        if quick:
+        if args.quick or args.splits:
             continue
         # Tiles are swept per size, rows per pass (BLOCK_M) included: busier experts want taller tiles.
         best = (t_f, None)

@@ -122,8 +122,8 @@ def config_from_args(args: argparse.Namespace):
     architecture = _json_object(args.architecture, "--architecture", "{field: value}")
     families = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else None
     return TrainConfig(
-        out_dir=args.out, preset=args.preset, architecture=architecture, init_from=args.init_from, vocab_size=args.vocab_size,
-        tokenizer=args.tokenizer,
+        out_dir=args.out, preset=args.preset, architecture=architecture, init_from=args.init_from,
+        vocab_size=args.vocab_size, tokenizer=args.tokenizer,
         train_examples=args.train_examples, families=families, family_weights=weights, max_length=args.max_length,
         workers=args.workers, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
         max_steps=args.max_steps,

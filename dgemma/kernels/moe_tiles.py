@@ -11,8 +11,9 @@ DOWN_TILE = dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
 # (2026-11-27, one layer's 26b-a4b experts, bf16): 1024 tokens (64 per expert) 691 us vs 821 us for
 # torch._grouped_mm; 2048 tokens (128 per expert) 970 vs 1117 us. Outputs equal to _grouped_mm's.
 # From 128 per expert on, many experts need several 128-row passes; M_SPLITS programs launched side by side take
-# them in turn instead of one program running them all (the expert's weights stay in L2 between them). `scripts/moe_kernel_sweep.py --splits`
-# on one H100 (2026-11-27; the N/K tiles below, 128 rows per pass, both kernels of one layer):
+# them in turn instead of one program running them all (the expert's weights stay in L2 between them).
+# `scripts/moe_kernel_sweep.py --splits` on one H100 (2026-11-27; the N/K tiles below, 128 rows per pass, both
+# kernels of one layer):
 #   2048 tokens (128 per expert): M_SPLITS 2 817 us vs 1057 us for 1 (and 1247 us for torch._grouped_mm)
 #   4096 tokens (256 per expert): M_SPLITS 3 1214 us vs 1667 us for torch._grouped_mm
 #   8192 tokens (512 per expert): M_SPLITS 4 2412 us vs 2837 us for torch._grouped_mm

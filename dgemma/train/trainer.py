@@ -126,8 +126,7 @@ def with_architecture(config: ModelConfig, changes: dict) -> ModelConfig:
     for kind in ("sliding", "full"):
         if kind in fields:
             spec = fields[kind]
-            bad = sorted(set(spec) - set(spec_fields)) if isinstance(spec, dict) else None
-            if bad is None or bad:
+            if not isinstance(spec, dict) or set(spec) - set(spec_fields):
                 raise ConfigError(f"architecture: {kind} must be an object with fields among {spec_fields}, got "
                                   f"{spec!r}")
             fields[kind] = dataclasses.replace(getattr(config, kind), **spec)
