@@ -80,6 +80,7 @@ class LLM:
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         generation_config: str | Path | None = None,
+        quantization: str | None = None,  # "fp8": the experts' weights in float8 (dgemma.model.fp8)
     ):
         device = torch.device(device or default_device())
         dtype = parse_dtype(dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -87,7 +88,7 @@ class LLM:
             from dgemma.default_model import default_model_path
 
             model = default_model_path()
-        net, path, self.load_report = load_model(model, dtype, device)
+        net, path, self.load_report = load_model(model, dtype, device, quantization)
         self.path = path
         gen_path = Path(generation_config) if generation_config else path / "generation_config.json"
         self._setup(net, _load_tokenizer(path), _read_generation_config(gen_path, required=bool(generation_config)))

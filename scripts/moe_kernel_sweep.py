@@ -6,6 +6,8 @@ size: several minutes a size. Rows per pass go up to 256: at 2048 tokens (8 canv
 average and about half get more, so 128-row tiles stream those experts' weights twice.
 --splits times only the tiles in use with 64 or 128 rows per pass and 1 to 4 programs per expert (M_SPLITS), the
 sweep behind moe_tiles.LARGE_TILES' splits (seconds a size; e.g. --splits --sizes 2048,4096,8192).
+--fp8 times the kernels on FP8 weights (dgemma.model.fp8) against the same weights in bf16, with a short list of
+FP8 tiles for each kernel (the sweep behind moe_tiles.FP8_*_TILE; e.g. --fp8 --sizes 256,2048).
 """
 
 from __future__ import annotations
@@ -41,13 +43,93 @@ def sweep_splits(run_fused, n: int) -> None:
         print(f"  BLOCK_M {bm} M_SPLITS {splits}: {t*1e3:.0f} us", flush=True)
 
 
+# (BLOCK_N, BLOCK_K, num_warps, num_stages): one-byte weights want about twice the K of the bf16 tiles per load.
+FP8_GATE_UP_CANDIDATES = [(64, 256, 4, 4), (64, 128, 4, 4), (32, 256, 4, 4), (128, 128, 4, 4), (64, 256, 8, 3),
+                          (128, 256, 8, 3), (32, 512, 4, 3), (64, 256, 4, 5)]
+# Busier experts (more than 32 assignments each): rows per pass and programs per expert as moe_tiles gives them.
+FP8_LARGE_CANDIDATES = [(64, 64, 8, 3), (64, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3),
+                        (128, 128, 8, 4), (256, 64, 8, 3)]
+FP8_DOWN_CANDIDATES = [(128, 128, 4, 4), (128, 64, 4, 4), (64, 256, 4, 4), (256, 128, 8, 3), (128, 256, 8, 3),
+                       (64, 128, 4, 4), (128, 128, 8, 4), (256, 64, 8, 4)]
+
+
+def sweep_fp8(sizes: list[int], best_out: str | None = None) -> None:
+    from dgemma.model.fp8 import dequantize_rows, quantize_rows
+
+    layers = 3
+    gu = [torch.randn(E, 2 * I, H, device=dev, dtype=dt) * 0.02 for _ in range(layers)]
+    dn = [torch.randn(E, H, I, device=dev, dtype=dt) * 0.02 for _ in range(layers)]
+    q = [(quantize_rows(g), quantize_rows(d)) for g, d in zip(gu, dn)]
+    bytes_bf16 = (gu[0].numel() + dn[0].numel()) * 2
+    bytes_fp8 = bytes_bf16 // 2 + (E * 2 * I + E * H) * 4
+    bests = {}
+    for n in sizes:
+        x = torch.randn(n, H, device=dev, dtype=dt)
+        w, ex = torch.topk(torch.randn(n, E, device=dev).softmax(-1), K)
+        w = w / w.sum(-1, keepdim=True)
+        (g8, gs), (d8, ds) = q[0]
+        ref = experts_grouped(x, w, ex, dequantize_rows(g8, gs, dt), dequantize_rows(d8, ds, dt)).float()
+        err = lambda out: ((out.float() - ref).norm() / ref.norm()).item()  # noqa: E731
+        i = [0]
+
+        def run_bf16():
+            i[0] = (i[0] + 1) % layers
+            fm.fused_moe_triton(x, w, ex, gu[i[0]], dn[i[0]])
+
+        def run_fp8(t1=None, t2=None):
+            i[0] = (i[0] + 1) % layers
+            (g8, gs), (d8, ds) = q[i[0]]
+            return fm.fused_moe_triton(x, w, ex, g8, d8, t1, t2, scales=(gs, ds))
+
+        t_b, t_8 = bench(run_bf16), bench(run_fp8)
+        i[0] = layers - 1  # the next run_fp8 reads layer 0, the reference's weights
+        print(f"N={n}: bf16 fused {t_b*1e3:.0f} us ({bytes_bf16/t_b/1e9:.2f} TB/s), fp8 fused {t_8*1e3:.0f} us "
+              f"({bytes_fp8/t_8/1e9:.2f} TB/s of fp8 bytes), rel err vs dequantized {err(run_fp8()):.2e}", flush=True)
+        large = n * K / E > 32
+        default_up, default_down = tiles_for(n * K, E, fp8=True)
+        rows = {k: v for k, v in default_up.items() if k in ("BLOCK_M", "M_SPLITS")}  # large loads keep these
+        best_up = (t_8, None)
+        for bn, bk, nw, ns in FP8_LARGE_CANDIDATES if large else FP8_GATE_UP_CANDIDATES:
+            t1 = dict(rows, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+            try:
+                t = bench(lambda: run_fp8(t1, None))
+            except Exception as exc:  # out of shared memory etc.
+                print("  gate_up", t1, "failed", type(exc).__name__)
+                continue
+            print(f"  gate_up {t1}: {t*1e3:.0f} us", flush=True)
+            best_up = min(best_up, (t, t1), key=lambda r: r[0])
+        best_down = (best_up[0], None)
+        for bn, bk, nw, ns in FP8_LARGE_CANDIDATES + [(256, 64, 8, 4)] if large else FP8_DOWN_CANDIDATES:
+            t2 = dict(rows, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+            try:
+                t = bench(lambda: run_fp8(best_up[1], t2))
+            except Exception as exc:
+                print("  down", t2, "failed", type(exc).__name__)
+                continue
+            print(f"  down {t2}: {t*1e3:.0f} us", flush=True)
+            best_down = min(best_down, (t, t2), key=lambda r: r[0])
+        print(f"  fp8 best: {best_down[0]*1e3:.0f} us with gate_up {best_up[1]} and down {best_down[1]} "
+              "(None: the default)", flush=True)
+        if best_out:  # for scripts/fp8_ab.py --fp8-tiles: the best tiles of each size
+            import json
+
+            bests[n] = {"gate_up": best_up[1], "down": best_down[1]}
+            with open(best_out, "w") as f:
+                json.dump(bests, f)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="time the default tiles only")
     p.add_argument("--splits", action="store_true", help="time rows per pass x programs per expert only")
+    p.add_argument("--fp8", action="store_true", help="FP8 weights against bf16, and a short FP8 tile sweep")
+    p.add_argument("--best-out", default=None, help="with --fp8: write the best small-load tiles to this JSON file")
     p.add_argument("--sizes", default="256,512,1024,2048", help="token counts (x top-8 assignments)")
     args = p.parse_args()
     torch.manual_seed(0)
+    if args.fp8:
+        sweep_fp8([int(v) for v in args.sizes.split(",")], args.best_out)
+        return
     layers = 3  # rotate over 3 layers' weights so nothing stays in L2
     gu = [torch.randn(E, 2 * I, H, device=dev, dtype=dt) * 0.02 for _ in range(layers)]
     dn = [torch.randn(E, H, I, device=dev, dtype=dt) * 0.02 for _ in range(layers)]

@@ -55,7 +55,8 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
 
 
 def weight_bytes(model: DiffusionGemma) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of every parameter and buffer (FP8 weights count one byte each, their scales four)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
 def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:

@@ -21,6 +21,8 @@ from dgemma.checkpoint.layout import TIED_DUPLICATE, checkpoint_tensors, is_visi
 from dgemma.config import ModelConfig
 from dgemma.errors import CheckpointError, ConfigError
 from dgemma.model.diffusion_gemma import DiffusionGemma
+from dgemma.model.fp8 import check_quantization
+from dgemma.model.moe import Experts
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +136,7 @@ def check_safetensors(file: Path) -> dict[str, dict]:
     return header
 
 
-def _assign(model: DiffusionGemma, param_name: str, tensor: torch.Tensor) -> None:
+def _assign(model: DiffusionGemma, param_name: str, tensor: torch.Tensor, quantization: str | None = None) -> None:
     if param_name.startswith("encoder_layer_scalars["):
         layer = int(param_name[len("encoder_layer_scalars[") : -1])
         model.encoder_layer_scalars.data[layer] = tensor.reshape(())
@@ -142,9 +144,12 @@ def _assign(model: DiffusionGemma, param_name: str, tensor: torch.Tensor) -> Non
     module_name, _, attr = param_name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     setattr(module, attr, torch.nn.Parameter(tensor, requires_grad=False))
+    if quantization == "fp8" and isinstance(module, Experts):
+        module.quantize_fp8((attr,))  # now, so only one expert tensor is ever held at full precision
 
 
-def load_weights(model: DiffusionGemma, path: Path, dtype: torch.dtype, device: torch.device) -> LoadReport:
+def load_weights(model: DiffusionGemma, path: Path, dtype: torch.dtype, device: torch.device,
+                 quantization: str | None = None) -> LoadReport:
     expected = checkpoint_tensors(model)
     files = weight_files(path)
     report = LoadReport()
@@ -185,10 +190,11 @@ def load_weights(model: DiffusionGemma, path: Path, dtype: torch.dtype, device: 
                 if not tensor.is_floating_point():
                     raise CheckpointError(f"{file}: tensor {name} has dtype {tensor.dtype}, expected floating point")
                 tensor = tensor.to(device=device, dtype=dtype)
-                _assign(model, param_name, tensor)
+                _assign(model, param_name, tensor, quantization)
                 seen.add(name)
                 report.tensors_loaded += 1
-                report.weight_bytes += tensor.numel() * tensor.element_size()
+                stored = model.get_parameter(param_name) if "[" not in param_name else tensor
+                report.weight_bytes += stored.numel() * stored.element_size()
     missing = [name for name in expected if name not in seen]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
@@ -202,17 +208,20 @@ def load_weights(model: DiffusionGemma, path: Path, dtype: torch.dtype, device: 
 
 
 def load_model(
-    model: str | os.PathLike, dtype: str | torch.dtype = "bfloat16", device: str | torch.device = "cpu"
+    model: str | os.PathLike, dtype: str | torch.dtype = "bfloat16", device: str | torch.device = "cpu",
+    quantization: str | None = None,
 ) -> tuple[DiffusionGemma, Path, LoadReport]:
-    """Build the model from a checkpoint directory or hub id; returns (model in eval mode, local path, report)."""
+    """Build the model from a checkpoint directory or hub id; returns (model in eval mode, local path, report).
+    `quantization="fp8"` stores the routed experts' weights in float8 as they load (`dgemma.model.fp8`)."""
     dtype = parse_dtype(dtype)
     device = torch.device(device)
+    quantization = check_quantization(quantization)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' was requested but CUDA is not available on this machine")
     path = resolve_model_path(model)
     config = load_config(path)
     with torch.device("meta"):
         net = DiffusionGemma(config)
-    report = load_weights(net, path, dtype, device)
+    report = load_weights(net, path, dtype, device, quantization)
     net.reset_buffers(device)
     return net.eval(), path, report

@@ -23,6 +23,7 @@ from dgemma.checkpoint.loader import _assign, parse_dtype
 from dgemma.config import FULL, SLIDING, AttentionSpec, ModelConfig
 from dgemma.errors import CheckpointError, ConfigError
 from dgemma.model.diffusion_gemma import DiffusionGemma
+from dgemma.model.fp8 import check_quantization
 
 
 def _layer_types(n: int) -> list[str]:
@@ -107,10 +108,12 @@ def random_tensors(
 
 def build_random_model(
     config: ModelConfig | str, dtype: str | torch.dtype = "bfloat16", device: str | torch.device = "cpu",
-    seed: int = 0, scale: InitScale | None = None,
+    seed: int = 0, scale: InitScale | None = None, quantization: str | None = None,
 ) -> DiffusionGemma:
-    """A random-weight model materialised tensor by tensor on `device` (no file, one copy of the weights)."""
+    """A random-weight model materialised tensor by tensor on `device` (no file, one copy of the weights);
+    `quantization="fp8"`: the experts' weights in float8, as `load_model` stores them."""
     config = preset(config) if isinstance(config, str) else config.validate()
+    quantization = check_quantization(quantization)
     dtype, device = parse_dtype(dtype), torch.device(device)
     with torch.device("meta"):
         model = DiffusionGemma(config)
@@ -118,7 +121,7 @@ def build_random_model(
     model.encoder_layer_scalars = torch.nn.Parameter(torch.ones(config.num_layers, dtype=dtype, device=device),
                                                      requires_grad=False)
     for name, tensor in random_tensors(config, seed, dtype, device, scale):
-        _assign(model, layout[name][0], tensor)
+        _assign(model, layout[name][0], tensor, quantization)
     model.reset_buffers(device)
     return model.eval()
 

@@ -11,6 +11,10 @@ from datetime import date
 import torch
 
 
+from dgemma.cli.options import add_quantization_arg
+from dgemma.errors import ConfigError
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "bench",
@@ -26,6 +30,7 @@ def add_parser(sub) -> None:
     p.add_argument("--preset", default="26b-a4b", help="preset for --random-weights (tiny, 26b-a4b)")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None, help="default: cuda if available")
+    add_quantization_arg(p)
     p.add_argument("--mode", choices=["diffusion", "ar", "both"], default="both",
                    help="diffusion: block diffusion; ar: token-by-token decoding with the same weights")
     p.add_argument("--batch-sizes", default="1,2,4,8,16,32", help="decoder step latency at these batch sizes")
@@ -63,20 +68,24 @@ def run(args: argparse.Namespace) -> int:
     dtype = parse_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     skip = set(args.skip.split(",")) - {""}
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    quantization = None if args.quantization == "none" else args.quantization
+    if quantization and args.compare_reference:
+        raise ConfigError("--compare-reference runs the transformers reference on the same weight tensors, which "
+                          "it cannot read in fp8: run it without --quantization")
 
     start = time.perf_counter()
     if args.model:
-        model, _, _ = load_model(args.model, dtype, device)
+        model, _, _ = load_model(args.model, dtype, device, quantization)
         source = args.model
     else:
-        model = build_random_model(args.preset, dtype, device, seed=args.seed)
+        model = build_random_model(args.preset, dtype, device, seed=args.seed, quantization=quantization)
         source = f"random weights, preset {args.preset}"
     model.pack_projections()  # as dgemma.llm.LLM runs it
     log(f"model ready in {time.perf_counter() - start:.1f} s ({source})")
     cfg = model.config
     res: dict = {
         "date": date.today().isoformat(), "command": "dgemma " + " ".join(sys.argv[1:]),
-        "model": source, "dtype": str(dtype).replace("torch.", ""),
+        "model": source, "dtype": str(dtype).replace("torch.", ""), "quantization": quantization or "none",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "fuse_canvas_encode": args.fuse_canvas_encode,
     }
@@ -143,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
 
 def print_table(res: dict) -> None:
     out = sys.stdout
-    out.write(f"\ndgemma bench | {res['device']} | {res['model']} | {res['dtype']} | torch {res['torch']}\n")
+    experts = f" | experts {res['quantization']}" if res.get("quantization", "none") != "none" else ""
+    out.write(f"\ndgemma bench | {res['device']} | {res['model']} | {res['dtype']}{experts} | torch {res['torch']}\n")
     out.write(f"copy bandwidth {res['copy_bandwidth_gbps']:.0f} GB/s | weights {res['weight_gb']:.2f} GB | "
               f"step floor {res['step_floor_ms']:.2f} ms\n")
     if "decoder_step_ms" in res:

@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--threads must be positive, got {args.threads}")
         torch.set_num_threads(args.threads)
     families = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else None
-    llm = LLM(args.model, dtype=dtype_arg(args.dtype), device=args.device, generation_config=args.generation_config)
+    llm = LLM(args.model, dtype=dtype_arg(args.dtype), device=args.device, generation_config=args.generation_config,
+              quantization=args.quantization)
     seed = args.seed if args.seed is not None else 0
     examples = ev.heldout(seed, args.n, families)
     params = llm.params(**sampling_overrides(args))

@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     from dgemma.llm import LLM
 
     messages, tools = conversation(args)
-    llm = LLM(args.model, dtype=dtype_arg(args.dtype), device=args.device, generation_config=args.generation_config)
+    llm = LLM(args.model, dtype=dtype_arg(args.dtype), device=args.device, generation_config=args.generation_config,
+              quantization=args.quantization)
     params = llm.params(**sampling_overrides(args))
     skip = not args.keep_special_tokens
     if messages is None:

@@ -18,6 +18,14 @@ def add_model_args(parser: argparse.ArgumentParser, positional: bool = False) ->
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument("--generation-config", default=None, metavar="FILE",
                         help="generation_config.json to use for defaults instead of the checkpoint's")
+    add_quantization_arg(parser)
+
+
+def add_quantization_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantization", choices=["none", "fp8"], default="none",
+                        help="fp8: store the routed experts' weights in float8 (e4m3, a scale per row) as they load: "
+                             "about half the weight bytes of a full-size model; attention, dense MLP and LM head "
+                             "keep --dtype (default: none)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:

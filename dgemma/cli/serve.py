@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port < 65536:
         raise ConfigError(f"--port must be in [0, 65536), got {args.port}")
 
-    llm = LLM(args.model, dtype=dtype_arg(args.dtype), device=args.device, generation_config=args.generation_config)
+    llm = LLM(args.model, dtype=dtype_arg(args.dtype), device=args.device, generation_config=args.generation_config,
+              quantization=args.quantization)
     tokenizer = llm.require_tokenizer()
     cfg = llm.config
     max_model_len = args.max_model_len or min(cfg.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
@@ -128,8 +129,9 @@ def run(args: argparse.Namespace) -> int:
     ))
     app = build_app(serving, async_engine, metrics, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
 
-    log.info("model %s (%s, %s on %s), served as %s", llm.path, type(llm.model).__name__, llm.model.dtype,
-             llm.model.device, ", ".join(names))
+    experts = ", experts in fp8" if args.quantization == "fp8" else ""
+    log.info("model %s (%s, %s%s on %s), served as %s", llm.path, type(llm.model).__name__, llm.model.dtype,
+             experts, llm.model.device, ", ".join(names))
     log.info("max_model_len %d, canvas %d, max_num_seqs %d, max_queue_len %d, max_num_batched_tokens %d, "
              "KV cache %.1f MiB", max_model_len, cfg.canvas_length, args.max_num_seqs, args.max_queue_len,
              args.max_num_batched_tokens, engine.cache.nbytes / 2**20)

@@ -22,8 +22,14 @@ product: results agree with torch._grouped_mm within bf16 tolerance, not bit for
 Measured (scripts/moe_kernel_sweep.py, H200, one layer's 26b-a4b experts, bf16, 2026-11-27): 256 tokens 505 us
 (3.01 TB/s) vs 661 us for experts_grouped; 512 tokens 507 vs 681 us. With the small-load tiles it lost from 1024
 tokens on (841 vs 815 us); 128-row tiles for busier experts (`moe_tiles.py`) win there too: 1024 tokens 691 vs
-821 us, 2048 tokens 970 vs 1117 us. `dgemma.model.moe.use_fused_moe` routes inference calls of up to 128
-assignments per expert (batches of up to 8 canvases) here.
+821 us, 2048 tokens 970 vs 1117 us. `dgemma.model.moe.use_fused_moe` routes inference calls of up to 512
+assignments per expert (batches of up to 32 canvases) here.
+
+FP8 weights (`dgemma.model.fp8`, `scales=`): each weight tile is loaded in one byte per weight, widened to the
+activations' dtype in registers (exact: every e4m3 number is a bf16 and an fp16 number), and the float32 sums are
+multiplied by the output rows' scales before the usual rounding. At a batch-1 step this reads half the bytes: one
+layer's experts at 256 tokens 361 us against 570 us in bf16 (H100). With busier experts the widening costs more
+than the bytes save (2048 tokens: 1074 vs 843 us), see moe_tiles.py.
 
 The Triton interpreter (TRITON_INTERPRET=1) runs these kernels on a CPU in float16 and float32 only: it
 multiplies bfloat16 tiles as their raw 16-bit integers in `tl.dot`, so bfloat16 is checked on a GPU.
@@ -47,9 +53,9 @@ def _gelu_tanh(x):
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w_ptr, token_ptr, ends_ptr, out_ptr, H, I, BLOCK_M: tl.constexpr,
+def _gate_up_kernel(x_ptr, w_ptr, scale_ptr, token_ptr, ends_ptr, out_ptr, H, I, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                    M_SPLITS: tl.constexpr):
+                    M_SPLITS: tl.constexpr, SCALED: tl.constexpr):
     split = tl.program_id(0)
     e = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -62,6 +68,9 @@ def _gate_up_kernel(x_ptr, w_ptr, token_ptr, ends_ptr, out_ptr, H, I, BLOCK_M: t
     w_gate = w_ptr + e.to(tl.int64) * 2 * I * H + offs_n[None, :].to(tl.int64) * H + offs_k[:, None]
     w_up = w_gate + I * H
     dtype = out_ptr.dtype.element_ty
+    if SCALED:  # FP8 weights: one scale per output row of gate and of up, applied to the float32 sums
+        scale_gate = tl.load(scale_ptr + e * 2 * I + offs_n, mask=n_mask, other=0.0)
+        scale_up = tl.load(scale_ptr + e * 2 * I + I + offs_n, mask=n_mask, other=0.0)
     for m0 in range(start + split * BLOCK_M, end, BLOCK_M * M_SPLITS):
         rows = m0 + tl.arange(0, BLOCK_M)
         r_mask = rows < end
@@ -83,8 +92,14 @@ def _gate_up_kernel(x_ptr, w_ptr, token_ptr, ends_ptr, out_ptr, H, I, BLOCK_M: t
                 a = tl.load(a_ptrs + k0, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
                 wg = tl.load(w_gate + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
                 wu = tl.load(w_up + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if SCALED:  # widen float8 to the activations' dtype: exact (e4m3 values are bf16 and fp16 values)
+                wg = wg.to(dtype)
+                wu = wu.to(dtype)
             acc_g = tl.dot(a, wg, acc_g)
             acc_u = tl.dot(a, wu, acc_u)
+        if SCALED:
+            acc_g = acc_g * scale_gate[None, :]
+            acc_u = acc_u * scale_up[None, :]
         gate = acc_g.to(dtype).to(tl.float32)
         up = acc_u.to(dtype).to(tl.float32)
         h = (_gelu_tanh(gate).to(dtype).to(tl.float32) * up).to(dtype)
@@ -93,8 +108,9 @@ def _gate_up_kernel(x_ptr, w_ptr, token_ptr, ends_ptr, out_ptr, H, I, BLOCK_M: t
 
 
 @triton.jit
-def _down_kernel(h_ptr, w_ptr, dest_ptr, ends_ptr, out_ptr, H, I, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, M_SPLITS: tl.constexpr):
+def _down_kernel(h_ptr, w_ptr, scale_ptr, dest_ptr, ends_ptr, out_ptr, H, I, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                 M_SPLITS: tl.constexpr, SCALED: tl.constexpr):
     split = tl.program_id(0)
     e = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -104,6 +120,9 @@ def _down_kernel(h_ptr, w_ptr, dest_ptr, ends_ptr, out_ptr, H, I, BLOCK_M: tl.co
     offs_k = tl.arange(0, BLOCK_K)  # within I
     n_mask = offs_n < H
     w_ptrs = w_ptr + e.to(tl.int64) * H * I + offs_n[None, :].to(tl.int64) * I + offs_k[:, None]  # [BK, BN]
+    dtype = h_ptr.dtype.element_ty
+    if SCALED:
+        scale = tl.load(scale_ptr + e * H + offs_n, mask=n_mask, other=0.0)
     for m0 in range(start + split * BLOCK_M, end, BLOCK_M * M_SPLITS):
         rows = m0 + tl.arange(0, BLOCK_M)
         r_mask = rows < end
@@ -120,7 +139,11 @@ def _down_kernel(h_ptr, w_ptr, dest_ptr, ends_ptr, out_ptr, H, I, BLOCK_M: tl.co
                 k_mask = (k0 + offs_k) < I
                 a = tl.load(a_ptrs + k0, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
                 w = tl.load(w_ptrs + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if SCALED:
+                w = w.to(dtype)
             acc = tl.dot(a, w, acc)
+        if SCALED:
+            acc = acc * scale[None, :]
         dest = tl.load(dest_ptr + rows, mask=r_mask, other=0).to(tl.int64)
         tl.store(out_ptr + dest[:, None] * H + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=r_mask[:, None] & n_mask[None, :])
@@ -177,8 +200,10 @@ def fused_moe_triton(
     down: torch.Tensor,  # [E, H, I]
     tile_gate_up: dict | None = None,
     tile_down: dict | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,  # FP8 weights: per-row scales [E, 2I] and [E, H]
 ) -> torch.Tensor:
-    """Same result as `dgemma.model.moe.experts_grouped` (within bf16 rounding): [N, H] in x's dtype."""
+    """Same result as `dgemma.model.moe.experts_grouped` (within bf16 rounding): [N, H] in x's dtype. With
+    `scales`, gate_up and down are `dgemma.model.fp8` weights (float8 e4m3, or any float dtype) times those scales."""
     n_tokens, hidden = x.shape
     num_experts, two_i, h2 = gate_up.shape
     inter = two_i // 2
@@ -188,27 +213,35 @@ def fused_moe_triton(
     if weights.shape != experts.shape or experts.shape[0] != n_tokens:
         raise ValueError(f"fused_moe routing must be [{n_tokens}, K], got {tuple(weights.shape)}, "
                          f"{tuple(experts.shape)}")
-    if not (x.dtype == gate_up.dtype == down.dtype):
+    if scales is None and not (x.dtype == gate_up.dtype == down.dtype):
         raise ValueError(f"fused_moe needs one dtype, got x {x.dtype}, gate_up {gate_up.dtype}, down {down.dtype}")
+    if scales is not None and (scales[0].shape != (num_experts, two_i) or scales[1].shape != (num_experts, hidden)
+                               or gate_up.dtype != down.dtype):
+        raise ValueError(f"fused_moe FP8 scales must be [{num_experts}, {two_i}] and [{num_experts}, {hidden}] for "
+                         f"weights of one dtype, got {[tuple(s.shape) for s in scales]}, {gate_up.dtype}, {down.dtype}")
     if not (x.is_contiguous() and gate_up.is_contiguous() and down.is_contiguous()):
         raise ValueError("fused_moe needs contiguous x, gate_up and down")
+    scaled = scales is not None
+    gate_up_scale, down_scale = (s.float().contiguous() for s in scales) if scaled else (gate_up, down)  # unread
     order, token_of, ends = group_by_expert_triton(experts, num_experts)  # ends: [E] group ends, on the device
     assignments = order.numel()
     block_m = _block_m(assignments, num_experts)
 
     hidden_act = torch.empty((assignments, inter), dtype=x.dtype, device=x.device)  # expert-sorted
-    default_gate_up, default_down = tiles_for(assignments, num_experts)
+    default_gate_up, default_down = tiles_for(assignments, num_experts, fp8=gate_up.element_size() == 1)
     t1 = _fit(tile_gate_up or default_gate_up, inter, hidden)
     bm1 = t1.pop("BLOCK_M", block_m)  # a tile may fix its rows per pass (tile sweeps)
     s1 = t1.pop("M_SPLITS", 1)
     _gate_up_kernel[(s1, num_experts, triton.cdiv(inter, t1["BLOCK_N"]))](
-        x, gate_up, token_of, ends, hidden_act, hidden, inter, BLOCK_M=bm1, M_SPLITS=s1,
+        x, gate_up, gate_up_scale, token_of, ends, hidden_act, hidden, inter, BLOCK_M=bm1, M_SPLITS=s1,
+        SCALED=scaled,
         EVEN_N=inter % t1["BLOCK_N"] == 0, EVEN_K=hidden % t1["BLOCK_K"] == 0, **t1)
     out = torch.empty((assignments, hidden), dtype=x.dtype, device=x.device)  # token-major
     t2 = _fit(tile_down or default_down, hidden, inter)
     bm2 = t2.pop("BLOCK_M", block_m)
     s2 = t2.pop("M_SPLITS", 1)
     _down_kernel[(s2, num_experts, triton.cdiv(hidden, t2["BLOCK_N"]))](
-        hidden_act, down, order, ends, out, hidden, inter, BLOCK_M=bm2, M_SPLITS=s2,
+        hidden_act, down, down_scale, order, ends, out, hidden, inter, BLOCK_M=bm2, M_SPLITS=s2,
+        SCALED=scaled,
         EVEN_N=hidden % t2["BLOCK_N"] == 0, EVEN_K=inter % t2["BLOCK_K"] == 0, **t2)
     return combine_triton(out, weights)  # deterministic, float32 accumulation (as `combine` on CUDA)

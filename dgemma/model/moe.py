@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dgemma.model.fp8 import FP8, dequantize_rows, quantize_rows
 from dgemma.model.layers import rms_norm
 
 
@@ -132,16 +133,23 @@ def use_fused_moe(
     Only devices, dtypes, shapes and the grad mode decide (never tensor values): the choice costs no host sync,
     and a captured CUDA graph, whose shapes are fixed, keeps the choice it was captured with. The kernel has no
     backward, so it serves inference only. `kernel_devices` are the device types that run Triton kernels: a CPU
-    runs them only under TRITON_INTERPRET=1, which tests use.
+    runs them only under TRITON_INTERPRET=1, which tests use. FP8 weights (`dgemma.model.fp8`) need a GPU that
+    converts float8 in registers (compute capability 8.9: Ada, Hopper and later).
     """
     n_tokens, k = experts.shape
     return (
         x.device.type in kernel_devices
         and x.dtype in (torch.bfloat16, torch.float16)
-        and gate_up.dtype == x.dtype
+        and (gate_up.dtype == x.dtype or (gate_up.dtype == FP8 and fp8_kernel_supported(x.device)))
         and not torch.is_grad_enabled()
         and n_tokens * k <= FUSED_MOE_MAX_ASSIGNMENTS_PER_EXPERT * gate_up.shape[0]
     )
+
+
+@functools.lru_cache(maxsize=None)
+def fp8_kernel_supported(device: torch.device) -> bool:
+    """Whether Triton can widen float8 e4m3 tiles on this device (CPUs: the interpreter can)."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 @functools.lru_cache(maxsize=None)
@@ -165,14 +173,34 @@ class Experts(nn.Module):
         # Device types that may run the Triton kernel: () forces the torch path (tests compare the two), and
         # tests add "cpu" under TRITON_INTERPRET=1.
         self.kernel_devices = kernel_devices
+        # With FP8 weights (`quantize_fp8`): one float32 scale per output row, [E, 2I] and [E, H]. Buffers, not
+        # parameters: the checkpoint layout stays the same, and `.to(device)` moves them with the weights.
+        self.register_buffer("gate_up_scale", None, persistent=False)
+        self.register_buffer("down_scale", None, persistent=False)
+
+    @property
+    def quantized(self) -> bool:
+        return self.gate_up_scale is not None
+
+    def quantize_fp8(self, names: tuple[str, ...] = ("gate_up_proj", "down_proj")) -> None:
+        """Store these weights as float8 e4m3 with per-row scales (`dgemma.model.fp8`); inference only. The loader
+        calls it tensor by tensor, so a full-size model never holds both copies of more than one tensor."""
+        for name in names:
+            w8, scale = quantize_rows(getattr(self, name).data)
+            setattr(self, name, nn.Parameter(w8, requires_grad=False))
+            setattr(self, name.replace("_proj", "_scale"), scale)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         # x: [N, H]; weights, experts: [N, K]
-        if use_fused_moe(x, experts, self.gate_up_proj, self.kernel_devices):
+        gate_up, down = self.gate_up_proj, self.down_proj  # [E, 2I, H], [E, H, I]
+        scales = (self.gate_up_scale, self.down_scale) if self.quantized else None
+        if use_fused_moe(x, experts, gate_up, self.kernel_devices):
             # Imported here so that Triton loads only where a kernel runs.
             from dgemma.kernels.fused_moe import fused_moe_triton
 
-            return fused_moe_triton(x, weights, experts, self.gate_up_proj, self.down_proj)
+            return fused_moe_triton(x, weights, experts, gate_up, down, scales=scales)
+        if scales is not None:  # every other path multiplies in x's dtype: widen the weights for this call
+            gate_up, down = dequantize_rows(gate_up, scales[0], x.dtype), dequantize_rows(down, scales[1], x.dtype)
         grouped = grouped_mm_supported(x.device, x.dtype)
         impl = experts_grouped if grouped else experts_loop
-        return impl(x, weights, experts, self.gate_up_proj, self.down_proj)
+        return impl(x, weights, experts, gate_up, down)
