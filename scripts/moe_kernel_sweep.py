@@ -43,14 +43,18 @@ def sweep_splits(run_fused, n: int) -> None:
         print(f"  BLOCK_M {bm} M_SPLITS {splits}: {t*1e3:.0f} us", flush=True)
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages): one-byte weights want about twice the K of the bf16 tiles per load.
-FP8_GATE_UP_CANDIDATES = [(64, 256, 4, 4), (64, 128, 4, 4), (32, 256, 4, 4), (128, 128, 4, 4), (64, 256, 8, 3),
-                          (128, 256, 8, 3), (32, 512, 4, 3), (64, 256, 4, 5)]
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, SWAP_AB): one-byte weights want about twice the K of the bf16 tiles per
+# load; SWAP_AB makes the widened weight tile the product's first operand ([BLOCK_N, BLOCK_K] x [BLOCK_K, rows]).
+FP8_GATE_UP_CANDIDATES = [(64, 256, 4, 4, False), (64, 128, 4, 4, False), (32, 256, 4, 4, False),
+                          (128, 128, 4, 4, False), (64, 256, 8, 3, False), (128, 256, 8, 3, False),
+                          (64, 128, 4, 4, True), (128, 128, 4, 4, True), (64, 256, 4, 3, True), (128, 64, 4, 4, True)]
+FP8_DOWN_CANDIDATES = [(128, 128, 4, 4, False), (128, 64, 4, 4, False), (64, 256, 4, 4, False),
+                       (256, 128, 8, 3, False), (64, 128, 4, 4, False), (128, 128, 8, 4, False),
+                       (64, 128, 4, 4, True), (128, 128, 4, 4, True), (64, 256, 4, 3, True), (128, 64, 4, 4, True)]
 # Busier experts (more than 32 assignments each): rows per pass and programs per expert as moe_tiles gives them.
-FP8_LARGE_CANDIDATES = [(64, 64, 8, 3), (64, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3),
-                        (128, 128, 8, 4), (256, 64, 8, 3)]
-FP8_DOWN_CANDIDATES = [(128, 128, 4, 4), (128, 64, 4, 4), (64, 256, 4, 4), (256, 128, 8, 3), (128, 256, 8, 3),
-                       (64, 128, 4, 4), (128, 128, 8, 4), (256, 64, 8, 4)]
+FP8_LARGE_CANDIDATES = [(64, 64, 8, 3, False), (128, 64, 8, 3, False), (128, 128, 8, 3, False),
+                        (128, 128, 8, 4, False), (64, 64, 4, 3, True), (128, 64, 8, 3, True), (128, 128, 8, 3, True),
+                        (64, 128, 4, 3, True), (256, 64, 8, 3, True)]
 
 
 def sweep_fp8(sizes: list[int], best_out: str | None = None) -> None:
@@ -81,7 +85,16 @@ def sweep_fp8(sizes: list[int], best_out: str | None = None) -> None:
             (g8, gs), (d8, ds) = q[i[0]]
             return fm.fused_moe_triton(x, w, ex, g8, d8, t1, t2, scales=(gs, ds))
 
+        def run_bf16_swapped():
+            i[0] = (i[0] + 1) % layers
+            t1, t2 = (dict(t, SWAP_AB=True) for t in tiles_for(n * K, E))
+            fm.fused_moe_triton(x, w, ex, gu[i[0]], dn[i[0]], t1, t2)
+
         t_b, t_8 = bench(run_bf16), bench(run_fp8)
+        try:
+            print(f"N={n}: bf16 fused with SWAP_AB {bench(run_bf16_swapped)*1e3:.0f} us", flush=True)
+        except Exception as exc:
+            print(f"N={n}: bf16 fused with SWAP_AB failed", type(exc).__name__)
         i[0] = layers - 1  # the next run_fp8 reads layer 0, the reference's weights
         print(f"N={n}: bf16 fused {t_b*1e3:.0f} us ({bytes_bf16/t_b/1e9:.2f} TB/s), fp8 fused {t_8*1e3:.0f} us "
               f"({bytes_fp8/t_8/1e9:.2f} TB/s of fp8 bytes), rel err vs dequantized {err(run_fp8()):.2e}", flush=True)
@@ -89,8 +102,8 @@ def sweep_fp8(sizes: list[int], best_out: str | None = None) -> None:
         default_up, default_down = tiles_for(n * K, E, fp8=True)
         rows = {k: v for k, v in default_up.items() if k in ("BLOCK_M", "M_SPLITS")}  # large loads keep these
         best_up = (t_8, None)
-        for bn, bk, nw, ns in FP8_LARGE_CANDIDATES if large else FP8_GATE_UP_CANDIDATES:
-            t1 = dict(rows, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+        for bn, bk, nw, ns, swap in FP8_LARGE_CANDIDATES if large else FP8_GATE_UP_CANDIDATES:
+            t1 = dict(rows, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, SWAP_AB=swap)
             try:
                 t = bench(lambda: run_fp8(t1, None))
             except Exception as exc:  # out of shared memory etc.
@@ -99,8 +112,8 @@ def sweep_fp8(sizes: list[int], best_out: str | None = None) -> None:
             print(f"  gate_up {t1}: {t*1e3:.0f} us", flush=True)
             best_up = min(best_up, (t, t1), key=lambda r: r[0])
         best_down = (best_up[0], None)
-        for bn, bk, nw, ns in FP8_LARGE_CANDIDATES + [(256, 64, 8, 4)] if large else FP8_DOWN_CANDIDATES:
-            t2 = dict(rows, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+        for bn, bk, nw, ns, swap in FP8_LARGE_CANDIDATES + [(256, 64, 8, 4, False)] if large else FP8_DOWN_CANDIDATES:
+            t2 = dict(rows, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, SWAP_AB=swap)
             try:
                 t = bench(lambda: run_fp8(best_up[1], t2))
             except Exception as exc:

@@ -108,9 +108,11 @@ def test_fp8_experts_differ_from_full_precision_as_much_as_e4m3_rounding_allows(
 
 
 @interpreted
+@pytest.mark.parametrize("swap", [False, True])  # SWAP_AB: the weight tile as the product's first operand
 @pytest.mark.parametrize("n", [37, 250])  # the small-load tiles; 128-row tiles
-def test_interpreted_fused_moe_reads_fp8_weights_and_their_scales(n):
+def test_interpreted_fused_moe_reads_fp8_weights_and_their_scales(n, swap):
     from dgemma.kernels.fused_moe import fused_moe_triton
+    from dgemma.kernels.moe_tiles import tiles_for
 
     gate_up, down = expert_weights(seed=n)
     (g8, gs), (d8, ds) = quantize_rows(gate_up), quantize_rows(down)
@@ -119,7 +121,8 @@ def test_interpreted_fused_moe_reads_fp8_weights_and_their_scales(n):
     weights, ids = torch.topk(torch.randn(n, 4, generator=gen).softmax(-1), 2)
     expected = experts_loop(x.float(), weights, ids, dequantize_rows(g8, gs, torch.float32),
                             dequantize_rows(d8, ds, torch.float32))
-    got = fused_moe_triton(x, weights, ids, g8, d8, scales=(gs, ds))
+    tiles = [dict(t, SWAP_AB=swap) for t in tiles_for(n * 2, 4, fp8=True)]
+    got = fused_moe_triton(x, weights, ids, g8, d8, *tiles, scales=(gs, ds))
     assert got.dtype == torch.float16
     assert rel_err(got.float(), expected) < 4 * torch.finfo(torch.float16).eps  # float16 rounding only
 

@@ -182,6 +182,7 @@ def test_fused_moe_with_fp8_weights_matches_the_dequantized_experts_on_gpu():
     split 128-row tiles; and the experts stay within e4m3's rounding of the bf16 weights (tests/test_fp8.py says why
     10%)."""
     from dgemma.kernels.fused_moe import fused_moe_triton
+    from dgemma.kernels.moe_tiles import tiles_for
     from dgemma.model.fp8 import dequantize_rows, quantize_rows
     from dgemma.model.moe import experts_grouped
 
@@ -199,6 +200,9 @@ def test_fused_moe_with_fp8_weights_matches_the_dequantized_experts_on_gpu():
         assert rel_err(got, expected) < 1e-2, (n, rel_err(got, expected))
         full = experts_grouped(x, weights, experts, gate_up, down).float()
         assert rel_err(got, full) < 0.1, (n, rel_err(got, full))
+        swapped = [dict(t, SWAP_AB=True) for t in tiles_for(n * k, e, fp8=True)]  # weights as the first operand
+        got = fused_moe_triton(x, weights, experts, g8, d8, *swapped, scales=(gs, ds)).float()
+        assert rel_err(got, expected) < 1e-2, (n, "SWAP_AB", rel_err(got, expected))
 
 
 def test_combine_kernel_matches_the_batched_matmul_it_replaced_on_gpu():

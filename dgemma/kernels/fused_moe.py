@@ -28,8 +28,10 @@ assignments per expert (batches of up to 32 canvases) here.
 FP8 weights (`dgemma.model.fp8`, `scales=`): each weight tile is loaded in one byte per weight, widened to the
 activations' dtype in registers (exact: every e4m3 number is a bf16 and an fp16 number), and the float32 sums are
 multiplied by the output rows' scales before the usual rounding. At a batch-1 step this reads half the bytes: one
-layer's experts at 256 tokens 361 us against 570 us in bf16 (H100). With busier experts the widening costs more
-than the bytes save (2048 tokens: 1074 vs 843 us), see moe_tiles.py.
+layer's experts at 256 tokens 358 us against 570 us in bf16 (H100). With busier experts the widening is what costs,
+so those tiles set SWAP_AB: the kernels compute the transposed product, weights [BLOCK_N, BLOCK_K] times
+activations [BLOCK_K, BLOCK_M], with the widened weights as the first operand, which Hopper's MMA can take from
+registers (1024 tokens 631 us, against 699 us unswapped and 697 us in bf16; moe_tiles.py).
 
 The Triton interpreter (TRITON_INTERPRET=1) runs these kernels on a CPU in float16 and float32 only: it
 multiplies bfloat16 tiles as their raw 16-bit integers in `tl.dot`, so bfloat16 is checked on a GPU.
@@ -55,7 +57,7 @@ def _gelu_tanh(x):
 @triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, scale_ptr, token_ptr, ends_ptr, out_ptr, H, I, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                    M_SPLITS: tl.constexpr, SCALED: tl.constexpr):
+                    M_SPLITS: tl.constexpr, SCALED: tl.constexpr, SWAP_AB: tl.constexpr):
     split = tl.program_id(0)
     e = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -64,8 +66,15 @@ def _gate_up_kernel(x_ptr, w_ptr, scale_ptr, token_ptr, ends_ptr, out_ptr, H, I,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < I
-    # [BLOCK_K, BLOCK_N] tiles of gate (rows [0, I)) and up (rows [I, 2I)) of expert e, transposed by indexing.
-    w_gate = w_ptr + e.to(tl.int64) * 2 * I * H + offs_n[None, :].to(tl.int64) * H + offs_k[:, None]
+    # Tiles of gate (rows [0, I)) and up (rows [I, 2I)) of expert e: [BLOCK_K, BLOCK_N] (transposed by indexing),
+    # or with SWAP_AB [BLOCK_N, BLOCK_K] as stored, the first operand of the product.
+    w_base = w_ptr + e.to(tl.int64) * 2 * I * H
+    if SWAP_AB:
+        w_gate = w_base + offs_n[:, None].to(tl.int64) * H + offs_k[None, :]
+        w_n_mask = n_mask[:, None]
+    else:
+        w_gate = w_base + offs_n[None, :].to(tl.int64) * H + offs_k[:, None]
+        w_n_mask = n_mask[None, :]
     w_up = w_gate + I * H
     dtype = out_ptr.dtype.element_ty
     if SCALED:  # FP8 weights: one scale per output row of gate and of up, applied to the float32 sums
@@ -76,8 +85,12 @@ def _gate_up_kernel(x_ptr, w_ptr, scale_ptr, token_ptr, ends_ptr, out_ptr, H, I,
         r_mask = rows < end
         tokens = tl.load(token_ptr + rows, mask=r_mask, other=0).to(tl.int64)
         a_ptrs = x_ptr + tokens[:, None] * H + offs_k[None, :]
-        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if SWAP_AB:  # accumulate the transposed product, [BLOCK_N, BLOCK_M]
+            acc_g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
             if EVEN_K:
                 a = tl.load(a_ptrs + k0, mask=r_mask[:, None], other=0.0)
@@ -85,18 +98,29 @@ def _gate_up_kernel(x_ptr, w_ptr, scale_ptr, token_ptr, ends_ptr, out_ptr, H, I,
                     wg = tl.load(w_gate + k0)
                     wu = tl.load(w_up + k0)
                 else:
-                    wg = tl.load(w_gate + k0, mask=n_mask[None, :], other=0.0)
-                    wu = tl.load(w_up + k0, mask=n_mask[None, :], other=0.0)
+                    wg = tl.load(w_gate + k0, mask=w_n_mask, other=0.0)
+                    wu = tl.load(w_up + k0, mask=w_n_mask, other=0.0)
             else:
                 k_mask = (k0 + offs_k) < H
                 a = tl.load(a_ptrs + k0, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-                wg = tl.load(w_gate + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-                wu = tl.load(w_up + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                if SWAP_AB:
+                    w_mask = w_n_mask & k_mask[None, :]
+                else:
+                    w_mask = w_n_mask & k_mask[:, None]
+                wg = tl.load(w_gate + k0, mask=w_mask, other=0.0)
+                wu = tl.load(w_up + k0, mask=w_mask, other=0.0)
             if SCALED:  # widen float8 to the activations' dtype: exact (e4m3 values are bf16 and fp16 values)
                 wg = wg.to(dtype)
                 wu = wu.to(dtype)
-            acc_g = tl.dot(a, wg, acc_g)
-            acc_u = tl.dot(a, wu, acc_u)
+            if SWAP_AB:  # the widened weights as the first operand, which Hopper's MMA may read from registers
+                acc_g = tl.dot(wg, tl.trans(a), acc_g)
+                acc_u = tl.dot(wu, tl.trans(a), acc_u)
+            else:
+                acc_g = tl.dot(a, wg, acc_g)
+                acc_u = tl.dot(a, wu, acc_u)
+        if SWAP_AB:
+            acc_g = tl.trans(acc_g)
+            acc_u = tl.trans(acc_u)
         if SCALED:
             acc_g = acc_g * scale_gate[None, :]
             acc_u = acc_u * scale_up[None, :]
@@ -110,7 +134,7 @@ def _gate_up_kernel(x_ptr, w_ptr, scale_ptr, token_ptr, ends_ptr, out_ptr, H, I,
 @triton.jit
 def _down_kernel(h_ptr, w_ptr, scale_ptr, dest_ptr, ends_ptr, out_ptr, H, I, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                 M_SPLITS: tl.constexpr, SCALED: tl.constexpr):
+                 M_SPLITS: tl.constexpr, SCALED: tl.constexpr, SWAP_AB: tl.constexpr):
     split = tl.program_id(0)
     e = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -119,7 +143,13 @@ def _down_kernel(h_ptr, w_ptr, scale_ptr, dest_ptr, ends_ptr, out_ptr, H, I, BLO
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns, within H
     offs_k = tl.arange(0, BLOCK_K)  # within I
     n_mask = offs_n < H
-    w_ptrs = w_ptr + e.to(tl.int64) * H * I + offs_n[None, :].to(tl.int64) * I + offs_k[:, None]  # [BK, BN]
+    w_base = w_ptr + e.to(tl.int64) * H * I
+    if SWAP_AB:
+        w_ptrs = w_base + offs_n[:, None].to(tl.int64) * I + offs_k[None, :]  # [BN, BK]
+        w_n_mask = n_mask[:, None]
+    else:
+        w_ptrs = w_base + offs_n[None, :].to(tl.int64) * I + offs_k[:, None]  # [BK, BN]
+        w_n_mask = n_mask[None, :]
     dtype = h_ptr.dtype.element_ty
     if SCALED:
         scale = tl.load(scale_ptr + e * H + offs_n, mask=n_mask, other=0.0)
@@ -127,21 +157,32 @@ def _down_kernel(h_ptr, w_ptr, scale_ptr, dest_ptr, ends_ptr, out_ptr, H, I, BLO
         rows = m0 + tl.arange(0, BLOCK_M)
         r_mask = rows < end
         a_ptrs = h_ptr + rows[:, None].to(tl.int64) * I + offs_k[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if SWAP_AB:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, I, BLOCK_K):
             if EVEN_K:
                 a = tl.load(a_ptrs + k0, mask=r_mask[:, None], other=0.0)
                 if EVEN_N:
                     w = tl.load(w_ptrs + k0)
                 else:
-                    w = tl.load(w_ptrs + k0, mask=n_mask[None, :], other=0.0)
+                    w = tl.load(w_ptrs + k0, mask=w_n_mask, other=0.0)
             else:
                 k_mask = (k0 + offs_k) < I
                 a = tl.load(a_ptrs + k0, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-                w = tl.load(w_ptrs + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                if SWAP_AB:
+                    w = tl.load(w_ptrs + k0, mask=w_n_mask & k_mask[None, :], other=0.0)
+                else:
+                    w = tl.load(w_ptrs + k0, mask=w_n_mask & k_mask[:, None], other=0.0)
             if SCALED:
                 w = w.to(dtype)
-            acc = tl.dot(a, w, acc)
+            if SWAP_AB:
+                acc = tl.dot(w, tl.trans(a), acc)
+            else:
+                acc = tl.dot(a, w, acc)
+        if SWAP_AB:
+            acc = tl.trans(acc)
         if SCALED:
             acc = acc * scale[None, :]
         dest = tl.load(dest_ptr + rows, mask=r_mask, other=0).to(tl.int64)
@@ -232,6 +273,7 @@ def fused_moe_triton(
     t1 = _fit(tile_gate_up or default_gate_up, inter, hidden)
     bm1 = t1.pop("BLOCK_M", block_m)  # a tile may fix its rows per pass (tile sweeps)
     s1 = t1.pop("M_SPLITS", 1)
+    t1.setdefault("SWAP_AB", False)
     _gate_up_kernel[(s1, num_experts, triton.cdiv(inter, t1["BLOCK_N"]))](
         x, gate_up, gate_up_scale, token_of, ends, hidden_act, hidden, inter, BLOCK_M=bm1, M_SPLITS=s1,
         SCALED=scaled,
@@ -240,6 +282,7 @@ def fused_moe_triton(
     t2 = _fit(tile_down or default_down, hidden, inter)
     bm2 = t2.pop("BLOCK_M", block_m)
     s2 = t2.pop("M_SPLITS", 1)
+    t2.setdefault("SWAP_AB", False)
     _down_kernel[(s2, num_experts, triton.cdiv(hidden, t2["BLOCK_N"]))](
         hidden_act, down, down_scale, order, ends, out, hidden, inter, BLOCK_M=bm2, M_SPLITS=s2,
         SCALED=scaled,
