@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dgemma.kernels.launch import launch
+
 
 @triton.jit
 def _cache_attention_kernel(q_ptr, k_ptr, v_ptr, rows_ptr, start_ptr, end_ptr, out_ptr, T, HQ, HKV, G,
@@ -136,10 +138,10 @@ def cache_attention_triton(
     g = hq // hkv
     out = torch.empty_like(q)
     key_end = key_end.contiguous()
-    grid = (b * hkv, triton.cdiv(t * g, tile["block_m"]), triton.cdiv(d, block_dv))
-    _cache_attention_kernel[grid](
-        q, keys, values, rows, key_start.contiguous() if key_start is not None else key_end, key_end, out, t, hq,
-        hkv, g, keys.stride(0), ring or 1, D=d, BLOCK_M=tile["block_m"], BLOCK_N=tile["block_n"], BLOCK_D=block_d,
-        BLOCK_DV=block_dv, HAS_START=key_start is not None, RING=ring is not None, num_warps=tile["num_warps"],
-        num_stages=tile["num_stages"])
+    blocks = dict(BLOCK_M=tile["block_m"], BLOCK_N=tile["block_n"], BLOCK_D=block_d, BLOCK_DV=block_dv,
+                  num_warps=tile["num_warps"], num_stages=tile["num_stages"])
+    grid = lambda blk: (b * hkv, triton.cdiv(t * g, blk["BLOCK_M"]), triton.cdiv(d, blk["BLOCK_DV"]))  # noqa: E731
+    launch(_cache_attention_kernel, grid, blocks, ("BLOCK_D", "BLOCK_DV", "BLOCK_M", "BLOCK_N"),
+           q, keys, values, rows, key_start.contiguous() if key_start is not None else key_end, key_end, out, t, hq,
+           hkv, g, keys.stride(0), ring or 1, D=d, HAS_START=key_start is not None, RING=ring is not None)
     return out

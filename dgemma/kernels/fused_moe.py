@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dgemma.kernels.launch import launch
 from dgemma.kernels.moe_tiles import tiles_for
 from dgemma.kernels.routing import group_by_expert_triton
 
@@ -220,6 +221,9 @@ def combine_triton(
     return y
 
 
+TILE_BLOCKS = ("BLOCK_K", "BLOCK_N", "BLOCK_M")  # what `launch` may halve where a tile does not fit the GPU
+
+
 def _block_m(assignments: int, num_experts: int) -> int:
     """Rows per tile: about twice the mean tokens per expert, so most experts take one pass over their weights."""
     return max(16, min(64, triton.next_power_of_2(max(1, 2 * assignments // num_experts))))
@@ -270,21 +274,14 @@ def fused_moe_triton(
 
     hidden_act = torch.empty((assignments, inter), dtype=x.dtype, device=x.device)  # expert-sorted
     default_gate_up, default_down = tiles_for(assignments, num_experts, fp8=gate_up.element_size() == 1)
-    t1 = _fit(tile_gate_up or default_gate_up, inter, hidden)
-    bm1 = t1.pop("BLOCK_M", block_m)  # a tile may fix its rows per pass (tile sweeps)
-    s1 = t1.pop("M_SPLITS", 1)
-    t1.setdefault("SWAP_AB", False)
-    _gate_up_kernel[(s1, num_experts, triton.cdiv(inter, t1["BLOCK_N"]))](
-        x, gate_up, gate_up_scale, token_of, ends, hidden_act, hidden, inter, BLOCK_M=bm1, M_SPLITS=s1,
-        SCALED=scaled,
-        EVEN_N=inter % t1["BLOCK_N"] == 0, EVEN_K=hidden % t1["BLOCK_K"] == 0, **t1)
+    # A tile may fix its rows per pass and programs per expert (tile sweeps); otherwise they follow the load.
+    t1 = {"BLOCK_M": block_m, "M_SPLITS": 1, "SWAP_AB": False, **_fit(tile_gate_up or default_gate_up, inter, hidden)}
+    launch(_gate_up_kernel, lambda t: (t["M_SPLITS"], num_experts, triton.cdiv(inter, t["BLOCK_N"])), t1, TILE_BLOCKS,
+           x, gate_up, gate_up_scale, token_of, ends, hidden_act, hidden, inter, SCALED=scaled,
+           EVEN_N=inter % t1["BLOCK_N"] == 0, EVEN_K=hidden % t1["BLOCK_K"] == 0)
     out = torch.empty((assignments, hidden), dtype=x.dtype, device=x.device)  # token-major
-    t2 = _fit(tile_down or default_down, hidden, inter)
-    bm2 = t2.pop("BLOCK_M", block_m)
-    s2 = t2.pop("M_SPLITS", 1)
-    t2.setdefault("SWAP_AB", False)
-    _down_kernel[(s2, num_experts, triton.cdiv(hidden, t2["BLOCK_N"]))](
-        hidden_act, down, down_scale, order, ends, out, hidden, inter, BLOCK_M=bm2, M_SPLITS=s2,
-        SCALED=scaled,
-        EVEN_N=hidden % t2["BLOCK_N"] == 0, EVEN_K=inter % t2["BLOCK_K"] == 0, **t2)
+    t2 = {"BLOCK_M": block_m, "M_SPLITS": 1, "SWAP_AB": False, **_fit(tile_down or default_down, hidden, inter)}
+    launch(_down_kernel, lambda t: (t["M_SPLITS"], num_experts, triton.cdiv(hidden, t["BLOCK_N"])), t2, TILE_BLOCKS,
+           hidden_act, down, down_scale, order, ends, out, hidden, inter, SCALED=scaled,
+           EVEN_N=hidden % t2["BLOCK_N"] == 0, EVEN_K=inter % t2["BLOCK_K"] == 0)
     return combine_triton(out, weights)  # deterministic, float32 accumulation (as `combine` on CUDA)
