@@ -7,6 +7,8 @@ One step = the trainer's: the block-diffusion objective (2 noisy copies per row,
 backward under bf16 autocast, float32 master weights, gradient clipping and the fused AdamW, on random tokens
 (rows of `width` tokens, the last 40 the response). Variants: eager; graphs (the CUDA graph `dgemma train`
 replays); compiled (`--compile objective`, under the graph); compiled_layers (`--compile layers`, under the graph).
+A variant with the suffix "+sparse" (e.g. graphs+sparse) computes only each token's top-2 experts, as grouped matrix
+products (`--moe-impl model`: torch._grouped_mm in bf16 on a GPU), instead of all 8 side by side (`dense`).
 Per variant: wall and device ms per step (mean of 10 after 3 warm-up steps), kernels per step, the setup time
 (compile included), and a table of the top kernels by device time ("eager" groups the operators by input shape
 instead). With --device cpu (float32, no graph, no profile): wall per step and setup only.
@@ -35,7 +37,9 @@ def run(variant: str, batch, rows: int, device: torch.device) -> None:
     model = build_random_model(model_preset("mini", 1024, [1]), torch.float32, device, seed=0)
     for p in model.parameters():
         p.requires_grad_(True)
-    use_dense_experts(model)
+    if not variant.endswith("+sparse"):
+        use_dense_experts(model)
+    label, variant = variant, variant.removesuffix("+sparse")
     model.set_kernel_devices(())
     master = MasterWeights(model, torch.bfloat16 if cuda else None)
     optimizer = torch.optim.AdamW(master.param_groups(0.1), lr=1e-3, fused=cuda)
@@ -65,7 +69,7 @@ def run(variant: str, batch, rows: int, device: torch.device) -> None:
     sync()
     wall_ms = (time.perf_counter() - start) * 100
     if not cuda:
-        print(f"{variant}: {wall_ms:.1f} ms wall a step, setup {setup_s:.1f} s (3 steps, compile included)", flush=True)
+        print(f"{label}: {wall_ms:.1f} ms wall a step, setup {setup_s:.1f} s (3 steps, compile included)", flush=True)
         return
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=variant == "eager") as prof:
         train_step()
@@ -73,7 +77,7 @@ def run(variant: str, batch, rows: int, device: torch.device) -> None:
     events = prof.key_averages()
     device_ms = sum(e.self_device_time_total for e in events) / 1e3
     kernels = sum(e.count for e in events if e.self_device_time_total > 0)
-    print(f"{variant}: {wall_ms:.1f} ms wall a step, {device_ms:.1f} ms of device time, {kernels} kernels, "
+    print(f"{label}: {wall_ms:.1f} ms wall a step, {device_ms:.1f} ms of device time, {kernels} kernels, "
           f"setup {setup_s:.0f} s", flush=True)
     if variant == "eager":
         ops = [e for e in prof.key_averages(group_by_input_shape=True) if e.self_device_time_total > 0
@@ -93,9 +97,11 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     args = p.parse_args()
     device = torch.device(args.device)
-    unknown = set(args.variants) - {"eager", "graphs", "compiled", "compiled_layers"}
-    if unknown or (device.type != "cuda" and "graphs" in args.variants):
-        p.error(f"variants: eager, graphs (CUDA only), compiled, compiled_layers; got {args.variants}")
+    bases = [v.removesuffix("+sparse") for v in args.variants]
+    unknown = set(bases) - {"eager", "graphs", "compiled", "compiled_layers"}
+    if unknown or (device.type != "cuda" and "graphs" in bases):
+        p.error(f"variants: eager, graphs (CUDA only), compiled, compiled_layers, each with an optional +sparse; "
+                f"got {args.variants}")
     rng = random.Random(0)
     examples = [([rng.randrange(3, 1024) for _ in range(args.width)], args.width - 40) for _ in range(args.batch)]
     batch = collate(examples, model_preset("mini", 1024, [1]).canvas_length, 0, rng).to(device)
