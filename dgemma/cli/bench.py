@@ -10,7 +10,6 @@ from datetime import date
 
 import torch
 
-
 from dgemma.cli.options import add_quantization_arg
 from dgemma.errors import ConfigError
 
