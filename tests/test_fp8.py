@@ -159,6 +159,17 @@ def test_an_unknown_quantization_is_refused_by_name(tiny_checkpoint):
         build_random_model("tiny", "float32", "cpu", quantization="fp4")
 
 
+def test_fp8_is_refused_on_a_gpu_whose_kernels_cannot_read_it(monkeypatch):
+    import dgemma.model.fp8 as fp8
+
+    monkeypatch.setattr(fp8, "fp8_kernel_supported", lambda device: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(ConfigError, match=r"compute capability 8.9 or later .* NVIDIA A100-SXM4-80GB is 8.0"):
+        fp8.check_quantization("fp8", torch.device("cuda"))
+    assert fp8.check_quantization("none", torch.device("cuda")) is None
+
+
 def test_cli_generates_with_fp8_experts_and_refuses_other_schemes(tiny_checkpoint, capsys):
     from dgemma.cli import main
 

@@ -215,9 +215,9 @@ def load_model(
     `quantization="fp8"` stores the routed experts' weights in float8 as they load (`dgemma.model.fp8`)."""
     dtype = parse_dtype(dtype)
     device = torch.device(device)
-    quantization = check_quantization(quantization)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' was requested but CUDA is not available on this machine")
+    quantization = check_quantization(quantization, device)
     path = resolve_model_path(model)
     config = load_config(path)
     with torch.device("meta"):

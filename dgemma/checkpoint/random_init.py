@@ -113,8 +113,8 @@ def build_random_model(
     """A random-weight model materialised tensor by tensor on `device` (no file, one copy of the weights);
     `quantization="fp8"`: the experts' weights in float8, as `load_model` stores them."""
     config = preset(config) if isinstance(config, str) else config.validate()
-    quantization = check_quantization(quantization)
     dtype, device = parse_dtype(dtype), torch.device(device)
+    quantization = check_quantization(quantization, device)
     with torch.device("meta"):
         model = DiffusionGemma(config)
     layout = checkpoint_tensors(model)

@@ -17,6 +17,8 @@ dequantized per call (CPU, and calls too large for the kernel).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from dgemma.errors import ConfigError
@@ -26,12 +28,24 @@ FP8_MAX = 448.0  # the largest finite e4m3fn number
 QUANTIZATIONS = ("fp8",)  # what `quantization=` accepts (None: the checkpoint's precision)
 
 
-def check_quantization(quantization: str | None) -> str | None:
-    """None or one of QUANTIZATIONS, with a specific error for anything else."""
+@functools.lru_cache(maxsize=None)
+def fp8_kernel_supported(device: torch.device) -> bool:
+    """Whether Triton can widen float8 e4m3 tiles on this device: compute capability 8.9 (Ada, Hopper) and later.
+    CPUs can, through the interpreter (and their torch path dequantizes anyway)."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def check_quantization(quantization: str | None, device: torch.device | None = None) -> str | None:
+    """None or one of QUANTIZATIONS, with a specific error for anything else, or for a GPU whose fused kernels cannot
+    read FP8 (every step would then widen all the experts' weights again: slower than not quantizing)."""
     if quantization in (None, "none"):
         return None
     if quantization not in QUANTIZATIONS:
         raise ConfigError(f"quantization must be one of {list(QUANTIZATIONS)} or none, got {quantization!r}")
+    if device is not None and not fp8_kernel_supported(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ConfigError(f"quantization 'fp8' needs a GPU of compute capability 8.9 or later (Ada, Hopper); "
+                          f"{torch.cuda.get_device_name(device)} is {major}.{minor}: run it without quantization")
     return quantization
 
 

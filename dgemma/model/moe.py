@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dgemma.model.fp8 import FP8, dequantize_rows, quantize_rows
+from dgemma.model.fp8 import FP8, dequantize_rows, fp8_kernel_supported, quantize_rows
 from dgemma.model.layers import rms_norm
 
 
@@ -144,12 +144,6 @@ def use_fused_moe(
         and not torch.is_grad_enabled()
         and n_tokens * k <= FUSED_MOE_MAX_ASSIGNMENTS_PER_EXPERT * gate_up.shape[0]
     )
-
-
-@functools.lru_cache(maxsize=None)
-def fp8_kernel_supported(device: torch.device) -> bool:
-    """Whether Triton can widen float8 e4m3 tiles on this device (CPUs: the interpreter can)."""
-    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 @functools.lru_cache(maxsize=None)
