@@ -1,15 +1,23 @@
 """`dgemma.kernels.launch`: a tile tuned for Hopper that needs more shared memory than the GPU has (an A100, an Ada
 card) launches as the first smaller tile that fits, and that choice is remembered. A fake kernel stands in for the
-GPU: it refuses, as Triton does, any tile whose pipeline needs more than its shared memory."""
+GPU: it refuses, as Triton does, any tile whose pipeline needs more than its shared memory. Under TRITON_INTERPRET=1
+the real MoE and attention kernels run on such a pretend GPU and compute the same with the smallest tiles."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+from kernel_wiring import rel_err
 
 pytest.importorskip("triton")
 from triton.runtime.errors import OutOfResources  # noqa: E402
 
 from dgemma.kernels import launch as launching  # noqa: E402
+
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="runs Triton kernels on a CPU: set TRITON_INTERPRET=1")
 
 
 class FakeKernel:
@@ -84,3 +92,60 @@ def test_smaller_tiles_drop_stages_first_then_halve_the_largest_block():
         dict(BLOCK_K=16, BLOCK_N=16, num_stages=3), dict(BLOCK_K=16, BLOCK_N=16, num_stages=2),
         dict(BLOCK_K=16, BLOCK_N=16, num_stages=1),
     ]  # and no block below 16 (tl.dot's smallest)
+
+
+class TooSmall:
+    """A real kernel on a pretend GPU that refuses every tile with more than one stage or a block over `limit`."""
+
+    def __init__(self, kernel, blocks: tuple[str, ...], limit: int = 16):
+        self.kernel, self.blocks, self.limit = kernel, blocks, limit
+
+    def __getitem__(self, grid):
+        def run(*args, **meta):
+            if meta.get("num_stages", 1) > 1 or any(meta[k] > self.limit for k in self.blocks):
+                raise OutOfResources(1 << 20, 1 << 16, "shared memory")
+            return self.kernel[grid](*args, **meta)
+
+        return run
+
+
+@interpreted
+@pytest.mark.parametrize("n", [37, 250])  # the small-load tiles; 128-row tiles
+def test_interpreted_fused_moe_with_the_smallest_tiles_computes_the_same(monkeypatch, n):
+    import dgemma.kernels.fused_moe as fused_moe
+    from dgemma.model.moe import experts_loop
+
+    monkeypatch.setattr(fused_moe, "_gate_up_kernel", TooSmall(fused_moe._gate_up_kernel, ("BLOCK_K", "BLOCK_N")))
+    monkeypatch.setattr(fused_moe, "_down_kernel", TooSmall(fused_moe._down_kernel, ("BLOCK_K", "BLOCK_N")))
+    gen = torch.Generator().manual_seed(n)
+    h, i, e = 64, 32, 4
+    x = torch.randn(n, h, generator=gen).half()
+    gate_up = (torch.randn(e, 2 * i, h, generator=gen) * h**-0.5).half()
+    down = (torch.randn(e, h, i, generator=gen) * i**-0.5).half()
+    weights, experts = torch.topk(torch.randn(n, e, generator=gen).softmax(-1), 2)
+    got = fused_moe.fused_moe_triton(x, weights, experts, gate_up, down).float()
+    assert rel_err(got, experts_loop(x, weights, experts, gate_up, down).float()) < 4 * torch.finfo(torch.float16).eps
+    fitted = list(launching._FITTED.values())
+    assert len(fitted) == 2 and all(t["BLOCK_K"] == 16 and t["BLOCK_N"] == 16 and t["num_stages"] == 1 for t in fitted)
+
+
+@interpreted
+def test_interpreted_cache_attention_with_the_smallest_tiles_computes_the_same(monkeypatch):
+    """A 512-wide head on a GPU that takes 32-wide blocks at most: scores in head-dim chunks, output in blocks."""
+    import dgemma.kernels.cache_attention as cache_attention
+    from dgemma.model.attention import grouped_attention
+
+    monkeypatch.setattr(cache_attention, "_cache_attention_kernel",
+                        TooSmall(cache_attention._cache_attention_kernel, ("BLOCK_D", "BLOCK_DV"), limit=32))
+    gen = torch.Generator().manual_seed(0)
+    b, t, hq, hkv, d, written = 2, 5, 4, 2, 512, 40
+    q = (torch.randn(b, t, hq, d, generator=gen) * d**-0.5).half()
+    keys, values = (torch.randn(3, written, hkv, d, generator=gen).half() for _ in range(2))
+    rows = torch.tensor([2, 0])
+    key_end = torch.randint(written - 5, written + 1, (b, t), generator=gen)
+    got = cache_attention.cache_attention_triton(q, keys, values, rows, None, key_end, None, block_m=16, block_n=16)
+    mask = torch.arange(written) < key_end[..., None]
+    expected = grouped_attention(q.float(), keys[rows].float(), values[rows].float(), mask[:, None])
+    assert rel_err(got.float(), expected) < 4 * torch.finfo(torch.float16).eps
+    [fitted] = launching._FITTED.values()
+    assert fitted["BLOCK_D"] == 32 and fitted["BLOCK_DV"] == 32 and fitted["num_stages"] == 1
