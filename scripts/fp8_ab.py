@@ -31,7 +31,7 @@ from dgemma.bench.measure import (
     run_concurrency,
     weight_bytes,
 )
-from dgemma.checkpoint.random_init import build_random_model
+from dgemma.checkpoint.random_init import build_random_model, preset
 from dgemma.model.attention import AttentionBatch
 
 
@@ -83,6 +83,7 @@ def main() -> None:
     p.add_argument("--fp8-tiles", default=None,
                    help="JSON file from `moe_kernel_sweep.py --fp8 --best-out`: the small-load FP8 tiles to use")
     args = p.parse_args()
+    cfg = preset(args.preset)
     if args.fp8_tiles:  # {tokens: {"gate_up": tile or None, "down": tile or None}}, tokens = 256: small loads
         with open(args.fp8_tiles) as f:
             best = {int(n): v for n, v in json.load(f).items()}
@@ -91,7 +92,7 @@ def main() -> None:
         moe_tiles.FP8_DOWN_TILE = small.get("down") or moe_tiles.FP8_DOWN_TILE
         large = list(moe_tiles.FP8_LARGE_TILES)
         for n, tiles in best.items():
-            i = next(i for i, (limit, _, _) in enumerate(large) if n * 8 / 128 <= limit)
+            i = next(i for i, (limit, _, _) in enumerate(large) if n * cfg.top_k_experts / cfg.num_experts <= limit)
             limit, gate_up, down = large[i]
             large[i] = (limit, tiles.get("gate_up") or gate_up, tiles.get("down") or down)
         moe_tiles.FP8_LARGE_TILES = tuple(large)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 
 import torch
 import triton.testing
@@ -55,6 +56,19 @@ FP8_DOWN_CANDIDATES = [(128, 128, 4, 4, False), (128, 64, 4, 4, False), (64, 256
 FP8_LARGE_CANDIDATES = [(64, 64, 8, 3, False), (128, 64, 8, 3, False), (128, 128, 8, 3, False),
                         (128, 128, 8, 4, False), (64, 64, 4, 3, True), (128, 64, 8, 3, True), (128, 128, 8, 3, True),
                         (64, 128, 4, 3, True), (256, 64, 8, 3, True)]
+
+
+def fastest(label: str, tiles: list[dict], run, best: tuple) -> tuple:
+    """(time, tile) of the fastest of `tiles` timed with run(tile), or `best` if none beats it; prints each."""
+    for tile in tiles:
+        try:
+            t = bench(lambda: run(tile))
+        except Exception as exc:  # out of shared memory etc.
+            print(f"  {label}", tile, "failed", type(exc).__name__)
+            continue
+        print(f"  {label} {tile}: {t*1e3:.0f} us", flush=True)
+        best = min(best, (t, tile), key=lambda r: r[0])
+    return best
 
 
 def sweep_fp8(sizes: list[int], best_out: str | None = None) -> None:
@@ -101,31 +115,16 @@ def sweep_fp8(sizes: list[int], best_out: str | None = None) -> None:
         large = n * K / E > 32
         default_up, default_down = tiles_for(n * K, E, fp8=True)
         rows = {k: v for k, v in default_up.items() if k in ("BLOCK_M", "M_SPLITS")}  # large loads keep these
-        best_up = (t_8, None)
-        for bn, bk, nw, ns, swap in FP8_LARGE_CANDIDATES if large else FP8_GATE_UP_CANDIDATES:
-            t1 = dict(rows, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, SWAP_AB=swap)
-            try:
-                t = bench(lambda: run_fp8(t1, None))
-            except Exception as exc:  # out of shared memory etc.
-                print("  gate_up", t1, "failed", type(exc).__name__)
-                continue
-            print(f"  gate_up {t1}: {t*1e3:.0f} us", flush=True)
-            best_up = min(best_up, (t, t1), key=lambda r: r[0])
-        best_down = (best_up[0], None)
-        for bn, bk, nw, ns, swap in FP8_LARGE_CANDIDATES + [(256, 64, 8, 4, False)] if large else FP8_DOWN_CANDIDATES:
-            t2 = dict(rows, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, SWAP_AB=swap)
-            try:
-                t = bench(lambda: run_fp8(best_up[1], t2))
-            except Exception as exc:
-                print("  down", t2, "failed", type(exc).__name__)
-                continue
-            print(f"  down {t2}: {t*1e3:.0f} us", flush=True)
-            best_down = min(best_down, (t, t2), key=lambda r: r[0])
+        up_tiles = [dict(rows, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, SWAP_AB=swap)
+                    for bn, bk, nw, ns, swap in (FP8_LARGE_CANDIDATES if large else FP8_GATE_UP_CANDIDATES)]
+        best_up = fastest("gate_up", up_tiles, lambda t1: run_fp8(t1, None), (t_8, None))
+        down_candidates = FP8_LARGE_CANDIDATES + [(256, 64, 8, 4, False)] if large else FP8_DOWN_CANDIDATES
+        down_tiles = [dict(rows, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, SWAP_AB=swap)
+                      for bn, bk, nw, ns, swap in down_candidates]
+        best_down = fastest("down", down_tiles, lambda t2: run_fp8(best_up[1], t2), (best_up[0], None))
         print(f"  fp8 best: {best_down[0]*1e3:.0f} us with gate_up {best_up[1]} and down {best_down[1]} "
               "(None: the default)", flush=True)
         if best_out:  # for scripts/fp8_ab.py --fp8-tiles: the best tiles of each size
-            import json
-
             bests[n] = {"gate_up": best_up[1], "down": best_down[1]}
             with open(best_out, "w") as f:
                 json.dump(bests, f)
@@ -136,7 +135,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="time the default tiles only")
     p.add_argument("--splits", action="store_true", help="time rows per pass x programs per expert only")
     p.add_argument("--fp8", action="store_true", help="FP8 weights against bf16, and a short FP8 tile sweep")
-    p.add_argument("--best-out", default=None, help="with --fp8: write the best small-load tiles to this JSON file")
+    p.add_argument("--best-out", default=None, help="with --fp8: write each size's best tiles to this JSON file")
     p.add_argument("--sizes", default="256,512,1024,2048", help="token counts (x top-8 assignments)")
     args = p.parse_args()
     torch.manual_seed(0)

@@ -3,12 +3,19 @@ one layer's attention or experts, with the fused Triton kernels allowed or not, 
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 from dgemma.config import FULL, SLIDING
 from dgemma.model.attention import AttentionBatch
 from dgemma.model.kv_cache import KVCache
 from dgemma.model.layers import rope_cos_sin
+
+# Tests that run Triton kernels on a CPU (through the interpreter) run only when asked.
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="runs Triton kernels on a CPU: set TRITON_INTERPRET=1")
 
 
 def set_kernel_devices(model, devices: tuple[str, ...]) -> None:

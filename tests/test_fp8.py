@@ -7,11 +7,9 @@ float16: the interpreter cannot check bfloat16); tests/test_gpu.py checks bfloat
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from kernel_wiring import rel_err
+from kernel_wiring import interpreted, rel_err
 
 from dgemma.checkpoint.loader import load_model
 from dgemma.checkpoint.random_init import InitScale, build_random_model
@@ -19,8 +17,6 @@ from dgemma.errors import ConfigError
 from dgemma.model.fp8 import FP8, FP8_MAX, dequantize_rows, quantize_rows
 from dgemma.model.moe import experts_loop
 
-interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="runs Triton kernels on a CPU: set TRITON_INTERPRET=1")
 
 # e4m3 keeps 3 mantissa bits: rounding moves a normal number by at most half a step, 2^-4 of itself. Below 2^-6
 # (times the row's scale) the numbers are subnormal, spaced 2^-9 apart: at most 2^-10 of the scale there.

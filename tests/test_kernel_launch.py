@@ -5,19 +5,15 @@ the real MoE and attention kernels run on such a pretend GPU and compute the sam
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from kernel_wiring import rel_err
+from kernel_wiring import interpreted, rel_err
 
 pytest.importorskip("triton")
 from triton.runtime.errors import OutOfResources  # noqa: E402
 
 from dgemma.kernels import launch as launching  # noqa: E402
 
-interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="runs Triton kernels on a CPU: set TRITON_INTERPRET=1")
 
 
 class FakeKernel:

@@ -10,14 +10,13 @@ rounds float32 -> bfloat16 by truncation), so these use float16 and float32; tes
 from __future__ import annotations
 
 import copy
-import os
-
 import pytest
 import torch
 from kernel_wiring import (
     argmax_agreement,
     attention_kernel_off_and_on,
     experts_kernel_off_and_on,
+    interpreted,
     rel_err,
     ring_canvas,
     run,
@@ -39,8 +38,6 @@ from dgemma.model.moe import (
     use_fused_moe,
 )
 
-interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="runs Triton kernels on a CPU: set TRITON_INTERPRET=1")
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -136,16 +136,19 @@ def check_safetensors(file: Path) -> dict[str, dict]:
     return header
 
 
-def _assign(model: DiffusionGemma, param_name: str, tensor: torch.Tensor, quantization: str | None = None) -> None:
+def _assign(model: DiffusionGemma, param_name: str, tensor: torch.Tensor,
+            quantization: str | None = None) -> torch.Tensor:
+    """Put `tensor` in the model as `param_name`; returns what is stored (FP8 weights once quantized)."""
     if param_name.startswith("encoder_layer_scalars["):
         layer = int(param_name[len("encoder_layer_scalars[") : -1])
         model.encoder_layer_scalars.data[layer] = tensor.reshape(())
-        return
+        return tensor
     module_name, _, attr = param_name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     setattr(module, attr, torch.nn.Parameter(tensor, requires_grad=False))
     if quantization == "fp8" and isinstance(module, Experts):
         module.quantize_fp8((attr,))  # now, so only one expert tensor is ever held at full precision
+    return getattr(module, attr)
 
 
 def load_weights(model: DiffusionGemma, path: Path, dtype: torch.dtype, device: torch.device,
@@ -190,10 +193,9 @@ def load_weights(model: DiffusionGemma, path: Path, dtype: torch.dtype, device: 
                 if not tensor.is_floating_point():
                     raise CheckpointError(f"{file}: tensor {name} has dtype {tensor.dtype}, expected floating point")
                 tensor = tensor.to(device=device, dtype=dtype)
-                _assign(model, param_name, tensor, quantization)
+                stored = _assign(model, param_name, tensor, quantization)
                 seen.add(name)
                 report.tensors_loaded += 1
-                stored = model.get_parameter(param_name) if "[" not in param_name else tensor
                 report.weight_bytes += stored.numel() * stored.element_size()
     missing = [name for name in expected if name not in seen]
     if missing:

@@ -12,6 +12,7 @@ import torch
 
 from dgemma.cli.options import add_quantization_arg
 from dgemma.errors import ConfigError
+from dgemma.model.fp8 import check_quantization
 
 
 def add_parser(sub) -> None:
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = parse_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     skip = set(args.skip.split(",")) - {""}
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    quantization = None if args.quantization == "none" else args.quantization
+    quantization = check_quantization(args.quantization, device)
     if quantization and args.compare_reference:
         raise ConfigError("--compare-reference runs the transformers reference on the same weight tensors, which "
                           "it cannot read in fp8: run it without --quantization")
