@@ -19,6 +19,7 @@ from dgemma.checkpoint.random_init import build_random_model
 from dgemma.train import trainer
 from dgemma.train.dataset import collate
 from dgemma.train.objective import ObjectiveConfig, block_diffusion_loss
+from dgemma.train.optim import build_optimizer
 
 FUSED = kernels.rms_norm_train_triton
 
@@ -37,7 +38,7 @@ def time_step(config, batch, norm) -> tuple[float, float]:
     trainer.use_dense_experts(model)
     model.set_kernel_devices(())
     master = trainer.MasterWeights(model, torch.bfloat16)
-    optimizer = torch.optim.AdamW(master.param_groups(0.1), lr=1e-3, fused=True)
+    optimizer = build_optimizer("adamw", list(zip(master.names, master.params)), 1e-3, 0.1, (0.9, 0.95))
     gen = torch.Generator(device="cuda").manual_seed(0)
 
     def step() -> torch.Tensor:

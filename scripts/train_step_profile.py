@@ -8,7 +8,8 @@ backward under bf16 autocast, float32 master weights, gradient clipping and the 
 (rows of `width` tokens, the last 40 the response). Variants: eager; graphs (the CUDA graph `dgemma train`
 replays); compiled (`--compile objective`, under the graph); compiled_layers (`--compile layers`, under the graph).
 A variant with the suffix "+sparse" (e.g. graphs+sparse) computes only each token's top-2 experts, as grouped matrix
-products (`--moe-impl model`: torch._grouped_mm in bf16 on a GPU), instead of all 8 side by side (`dense`).
+products (`--moe-impl model`: torch._grouped_mm in bf16 on a GPU), instead of all 8 side by side (`dense`); "+muon"
+steps with Muon and AdamW (`--optimizer muon`) instead of AdamW alone. Suffixes combine: graphs+sparse+muon.
 Per variant: wall and device ms per step (mean of 10 after 3 warm-up steps), kernels per step, the setup time
 (compile included), and a table of the top kernels by device time ("eager" groups the operators by input shape
 instead). With --device cpu (float32, no graph, no profile): wall per step and setup only.
@@ -27,6 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 from dgemma.checkpoint.random_init import build_random_model
 from dgemma.train.dataset import collate
 from dgemma.train.objective import ObjectiveConfig
+from dgemma.train.optim import build_optimizer
 from dgemma.train.step_graphs import GraphedLossStep
 from dgemma.train.trainer import MasterWeights, model_preset, training_objective, use_dense_experts
 
@@ -37,12 +39,14 @@ def run(variant: str, batch, rows: int, device: torch.device) -> None:
     model = build_random_model(model_preset("mini", 1024, [1]), torch.float32, device, seed=0)
     for p in model.parameters():
         p.requires_grad_(True)
-    if not variant.endswith("+sparse"):
+    label = variant
+    variant, *suffixes = variant.split("+")
+    if "sparse" not in suffixes:
         use_dense_experts(model)
-    label, variant = variant, variant.removesuffix("+sparse")
     model.set_kernel_devices(())
     master = MasterWeights(model, torch.bfloat16 if cuda else None)
-    optimizer = torch.optim.AdamW(master.param_groups(0.1), lr=1e-3, fused=cuda)
+    optimizer = build_optimizer("muon" if "muon" in suffixes else "adamw", list(zip(master.names, master.params)),
+                                1e-3, 0.1, (0.9, 0.95))
     loss = training_objective(model, ObjectiveConfig(noise_samples=2),
                               "inductor" if variant.startswith("compiled") else None,
                               "layers" if variant == "compiled_layers" else "objective")
@@ -97,10 +101,12 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     args = p.parse_args()
     device = torch.device(args.device)
-    bases = [v.removesuffix("+sparse") for v in args.variants]
+    bases = [v.split("+")[0] for v in args.variants]
     unknown = set(bases) - {"eager", "graphs", "compiled", "compiled_layers"}
+    unknown |= {s for v in args.variants for s in v.split("+")[1:]} - {"sparse", "muon"}
     if unknown or (device.type != "cuda" and "graphs" in bases):
-        p.error(f"variants: eager, graphs (CUDA only), compiled, compiled_layers, each with an optional +sparse; "
+        p.error(f"variants: eager, graphs (CUDA only), compiled, compiled_layers, each with optional suffixes "
+                f"+sparse and +muon; "
                 f"got {args.variants}")
     rng = random.Random(0)
     examples = [([rng.randrange(3, 1024) for _ in range(args.width)], args.width - 40) for _ in range(args.batch)]

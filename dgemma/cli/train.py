@@ -7,6 +7,7 @@ import json
 import sys
 
 from dgemma.errors import ConfigError
+from dgemma.train.optim import OPTIMIZERS
 
 CUDA_HOST_THREADS = 4  # torch's CPU threads when training on a GPU (unless --threads says otherwise)
 
@@ -56,6 +57,8 @@ def add_parser(sub) -> None:
     g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--optimizer", choices=list(OPTIMIZERS), default=d.optimizer,
+                   help="muon: orthogonalised momentum for the hidden matrices, AdamW for the rest (same lr)")
     g.add_argument("--grad-clip", type=float, default=d.grad_clip)
     g.add_argument("--ar-loss-weight", type=float, default=d.objective.ar_loss_weight,
                    help="weight of the encoder's autoregressive loss")
@@ -128,7 +131,7 @@ def config_from_args(args: argparse.Namespace):
         workers=args.workers, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
         max_steps=args.max_steps,
         time_budget_min=args.time_budget_min, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
-        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, optimizer=args.optimizer, grad_clip=args.grad_clip,
         objective=ObjectiveConfig(ar_loss_weight=args.ar_loss_weight, self_cond_prob=args.self_cond_prob,
                                   weight_by_t=args.weight_by_t, filler_weight=args.filler_weight,
                                   noise_samples=args.noise_samples),

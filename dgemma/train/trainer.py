@@ -46,6 +46,7 @@ from dgemma.model.moe import Experts
 from dgemma.train.dataset import (BatchSampler, CorpusStream, TrainBatch, collate, pad_batch, padded_width,
                                   static_shape, tokenize_examples, tokenizer_corpus)
 from dgemma.train.objective import LossParts, ObjectiveConfig, block_diffusion_loss
+from dgemma.train.optim import OPTIMIZERS, build_optimizer
 from dgemma.train.step_graphs import GraphedLossStep
 from dgemma.train.tasks import FAMILIES, heldout_examples
 
@@ -177,6 +178,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
     warmup_steps: int = 100
     weight_decay: float = 0.1  # on matrices only (norm weights and scalars are multipliers around 1)
+    # "adamw", or "muon": orthogonalised momentum for the hidden matrices, AdamW for the embedding, norms and
+    # scalars (optim.py); both take the same lr, schedule and weight decay.
+    optimizer: str = "adamw"
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
@@ -266,6 +270,8 @@ class TrainConfig:
         for name in ("init_std", "embed_std", "max_shard_mb"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.tokenizer not in TOKENIZER_KINDS:
             raise ConfigError(f"tokenizer must be one of {list(TOKENIZER_KINDS)}, got {self.tokenizer!r}")
         if self.qk_norm_init not in ("unit", "ones"):
@@ -463,12 +469,6 @@ class MasterWeights:
                 p.data = p.data.to(low_precision)
         else:
             self.params = self.model_params
-
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """Decay matrices only: norm weights, router scales and layer scalars are multipliers around 1."""
-        decay = [p for p in self.params if p.ndim >= 2]
-        keep = [p for p in self.params if p.ndim < 2]
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
     def gradients_to_master(self) -> None:
         if self.separate:
@@ -792,9 +792,8 @@ class Trainer:
     def _train(self, model, master, sampler, state, tokenizer_files, objective, graphs, val_batches):
         """Optimizer, resume, and the loop: (losses, counters, parameter count)."""
         cfg, mc = self.config, model.config
-        # Fused: one kernel per step on GPUs and CPUs alike, and it skips non-finite steps on the device (found_inf).
-        optimizer = torch.optim.AdamW(master.param_groups(cfg.weight_decay), lr=cfg.lr,
-                                      betas=(cfg.beta1, cfg.beta2), fused=True)
+        optimizer = build_optimizer(cfg.optimizer, list(zip(master.names, master.params)), cfg.lr, cfg.weight_decay,
+                                    (cfg.beta1, cfg.beta2))
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         if self.use_graphs and self.device.type == "cuda":
             torch.cuda.manual_seed(cfg.seed + 1)  # graphs draw from the default generator (saved as cuda_rng)
