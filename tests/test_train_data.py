@@ -311,3 +311,11 @@ def test_long_answers_span_several_canvases(by_family):
     assert sum(length > 60 for length in lengths) > 0.9 * len(lengths)
     short_families = set(EXPECTED_FAMILIES) - {"long", "chat", "json_reformat"}
     assert all(_rough_tokens(e.answer) < 64 for name in short_families for e in by_family[name])
+
+
+def test_about_a_quarter_of_the_number_lists_hold_only_single_digits():
+    """Users ask about lists like "5, 3, 9, 1"; uniform draws from 0-99 would almost never make one."""
+    lists = [e.meta["items"] for e in generate_examples(11, 2000, families=["sort", "list_ops", "reverse"])
+             if isinstance(e.meta.get("items", [""])[0], int) and e.meta.get("op") != "dedupe"]
+    small = sum(max(items) <= 9 for items in lists) / len(lists)
+    assert len(lists) > 800 and 0.18 < small < 0.33, (len(lists), small)

@@ -175,6 +175,13 @@ def _number(rng: random.Random, max_digits: int) -> int:
     return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
 
 
+def _numbers(rng: random.Random, count: int) -> list[int]:
+    # A quarter of the lists hold only single digits: people ask about such lists ("sort 5, 3, 9, 1"), and uniform
+    # draws from 0-99 almost never make one, so a model trained on those alone fails them.
+    top = 9 if rng.random() < 0.25 else 99
+    return [rng.randint(0, top) for _ in range(count)]
+
+
 def _join(items: list) -> str:
     """The canonical list answer: items separated by ', ', no brackets."""
     return ", ".join(str(item) for item in items)
@@ -291,7 +298,7 @@ def _sort_problem(rng: random.Random, items: list, descending: bool) -> Problem:
 def sort_problem(rng: random.Random) -> Problem:
     descending = rng.random() < 0.3
     if rng.random() < 0.6:
-        items = [rng.randint(0, 99) for _ in range(rng.randint(3, 12))]
+        items = _numbers(rng, rng.randint(3, 12))
     else:
         items = rng.sample(WORDS, rng.randint(3, 8))
     return _sort_problem(rng, items, descending)
@@ -313,7 +320,7 @@ REVERSE_WORD_TEMPLATES = (
 def reverse_problem(rng: random.Random) -> Problem:
     if rng.random() < 0.6:
         count = rng.randint(3, 12)
-        items = [rng.randint(0, 99) for _ in range(count)] if rng.random() < 0.5 else rng.sample(WORDS, min(count, 8))
+        items = _numbers(rng, count) if rng.random() < 0.5 else rng.sample(WORDS, min(count, 8))
         question = rng.choice(REVERSE_LIST_TEMPLATES).format(items=_show_list(rng, items))
         return Problem(question, _join(items[::-1]), {"kind": "list", "items": items})
     word = rng.choice(WORDS)
@@ -424,7 +431,7 @@ def list_ops_problem(rng: random.Random) -> Problem:
                 unique.append(item)
         answer = _join(unique)
     else:
-        items = [rng.randint(0, 99) for _ in range(rng.randint(3, 6 if op == "sum" else 12))]
+        items = _numbers(rng, rng.randint(3, 6 if op == "sum" else 12))
         answer = str({"max": max, "min": min, "sum": sum, "length": len}[op](items))
     question = rng.choice(LIST_TEMPLATES[op]).format(items=_show_list(rng, items))
     return Problem(question, answer, {"op": op, "items": items})
@@ -962,7 +969,7 @@ def _arith_chain(rng: random.Random) -> tuple[list[dict], dict]:
 
 
 def _list_chain(rng: random.Random) -> tuple[list[dict], dict]:
-    items = [rng.randint(0, 99) for _ in range(rng.randint(4, 8))]
+    items = _numbers(rng, rng.randint(4, 8))
     first = _sort_problem(rng, items, descending=False)
     ordered = sorted(items)
     step = rng.choice(tuple(LIST_FOLLOW_UPS))
