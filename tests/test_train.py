@@ -240,6 +240,19 @@ def test_tiny_training_run_loss_falls_clearly(trained):
     assert last < 0.65 * first, (first, last)
 
 
+def test_a_muon_run_learns_faster_than_adamw_in_the_same_steps(tmp_path):
+    final = {}
+    for optimizer in ("adamw", "muon"):
+        losses = []
+        train(micro_config(tmp_path / optimizer, optimizer=optimizer, max_steps=150),
+              callback=lambda step, m: losses.append(m["loss"]))
+        final[optimizer] = sum(losses[-10:]) / 10
+    # Both start alike (at 40 steps they are within noise); by 150 Muon is clearly ahead: a last-10 mean of 3.65
+    # against 4.03 (seed 3), 3.82 against 4.22 (seed 4). At 5000 steps of the micro model its validation loss was half
+    # of AdamW's (docs/benchmarks.md).
+    assert final["muon"] < final["adamw"], final
+
+
 def test_export_loads_in_dgemma_and_the_reference_with_the_same_logits(trained):
     """The exported (bfloat16) checkpoint read by both, in float32: logits within 1e-4 (rounding only)."""
     from transformers import DiffusionGemmaForBlockDiffusion
@@ -272,15 +285,16 @@ def test_export_is_a_complete_bfloat16_checkpoint(trained):
     assert (out.parent / (out.name + ".train.pt")).is_file()
 
 
-def test_interrupted_run_resumes_to_exactly_the_uninterrupted_weights(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_interrupted_run_resumes_to_exactly_the_uninterrupted_weights(tmp_path, optimizer):
     steps = 6
-    straight = train(micro_config(tmp_path / "a", max_steps=steps))
+    straight = train(micro_config(tmp_path / "a", max_steps=steps, optimizer=optimizer))
 
     def interrupt(step, _):
         if step == 3:
             raise KeyboardInterrupt
 
-    config = micro_config(tmp_path / "b", max_steps=steps)
+    config = micro_config(tmp_path / "b", max_steps=steps, optimizer=optimizer)
     with pytest.raises(KeyboardInterrupt):
         train(config, callback=interrupt)
     assert torch.load(config.state_path, weights_only=False)["counters"]["step"] == 3
@@ -308,6 +322,7 @@ def test_resume_refuses_a_state_saved_with_other_settings(tmp_path):
     (dict(objective=ObjectiveConfig(self_cond_prob=1.5)), "self_cond_prob"),
     (dict(objective=ObjectiveConfig(filler_weight=-0.1)), "filler_weight"),
     (dict(qk_norm_init="zeros"), "qk_norm_init"),
+    (dict(optimizer="sgd"), "optimizer must be one of"),
     (dict(tokenizer="chars"), "tokenizer must be one of"),
     (dict(profile_at=-1), "profile_at"),
     (dict(objective=ObjectiveConfig(noise_samples=0)), "noise_samples"),
@@ -556,7 +571,8 @@ def test_a_batch_that_runs_out_of_memory_is_skipped_and_later_batches_are_capped
     assert cap < rows * width and cap <= 4096  # the batch that failed would no longer be cut
 
 
-def test_a_step_with_non_finite_gradients_is_skipped_and_training_goes_on(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_step_with_non_finite_gradients_is_skipped_and_training_goes_on(tmp_path, monkeypatch, caplog, optimizer):
     from dgemma.train import trainer as trainer_module
 
     real = trainer_module.block_diffusion_loss
@@ -570,7 +586,7 @@ def test_a_step_with_non_finite_gradients_is_skipped_and_training_goes_on(tmp_pa
         return parts
 
     monkeypatch.setattr(trainer_module, "block_diffusion_loss", poisoned)
-    config = micro_config(tmp_path / "m", max_steps=12)
+    config = micro_config(tmp_path / "m", max_steps=12, optimizer=optimizer)
     result = train(config)
     weights = torch.load(config.state_path, weights_only=False)["model"]
     assert all(torch.isfinite(w).all() for w in weights.values())  # the NaN step did not reach the weights
