@@ -60,10 +60,11 @@ class Muon:
 
     @torch.no_grad()
     def step(self) -> None:
+        keep = None if self.found_inf is None else self.found_inf == 0  # [] bool on the device
         for group, buf in zip(self.param_groups, self.buffers):
             params = group["params"]
+            # [k, *shape]: the group's k gradients (a parameter without one counts as a zero gradient)
             grads = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params]).float()
-            keep = None if self.found_inf is None else self.found_inf == 0  # [] bool on the device
             if keep is not None:
                 grads = torch.where(keep, grads, 0.0)  # a skipped step must not leave NaN in the momentum
                 new_buf = torch.where(keep, buf * self.momentum + grads, buf)
@@ -86,7 +87,8 @@ class Muon:
                 p.grad = None
 
     def state_dict(self) -> dict:
-        return {"buffers": [b.detach().cpu().clone() for b in self.buffers], "lr": [g["lr"] for g in self.param_groups]}
+        buffers = [b.detach().cpu().clone() for b in self.buffers]  # a copy: a live buffer would change under a save
+        return {"buffers": buffers, "lr": [g["lr"] for g in self.param_groups]}
 
     def load_state_dict(self, state: dict) -> None:
         saved = state["buffers"]
