@@ -6,8 +6,8 @@
 #     bash scripts/train_recipes.sh OUT_ROOT "NAME:OPTIONS" ["NAME:OPTIONS" ...]
 #     bash scripts/train_recipes.sh /tmp/runs "b2048:--batch-size 2048 --lr 3e-3" "b1024:--batch-size 1024"
 #
-# Recipe i runs on GPU i (CUDA_VISIBLE_DEVICES); give at most as many recipes as GPUs. Environment: TIME_BUDGET_MIN
-# and PYTHON are passed on to train_shipped.sh. Progress: `tail -f OUT_ROOT/*.log`; a run is finished when its log
+# Recipe i runs on GPU FIRST_GPU + i (CUDA_VISIBLE_DEVICES; FIRST_GPU defaults to 0, so two trees can share a host);
+# give at most as many recipes as GPUs. Environment: TIME_BUDGET_MIN and PYTHON are passed on to train_shipped.sh. Progress: `tail -f OUT_ROOT/*.log`; a run is finished when its log
 # ends with the summary ("== dgemma train: done ==" and the held-out table). This is how the recipes compared in
 # docs/benchmarks.md (issue 5) were run: three recipes in the wall time of one.
 set -euo pipefail
@@ -22,8 +22,12 @@ if ! command -v nvidia-smi > /dev/null; then
     exit 2
 fi
 gpus=$(nvidia-smi -L | wc -l)
-if [ $# -gt "$gpus" ]; then
-    echo "$# recipes but $gpus GPUs: give at most one recipe per GPU" >&2
+first=${FIRST_GPU:-0}
+case $first in
+    ''|*[!0-9]*) echo "FIRST_GPU must be a GPU index (0, 1, ...), got '$first'" >&2; exit 2 ;;
+esac
+if [ $((first + $#)) -gt "$gpus" ]; then
+    echo "$# recipes from GPU $first but $gpus GPUs: give at most one recipe per GPU" >&2
     exit 2
 fi
 for recipe in "$@"; do  # check every recipe before starting any
@@ -34,7 +38,7 @@ for recipe in "$@"; do  # check every recipe before starting any
     fi
 done
 mkdir -p "$root"
-gpu=0
+gpu=$first
 for recipe in "$@"; do
     name=${recipe%%:*}
     options=${recipe#*:}
