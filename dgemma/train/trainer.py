@@ -4,8 +4,8 @@
     corpus     (tasks.generate_examples, rendered and tokenized by worker processes in chunks, streamed into the
                first epoch while the step trains)
     model      (a preset architecture with random weights, or --init-from)
-    loop:      batch -> objective (CUDA: bfloat16 model under autocast) -> backward -> clip -> AdamW on float32
-               master weights
+    loop:      batch -> objective (CUDA: bfloat16 model under autocast) -> backward -> clip -> AdamW, or Muon with
+               AdamW (optim.py), on float32 master weights
                warmup, then cosine decay over the run's progress (steps or wall-clock budget, whichever is further)
                progress bar on stderr, held-out validation loss, resumable state every few minutes
     export     (the Hugging Face layout dgemma and transformers load; bfloat16 shards, tokenizer, generation config)
@@ -809,10 +809,10 @@ class Trainer:
             log.info("resumed %s at step %d (%.1f min trained)", cfg.state_path, counters["step"],
                      counters["train_seconds"] / 60)
         params = count_parameters(model)
-        log.info("model: %s parameters (%s), canvas %d, device %s, precision %s, moe %s", f"{params:,}",
-                 cfg.init_from or cfg.preset, mc.canvas_length, self.device,
+        log.info("model: %s parameters (%s), canvas %d, device %s, precision %s, moe %s, optimizer %s",
+                 f"{params:,}", cfg.init_from or cfg.preset, mc.canvas_length, self.device,
                  "bf16 under autocast, fp32 master weights" if self.autocast_dtype else "fp32",
-                 "dense" if isinstance(model.layers[0].experts, DenseExperts) else "model's own")
+                 "dense" if isinstance(model.layers[0].experts, DenseExperts) else "model's own", cfg.optimizer)
         log.info("training starts %.1f s after the corpus workers did (the corpus keeps coming)",
                  self.timings["data_s"])
         losses = self._loop(model, master, optimizer, sampler, gen, counters, val_batches, tokenizer_files,
