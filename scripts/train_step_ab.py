@@ -38,7 +38,7 @@ def time_step(config, batch, norm) -> tuple[float, float]:
     trainer.use_dense_experts(model)
     model.set_kernel_devices(())
     master = trainer.MasterWeights(model, torch.bfloat16)
-    optimizer = build_optimizer("adamw", list(zip(master.names, master.params)), 1e-3, 0.1, (0.9, 0.95))
+    optimizer = build_optimizer("adamw", master.named(), 1e-3, 0.1, (0.9, 0.95))
     gen = torch.Generator(device="cuda").manual_seed(0)
 
     def step() -> torch.Tensor:

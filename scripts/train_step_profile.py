@@ -45,8 +45,7 @@ def run(variant: str, batch, rows: int, device: torch.device) -> None:
         use_dense_experts(model)
     model.set_kernel_devices(())
     master = MasterWeights(model, torch.bfloat16 if cuda else None)
-    optimizer = build_optimizer("muon" if "muon" in suffixes else "adamw", list(zip(master.names, master.params)),
-                                1e-3, 0.1, (0.9, 0.95))
+    optimizer = build_optimizer("muon" if "muon" in suffixes else "adamw", master.named(), 1e-3, 0.1, (0.9, 0.95))
     loss = training_objective(model, ObjectiveConfig(noise_samples=2),
                               "inductor" if variant.startswith("compiled") else None,
                               "layers" if variant == "compiled_layers" else "objective")

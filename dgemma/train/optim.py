@@ -76,7 +76,7 @@ class Muon:
             scale = 0.2 * max(rows, cols) ** 0.5
             lr, decay = group["lr"], group["weight_decay"]
             stacked = torch.stack([p.detach() for p in params])
-            new = stacked * (1 - lr * decay) - (lr * scale) * update.to(stacked.dtype)
+            new = stacked * (1 - lr * decay) - (lr * scale) * update
             if keep is not None:
                 new = torch.where(keep, new, stacked)
             torch._foreach_copy_(params, list(new.unbind(0)))

@@ -470,6 +470,10 @@ class MasterWeights:
         else:
             self.params = self.model_params
 
+    def named(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, float32 parameter) pairs: what build_optimizer splits between its optimizers."""
+        return list(zip(self.names, self.params))
+
     def gradients_to_master(self) -> None:
         if self.separate:
             for master, p in zip(self.params, self.model_params):
@@ -792,8 +796,7 @@ class Trainer:
     def _train(self, model, master, sampler, state, tokenizer_files, objective, graphs, val_batches):
         """Optimizer, resume, and the loop: (losses, counters, parameter count)."""
         cfg, mc = self.config, model.config
-        optimizer = build_optimizer(cfg.optimizer, list(zip(master.names, master.params)), cfg.lr, cfg.weight_decay,
-                                    (cfg.beta1, cfg.beta2))
+        optimizer = build_optimizer(cfg.optimizer, master.named(), cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         if self.use_graphs and self.device.type == "cuda":
             torch.cuda.manual_seed(cfg.seed + 1)  # graphs draw from the default generator (saved as cuda_rng)
