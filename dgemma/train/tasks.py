@@ -416,7 +416,10 @@ LIST_TEMPLATES = {
         "Remove repeated numbers from {items}, keeping the first occurrence.",
         "List the unique values of {items} in their original order.",
     ),
+    # Short counts: the long family counts to 20-50, so without these "Count from 1 to 5." ran on to 25.
+    "range": ("Count from {a} to {b}.", "List the numbers from {a} to {b}.", "Write the numbers from {a} to {b}."),
 }
+RANGE_DOWN_TEMPLATES = ("Count down from {a} to {b}.", "List the numbers from {a} down to {b}.")
 
 
 def list_ops_problem(rng: random.Random) -> Problem:
@@ -430,6 +433,14 @@ def list_ops_problem(rng: random.Random) -> Problem:
             if item not in unique:
                 unique.append(item)
         answer = _join(unique)
+    elif op == "range":
+        low = 1 if rng.random() < 0.6 else rng.randint(0, 20)
+        high = low + rng.randint(2, 12)
+        down = rng.random() < 0.3
+        a, b = (high, low) if down else (low, high)
+        question = rng.choice(RANGE_DOWN_TEMPLATES if down else LIST_TEMPLATES[op]).format(a=a, b=b)
+        step = -1 if down else 1
+        return Problem(question, _join(list(range(a, b + step, step))), {"op": op, "start": a, "stop": b})
     else:
         items = _numbers(rng, rng.randint(3, 6 if op == "sum" else 12))
         answer = str({"max": max, "min": min, "sum": sum, "length": len}[op](items))
