@@ -330,3 +330,11 @@ def test_short_counts_stop_where_the_question_says():
         numbers = [int(x) for x in e.answer.split(", ")]
         assert numbers[0] == e.meta["start"] and numbers[-1] == e.meta["stop"] and 3 <= len(numbers) <= 13
         assert str(e.meta["start"]) in e.prompt_messages[-1]["content"]
+
+
+def test_the_word_list_is_hundreds_of_plain_lowercase_words():
+    from dgemma.train.tasks import WORDS
+
+    assert len(WORDS) == len(set(WORDS)) >= 400
+    assert all(re.fullmatch(r"[a-z]{3,9}", w) for w in WORDS)
+    assert {"elephant", "banana", "fig", "pear"} <= set(WORDS)
