@@ -319,3 +319,22 @@ def test_about_a_quarter_of_the_number_lists_hold_only_single_digits():
              if isinstance(e.meta.get("items", [""])[0], int) and e.meta.get("op") != "dedupe"]
     small = sum(max(items) <= 9 for items in lists) / len(lists)
     assert len(lists) > 800 and 0.18 < small < 0.33, (len(lists), small)
+
+
+def test_short_counts_stop_where_the_question_says():
+    """The long family counts to 20-50; list_ops' short ranges teach the model to stop at a small end too."""
+    ranges = [e for e in generate_examples(4, 600, families=["list_ops"]) if e.meta["op"] == "range"]
+    assert len(ranges) > 50
+    assert {e.meta["start"] > e.meta["stop"] for e in ranges} == {True, False}  # up and down
+    for e in ranges:
+        numbers = [int(x) for x in e.answer.split(", ")]
+        assert numbers[0] == e.meta["start"] and numbers[-1] == e.meta["stop"] and 3 <= len(numbers) <= 13
+        assert str(e.meta["start"]) in e.prompt_messages[-1]["content"]
+
+
+def test_the_word_list_is_hundreds_of_plain_lowercase_words():
+    from dgemma.train.tasks import WORDS
+
+    assert len(WORDS) == len(set(WORDS)) >= 400
+    assert all(re.fullmatch(r"[a-z]{3,9}", w) for w in WORDS)
+    assert {"elephant", "banana", "fig", "pear"} <= set(WORDS)

@@ -143,7 +143,15 @@ def _string_ops(m: dict) -> str:
 
 
 def _list_ops(m: dict) -> str:
-    items, op = m["items"], m["op"]
+    op = m["op"]
+    if op == "range":
+        numbers, n = [], m["start"]
+        while True:  # walk from start to stop, one at a time, in whichever direction the problem asked
+            numbers.append(n)
+            if n == m["stop"]:
+                return _listed(numbers)
+            n += 1 if m["stop"] > n else -1
+    items = m["items"]
     if op == "dedupe":
         return _listed(dict.fromkeys(items))  # dicts keep first-insertion order
     if op == "max":
