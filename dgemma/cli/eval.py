@@ -23,6 +23,10 @@ def add_parser(sub) -> None:
     add_model_args(p)
     p.add_argument("--n", type=int, default=500, help="number of problems")
     p.add_argument("--families", default=None, help="comma-separated families (default: the training mixture)")
+    p.add_argument("--rephrase", action="store_true",
+                   help="ask each problem in a wording the generator never trains on (arithmetic, sorting, reversing, "
+                        "counting and string families; dgemma/train/rephrase.py): how answers hold up when users "
+                        "phrase questions their own way")
     p.add_argument("--batch-size", type=int, default=64, help="requests generated together")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (e.g. 2 to time a 2-core laptop)")
     p.add_argument("--no-latency", action="store_true", help="skip the single-request 64-token timing")
@@ -58,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     llm = LLM(args.model, dtype=dtype_arg(args.dtype), device=args.device, generation_config=args.generation_config,
               quantization=args.quantization)
     seed = args.seed if args.seed is not None else 0
-    examples = ev.heldout(seed, args.n, families)
+    examples = ev.heldout(seed, args.n, families, rephrase=args.rephrase)
     params = llm.params(**sampling_overrides(args))
     if args.sweep:
         results = ev.sweep(llm, examples, base=params, batch_size=args.batch_size, seed=seed,
@@ -77,9 +81,9 @@ def run(args: argparse.Namespace) -> int:
     report = ev.evaluate(llm, examples, params, batch_size=args.batch_size, seed=seed,
                          measure_latency=not args.no_latency, keep_failures=max(args.failures, 5))
     if args.json:
-        print(json.dumps({"model": str(llm.path), **report.to_json()}))
+        print(json.dumps({"model": str(llm.path), "rephrase": args.rephrase, **report.to_json()}))
     else:
-        print(f"model: {llm.path}")
+        print(f"model: {llm.path}" + ("  (questions in unseen wordings: --rephrase)" if args.rephrase else ""))
         print(report.table())
         for f in report.failures[: args.failures]:
             print(f"--- {f['family']}: {f['prompt']!r}\n    expected {f['expected']!r}\n    got      {f['output']!r}")

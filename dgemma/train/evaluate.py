@@ -14,6 +14,7 @@ checkpoint's generation_config.json.
 from __future__ import annotations
 
 import json
+import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ from dgemma.chat_format import parse_tool_calls, split_reasoning
 from dgemma.errors import ConfigError
 from dgemma.sampling.params import SamplingParams
 from dgemma.train import checker
+from dgemma.train import rephrase as rephrasing
 from dgemma.train.tasks import FAMILIES, Example, heldout_examples
 
 # The issue's quality bar: exact match on the arithmetic, sorting and string families, correct tool calls, speed.
@@ -234,12 +236,24 @@ def latency_64(llm, params: SamplingParams | None = None, repeats: int = 3) -> f
     return statistics.median(times)
 
 
-def heldout(seed: int, n: int, families: list[str] | None = None) -> list[Example]:
-    """The evaluation set: `n` held-out problems from the default mixture, or evenly from `families`."""
+def heldout(seed: int, n: int, families: list[str] | None = None, rephrase: bool = False) -> list[Example]:
+    """The evaluation set: `n` held-out problems from the default mixture, or evenly from `families`. With
+    `rephrase`, problems of the families `dgemma.train.rephrase` covers (all of them by default), each asked in a
+    wording the generator never uses."""
+    if rephrase:
+        families = families or list(rephrasing.FAMILIES)
+        uncovered = [name for name in families if name not in rephrasing.UNSEEN]
+        if uncovered:
+            raise ConfigError(f"rephrase covers the families {', '.join(rephrasing.FAMILIES)}; not {uncovered}")
     if families:
         per = max(1, n // len(families))
-        return [e for name in families for e in heldout_examples(seed, per, families=[name])][:n]
-    return heldout_examples(seed, n)
+        examples = [e for name in families for e in heldout_examples(seed, per, families=[name])][:n]
+    else:
+        examples = heldout_examples(seed, n)
+    if rephrase:
+        rng = random.Random(f"rephrase:{seed}")  # a str seed hashes the same in every process
+        examples = [rephrasing.rephrase(e, rng) for e in examples]
+    return examples
 
 
 # --------------------------------------------------------------------------------------------------

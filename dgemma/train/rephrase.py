@@ -1,0 +1,104 @@
+"""Wordings the task generator never uses: how answers hold up when a user asks in their own words.
+
+The held-out split gives a model problems it has never seen, but always in one of the generator's few phrasings per
+task; a user types "17*23" or "sort 5, 3, 9, 1". `dgemma eval --rephrase` asks each held-out problem of the bar's
+families (arithmetic, sorting, reversing, counting, string operations) in one of the wordings below instead. Only
+the user's question changes: the problem, its meta and therefore the checker's expected answer stay the same.
+
+None of these templates is one the generator trains on (tests/test_rephrase.py checks it), so the score measures
+generalisation to new phrasings, not recall. Keep it that way: a wording moved into training must leave this file.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+from dgemma.errors import ConfigError
+from dgemma.train.tasks import SEPARATORS, Example, _join, _show_list
+
+# family -> templates, or family -> kind -> templates (kind as the generator's meta names it). Terse, lowercase and
+# chatty forms on purpose: that is how people type.
+UNSEEN: dict[str, tuple[str, ...] | dict] = {
+    "add": ("{a}+{b}", "what's {a} plus {b}?", "Add {b} to {a}.", "{a} plus {b}", "Sum of {a} and {b}?"),
+    "sub": ("{a}-{b}", "what's {a} minus {b}?", "{a} minus {b}", "Take {b} away from {a}.", "How much is {a} - {b}?"),
+    "mul": ("{a}*{b}", "what's {a} times {b}?", "{a} multiplied by {b}", "Multiply {a} and {b}.", "{a} times {b}"),
+    "sort": {
+        ("numbers", False): ("sort {items}", "Order these from low to high: {items}", "Sort {items} in increasing order."),
+        ("numbers", True): ("sort {items} from high to low", "Order these from biggest to smallest: {items}"),
+        ("words", False): ("sort {items} alphabetically", "Alphabetical order please: {items}",
+                           "Order these words from a to z: {items}"),
+        ("words", True): ("Sort {items} from z to a.", "Order these words from z to a: {items}"),
+    },
+    "reverse": {
+        "word": ("reverse {w}", "Write {w} backwards.", "{w} backwards?"),
+        "list": ("reverse {items}", "Flip the order of {items}."),
+    },
+    "count": {
+        "occurrences": ("How often does {x} occur in {items}?", "count the {x}s in {items}"),
+        "letters": ("Number of letters in {w}?", "Count the letters in {w}."),
+        "letter": ("How often does {c} occur in {w}?", 'count the "{c}"s in {w}'),
+        "words": ('Word count of "{t}"?', 'How many words does "{t}" have?'),
+    },
+    "string_ops": {
+        "upper": ('"{t}" in uppercase, please.', "Make this uppercase: {t}"),
+        "lower": ('"{t}" in lowercase, please.', "Make this lowercase: {t}"),
+        "first_letter": ("First letter of {w}?", "{w}: which letter comes first?"),
+        "last_letter": ("Last letter of {w}?", "{w}: which letter comes last?"),
+        "join": ("Join {items} with {sep_name}.", "Glue {items} together with {sep_name}."),
+        "split": ('Break "{t}" into its words.', 'What are the words of "{t}"?'),
+        "replace": ('Swap "{old}" for "{new}" in "{t}".', 'Put "{new}" where "{old}" is in "{t}".'),
+    },
+}
+FAMILIES = tuple(UNSEEN)
+
+
+def _kind(family: str, meta: dict):
+    if family == "sort":
+        return ("words" if isinstance(meta["items"][0], str) else "numbers", meta["descending"])
+    if family == "string_ops":
+        return meta["op"]
+    return meta.get("kind")  # reverse and count name their kind; arithmetic has none
+
+
+def question(family: str, meta: dict, rng: random.Random) -> str:
+    """A question for the problem described by `meta`, in a wording the generator never uses."""
+    if family not in UNSEEN:
+        raise ConfigError(f"no unseen wordings for family {family!r}; --rephrase covers {', '.join(FAMILIES)}")
+    table = UNSEEN[family]
+    templates = table if isinstance(table, tuple) else table[_kind(family, meta)]
+    template = rng.choice(templates)
+    if family in ("add", "sub", "mul"):
+        return template.format(a=meta["a"], b=meta["b"])
+    if family == "sort":
+        return template.format(items=_show_list(rng, meta["items"]))
+    if family == "reverse":
+        if meta["kind"] == "word":
+            return template.format(w=meta["word"])
+        return template.format(items=_show_list(rng, meta["items"]))
+    if family == "count":
+        kind = meta["kind"]
+        if kind == "occurrences":
+            return template.format(x=meta["target"], items=_show_list(rng, meta["items"]))
+        if kind == "letters":
+            return template.format(w=meta["word"])
+        if kind == "letter":
+            return template.format(c=meta["letter"], w=meta["word"])
+        return template.format(t=meta["text"])
+    op = meta["op"]  # string_ops
+    if op in ("upper", "lower", "split"):
+        return template.format(t=meta["text"])
+    if op in ("first_letter", "last_letter"):
+        return template.format(w=meta["word"])
+    if op == "join":
+        return template.format(items=_join(meta["words"]), sep_name=SEPARATORS[meta["sep"]])
+    return template.format(t=meta["text"], old=meta["old"], new=meta["new"])
+
+
+def rephrase(example: Example, rng: random.Random) -> Example:
+    """The same single-turn problem with its user question reworded (system prompt and answer unchanged)."""
+    *before, user, target = example.messages
+    if user.get("role") != "user" or target.get("role") != "assistant":
+        raise ConfigError(f"rephrase needs a single-turn example ending in user + assistant, got {example.family!r}")
+    reworded = {**user, "content": question(example.family, example.meta, rng)}
+    return replace(example, messages=[*before, reworded, target])
