@@ -57,10 +57,10 @@ def test_every_problem_the_generator_makes_can_be_reworded(family):
 
 
 def test_heldout_rephrase_defaults_to_the_covered_families_and_is_deterministic():
-    first, second = heldout(3, 70, rephrase=True), heldout(3, 70, rephrase=True)
+    first, second = heldout(3, 80, rephrase=True), heldout(3, 80, rephrase=True)
     assert [e.messages for e in first] == [e.messages for e in second]
-    assert {e.family for e in first} == set(FAMILIES) and len(first) == 70
-    plain = heldout(3, 70, list(FAMILIES))
+    assert {e.family for e in first} == set(FAMILIES) and len(first) == 80
+    plain = heldout(3, 80, list(FAMILIES))
     assert [e.meta for e in plain] == [e.meta for e in first]  # the same problems, other words
 
 
@@ -73,8 +73,8 @@ def test_rephrase_refuses_families_it_has_no_wordings_for():
 
 @pytest.mark.skipif(shipped_model_path() is None, reason="the shipped model is not in this checkout")
 def test_eval_cli_rephrase_scores_the_shipped_model_on_unseen_wordings(capsys):
-    assert main(["eval", "--rephrase", "--n", "7", "--json", "--no-latency", "--failures", "7"]) == 0
+    assert main(["eval", "--rephrase", "--n", "8", "--json", "--no-latency", "--failures", "8"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["rephrase"] is True and set(data["families"]) == set(FAMILIES) and data["total"]["n"] == 7
+    assert data["rephrase"] is True and set(data["families"]) == set(FAMILIES) and data["total"]["n"] == 8
     assert main(["eval", "--rephrase", "--families", "chat", "--n", "2", "--no-latency"]) == 2
     assert "rephrase covers the families" in capsys.readouterr().err

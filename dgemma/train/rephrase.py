@@ -2,7 +2,8 @@
 
 The held-out split gives a model problems it has never seen, but always in one of the generator's few phrasings per
 task; a user types "17*23" or "sort 5, 3, 9, 1". `dgemma eval --rephrase` asks each held-out problem of the bar's
-families (arithmetic, sorting, reversing, counting, string operations) in one of the wordings below instead. Only
+families (arithmetic, sorting, reversing, counting, string operations) and of the list operations in one of the
+wordings below instead. Only
 the user's question changes: the problem, its meta and therefore the checker's expected answer stay the same.
 
 None of these templates is one the generator trains on (tests/test_rephrase.py checks it), so the score measures
@@ -49,6 +50,15 @@ UNSEEN: dict[str, tuple[str, ...] | dict] = {
         "split": ('Break "{t}" into its words.', 'What are the words of "{t}"?'),
         "replace": ('Swap "{old}" for "{new}" in "{t}".', 'Put "{new}" where "{old}" is in "{t}".'),
     },
+    "list_ops": {
+        "max": ("max of {items}?", "Biggest number in {items}?"),
+        "min": ("min of {items}?", "Smallest number in {items}?"),
+        "sum": ("Total of {items}?", "Sum up {items}."),
+        "length": ("Count the numbers in {items}.", "How long is the list {items}?"),
+        "dedupe": ("Drop the duplicates in {items}.", "{items} without repeats?"),
+        "range": ("numbers from {a} to {b}?", "Go from {a} to {b}, one number at a time."),
+        "range_down": ("count backwards from {a} to {b}", "Go down from {a} to {b}, one number at a time."),
+    },
 }
 FAMILIES = tuple(UNSEEN)
 
@@ -56,7 +66,9 @@ FAMILIES = tuple(UNSEEN)
 def _kind(family: str, meta: dict):
     if family == "sort":
         return ("words" if isinstance(meta["items"][0], str) else "numbers", meta["descending"])
-    if family == "string_ops":
+    if family == "list_ops" and meta["op"] == "range":
+        return "range_down" if meta["start"] > meta["stop"] else "range"
+    if family in ("string_ops", "list_ops"):
         return meta["op"]
     return meta.get("kind")  # reverse and count name their kind; arithmetic has none
 
@@ -85,6 +97,10 @@ def question(family: str, meta: dict, rng: random.Random) -> str:
         if kind == "letter":
             return template.format(c=meta["letter"], w=meta["word"])
         return template.format(t=meta["text"])
+    if family == "list_ops":
+        if meta["op"] == "range":
+            return template.format(a=meta["start"], b=meta["stop"])
+        return template.format(items=_show_list(rng, meta["items"]))
     op = meta["op"]  # string_ops
     if op in ("upper", "lower", "split"):
         return template.format(t=meta["text"])
