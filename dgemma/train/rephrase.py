@@ -2,8 +2,8 @@
 
 The held-out split gives a model problems it has never seen, but always in one of the generator's few phrasings per
 task; a user types "17*23" or "sort 5, 3, 9, 1". `dgemma eval --rephrase` asks each held-out problem of the bar's
-families (arithmetic, sorting, reversing, counting, string operations) and of the list operations in one of the
-wordings below instead. Only
+families (arithmetic, sorting, reversing, counting, string operations), of the list operations, unit conversions
+and facts in one of the wordings below instead. Only
 the user's question changes: the problem, its meta and therefore the checker's expected answer stay the same.
 
 None of these templates is one the generator trains on (tests/test_rephrase.py checks it), so the score measures
@@ -16,7 +16,7 @@ import random
 from dataclasses import replace
 
 from dgemma.errors import ConfigError
-from dgemma.train.tasks import SEPARATORS, Example, _join, _show_list
+from dgemma.train.tasks import SEPARATORS, Example, _join, _ordinal, _show_list, _the
 
 # family -> templates, or family -> kind -> templates (kind as the generator's meta names it). Terse, lowercase and
 # chatty forms on purpose: that is how people type.
@@ -25,7 +25,8 @@ UNSEEN: dict[str, tuple[str, ...] | dict] = {
     "sub": ("{a}-{b}", "what's {a} minus {b}?", "{a} minus {b}", "Take {b} away from {a}.", "How much is {a} - {b}?"),
     "mul": ("{a}*{b}", "what's {a} times {b}?", "{a} multiplied by {b}", "Multiply {a} and {b}.", "{a} times {b}"),
     "sort": {
-        ("numbers", False): ("sort {items}", "Order these from low to high: {items}", "Sort {items} in increasing order."),
+        ("numbers", False): ("sort {items}", "Order these from low to high: {items}",
+                             "Sort {items} in increasing order."),
         ("numbers", True): ("sort {items} from high to low", "Order these from biggest to smallest: {items}"),
         ("words", False): ("sort {items} alphabetically", "Alphabetical order please: {items}",
                            "Order these words from a to z: {items}"),
@@ -59,6 +60,21 @@ UNSEEN: dict[str, tuple[str, ...] | dict] = {
         "range": ("numbers from {a} to {b}?", "Go from {a} to {b}, one number at a time."),
         "range_down": ("count backwards from {a} to {b}", "Go down from {a} to {b}, one number at a time."),
     },
+    "units": ("{v} {f} in {t}?", "{v} {f} to {t}", "Express {v} {f} in {t}."),
+    "facts": {  # (table, attribute, asks for the name)
+        ("countries", "capital", False): ("capital of {name}?", "Tell me the capital city of {name}."),
+        ("countries", "capital", True): ("{value} is the capital of what country?",
+                                         "Capital city {value}: which country?"),
+        ("countries", "continent", False): ("{name} is on which continent?", "continent of {name}?"),
+        ("planets", "order", False): ("{name} is which planet from the Sun?",
+                                      "Where is {name} in the order of planets?"),
+        ("planets", "order", True): ("Name the {value} planet from the Sun.", "{value} planet from the Sun?"),
+        ("planets", "type", False): ("What kind of planet is {name}?", "{name}: rocky, gas giant or ice giant?"),
+        ("elements", "symbol", False): ("symbol for {name}?", "Give the chemical symbol of {name}."),
+        ("elements", "symbol", True): ("{value} is the symbol of which element?", "Element with symbol {value}?"),
+        ("elements", "number", False): ("atomic number of {name}?", "What number is {name} on the periodic table?"),
+        ("elements", "number", True): ("Element number {value}?", "Which element is number {value}?"),
+    },
 }
 FAMILIES = tuple(UNSEEN)
 
@@ -66,6 +82,8 @@ FAMILIES = tuple(UNSEEN)
 def _kind(family: str, meta: dict):
     if family == "sort":
         return ("words" if isinstance(meta["items"][0], str) else "numbers", meta["descending"])
+    if family == "facts":
+        return (meta["table"], meta["attribute"], "value" in meta)
     if family == "list_ops" and meta["op"] == "range":
         return "range_down" if meta["start"] > meta["stop"] else "range"
     if family in ("string_ops", "list_ops"):
@@ -97,6 +115,14 @@ def question(family: str, meta: dict, rng: random.Random) -> str:
         if kind == "letter":
             return template.format(c=meta["letter"], w=meta["word"])
         return template.format(t=meta["text"])
+    if family == "units":
+        return template.format(v=meta["value"], f=meta["from"], t=meta["to"])
+    if family == "facts":
+        if "value" in meta:
+            value = meta["value"]
+            return template.format(value=_ordinal(value) if meta["attribute"] == "order" else value)
+        name = meta["name"]
+        return template.format(name=_the(name) if meta["table"] == "countries" else name)
     if family == "list_ops":
         if meta["op"] == "range":
             return template.format(a=meta["start"], b=meta["stop"])
