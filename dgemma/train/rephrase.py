@@ -91,50 +91,31 @@ def _kind(family: str, meta: dict):
     return meta.get("kind")  # reverse and count name their kind; arithmetic has none
 
 
+def _fields(family: str, meta: dict, rng: random.Random) -> dict:
+    """The placeholders of the generator's templates (which these share, so the test can compare them) from meta."""
+    if family == "units":
+        return {"v": meta["value"], "f": meta["from"], "t": meta["to"]}
+    if family == "facts":
+        if "value" in meta:
+            return {"value": _ordinal(meta["value"]) if meta["attribute"] == "order" else meta["value"]}
+        return {"name": _the(meta["name"]) if meta["table"] == "countries" else meta["name"]}
+    fields = {"a": meta.get("a", meta.get("start")), "b": meta.get("b", meta.get("stop")), "w": meta.get("word"),
+              "x": meta.get("target"), "c": meta.get("letter"), "t": meta.get("text"), "old": meta.get("old"),
+              "new": meta.get("new")}
+    if "items" in meta:  # sort, reverse, count and list operations show lists with or without brackets
+        fields["items"] = _show_list(rng, meta["items"])
+    if "words" in meta:  # join
+        fields["items"], fields["sep_name"] = _join(meta["words"]), SEPARATORS[meta["sep"]]
+    return fields
+
+
 def question(family: str, meta: dict, rng: random.Random) -> str:
     """A question for the problem described by `meta`, in a wording the generator never uses."""
     if family not in UNSEEN:
         raise ConfigError(f"no unseen wordings for family {family!r}; --rephrase covers {', '.join(FAMILIES)}")
     table = UNSEEN[family]
-    templates = table if isinstance(table, tuple) else table[_kind(family, meta)]
-    template = rng.choice(templates)
-    if family in ("add", "sub", "mul"):
-        return template.format(a=meta["a"], b=meta["b"])
-    if family == "sort":
-        return template.format(items=_show_list(rng, meta["items"]))
-    if family == "reverse":
-        if meta["kind"] == "word":
-            return template.format(w=meta["word"])
-        return template.format(items=_show_list(rng, meta["items"]))
-    if family == "count":
-        kind = meta["kind"]
-        if kind == "occurrences":
-            return template.format(x=meta["target"], items=_show_list(rng, meta["items"]))
-        if kind == "letters":
-            return template.format(w=meta["word"])
-        if kind == "letter":
-            return template.format(c=meta["letter"], w=meta["word"])
-        return template.format(t=meta["text"])
-    if family == "units":
-        return template.format(v=meta["value"], f=meta["from"], t=meta["to"])
-    if family == "facts":
-        if "value" in meta:
-            value = meta["value"]
-            return template.format(value=_ordinal(value) if meta["attribute"] == "order" else value)
-        name = meta["name"]
-        return template.format(name=_the(name) if meta["table"] == "countries" else name)
-    if family == "list_ops":
-        if meta["op"] == "range":
-            return template.format(a=meta["start"], b=meta["stop"])
-        return template.format(items=_show_list(rng, meta["items"]))
-    op = meta["op"]  # string_ops
-    if op in ("upper", "lower", "split"):
-        return template.format(t=meta["text"])
-    if op in ("first_letter", "last_letter"):
-        return template.format(w=meta["word"])
-    if op == "join":
-        return template.format(items=_join(meta["words"]), sep_name=SEPARATORS[meta["sep"]])
-    return template.format(t=meta["text"], old=meta["old"], new=meta["new"])
+    template = rng.choice(table if isinstance(table, tuple) else table[_kind(family, meta)])
+    return template.format(**_fields(family, meta, rng))
 
 
 def rephrase(example: Example, rng: random.Random) -> Example:
