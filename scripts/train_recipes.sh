@@ -7,9 +7,10 @@
 #     bash scripts/train_recipes.sh /tmp/runs "b2048:--batch-size 2048 --lr 3e-3" "b1024:--batch-size 1024"
 #
 # Recipe i runs on GPU FIRST_GPU + i (CUDA_VISIBLE_DEVICES; FIRST_GPU defaults to 0, so two trees can share a host);
-# give at most as many recipes as GPUs. Environment: TIME_BUDGET_MIN and PYTHON are passed on to train_shipped.sh. Progress: `tail -f OUT_ROOT/*.log`; a run is finished when its log
-# ends with the summary ("== dgemma train: done ==" and the held-out table). This is how the recipes compared in
-# docs/benchmarks.md (issue 5) were run: three recipes in the wall time of one.
+# give at most as many recipes as GPUs. Environment: TIME_BUDGET_MIN and PYTHON are passed on to train_shipped.sh.
+# Progress: `tail -f OUT_ROOT/*.log`; a run is finished when its log ends with the summary ("== dgemma train: done =="
+# and the held-out table). This is how the recipes compared in docs/benchmarks.md (issue 5) were run: several recipes
+# in the wall time of one.
 set -euo pipefail
 
 if [ $# -lt 2 ]; then

@@ -25,8 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("--families", default=None, help="comma-separated families (default: the training mixture)")
     p.add_argument("--rephrase", action="store_true",
                    help="ask each problem in a wording the generator never trains on (arithmetic, sorting, reversing, "
-                        "counting, string, list, unit and fact families; dgemma/train/rephrase.py): how answers hold up when users "
-                        "phrase questions their own way")
+                        "counting, string, list, unit and fact families; dgemma/train/rephrase.py): how answers "
+                        "hold up when users phrase questions their own way")
     p.add_argument("--batch-size", type=int, default=64, help="requests generated together")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (e.g. 2 to time a 2-core laptop)")
     p.add_argument("--no-latency", action="store_true", help="skip the single-request 64-token timing")

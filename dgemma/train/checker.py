@@ -145,12 +145,8 @@ def _string_ops(m: dict) -> str:
 def _list_ops(m: dict) -> str:
     op = m["op"]
     if op == "range":
-        numbers, n = [], m["start"]
-        while True:  # walk from start to stop, one at a time, in whichever direction the problem asked
-            numbers.append(n)
-            if n == m["stop"]:
-                return _listed(numbers)
-            n += 1 if m["stop"] > n else -1
+        step = 1 if m["stop"] >= m["start"] else -1  # up or down, as the problem asked
+        return _listed(range(m["start"], m["stop"] + step, step))
     items = m["items"]
     if op == "dedupe":
         return _listed(dict.fromkeys(items))  # dicts keep first-insertion order

@@ -3,8 +3,8 @@
 The held-out split gives a model problems it has never seen, but always in one of the generator's few phrasings per
 task; a user types "17*23" or "sort 5, 3, 9, 1". `dgemma eval --rephrase` asks each held-out problem of the bar's
 families (arithmetic, sorting, reversing, counting, string operations), of the list operations, unit conversions
-and facts in one of the wordings below instead. Only
-the user's question changes: the problem, its meta and therefore the checker's expected answer stay the same.
+and facts in one of the wordings below instead. Only the user's question changes: the problem, its meta and therefore
+the checker's expected answer stay the same.
 
 None of these templates is one the generator trains on (tests/test_rephrase.py checks it), so the score measures
 generalisation to new phrasings, not recall. Keep it that way: a wording moved into training must leave this file.

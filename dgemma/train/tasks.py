@@ -129,7 +129,6 @@ def prompt_key(example: Example) -> str:
 # Vocabulary and small helpers
 # --------------------------------------------------------------------------------------------------
 
-# Short common words (3-6 letters, lowercase, distinct): list items, string tasks and sentences.
 # Common English words of 3-9 letters (dgemma/assets/words.txt, one per line): the words the spelling, sorting and
 # string tasks draw from. A few hundred, so a model must learn to spell, not memorise a short list's answers (with 86
 # words, "elephant" or "fig" were never seen and "How many letters are in elephant?" got 5).
@@ -437,7 +436,7 @@ def list_ops_problem(rng: random.Random) -> Problem:
         a, b = (high, low) if down else (low, high)
         question = rng.choice(RANGE_DOWN_TEMPLATES if down else LIST_TEMPLATES[op]).format(a=a, b=b)
         step = -1 if down else 1
-        return Problem(question, _join(list(range(a, b + step, step))), {"op": op, "start": a, "stop": b})
+        return Problem(question, _join(range(a, b + step, step)), {"op": op, "start": a, "stop": b})
     else:
         items = _numbers(rng, rng.randint(3, 6 if op == "sum" else 12))
         answer = str({"max": max, "min": min, "sum": sum, "length": len}[op](items))
