@@ -243,6 +243,25 @@ def test_reasoning_and_step_by_step_equations_are_true(by_family):
     assert not checker.reasoning_is_sound("12 + 30 = 43.")
 
 
+def test_products_by_two_digit_factors_show_true_work_and_others_are_bare(by_family):
+    worked = 0
+    for example in by_family["mul"]:
+        a, b = example.meta["a"], example.meta["b"]
+        shorter = str(b) if len(str(b)) <= len(str(a)) else str(a)
+        sides = example.answer.split(" = ")
+        assert sides[-1] == str(a * b)
+        if len(shorter) == 2 and shorter[1] != "0":
+            worked += 1
+            assert sides[0] == f"{a} × {b}" and len(sides) == 4
+            assert {eval(side.replace("×", "*")) for side in sides} == {a * b}  # every step of the work is true
+            assert sides[1].endswith(f"× {shorter[1]}"), "the two-digit factor splits into tens and ones"
+        else:
+            assert sides == [str(a * b)]
+    assert worked >= len(by_family["mul"]) // 4
+    products = [e for e in by_family["system_format"] if e.meta["base_family"] == "mul"]
+    assert products and all("×" not in e.answer for e in products), "a requested format carries the result only"
+
+
 def test_multi_turn_earlier_answers_are_right_too(by_family):
     for example in by_family["multi_turn"]:
         if example.meta["chain"] != "arith":

@@ -100,7 +100,13 @@ def _sub(m: dict) -> str:
 
 
 def _mul(m: dict) -> str:
-    return str(operator.mul(m["a"], m["b"]))
+    # Work shown when the factor with fewer digits (the second on a tie) reads as two digits, tens then ones.
+    a, b = m["a"], m["b"]
+    short, long_ = (str(b), a) if len(str(b)) <= len(str(a)) else (str(a), b)
+    if len(short) != 2 or short[1] == "0":
+        return str(operator.mul(a, b))
+    parts = [long_ * int(short[0] + "0"), long_ * int(short[1])]
+    return f"{a} × {b} = {long_} × {short[0]}0 + {long_} × {short[1]} = {parts[0]} + {parts[1]} = {sum(parts)}"
 
 
 def _sort(m: dict) -> str:
@@ -209,7 +215,9 @@ def _tool_call_answer(m: dict) -> str:
 
 
 def _system_format(m: dict) -> str:
-    base = _ANSWERS[m["base_family"]](m["base"])
+    family = m["base_family"]
+    # A format asks for the result only: a product's work is left out
+    base = str(m["base"]["a"] * m["base"]["b"]) if family == "mul" else _ANSWERS[family](m["base"])
     form = m["format"]
     if form == "uppercase":
         return base.upper()
