@@ -222,6 +222,14 @@ ADD_TEMPLATES = (
     "{a} + {b} = ?",
     "Calculate {a} plus {b}.",
     "How much is {a} plus {b}?",
+    "{a} + {b}",
+    "What's {a} + {b}?",
+    "Increase {a} by {b}.",
+    "What do you get when you add {a} and {b}?",
+    "What does {a} + {b} equal?",
+    "Work out {a} plus {b}.",
+    "Give me the total of {a} and {b}.",
+    "Tell me {a} + {b}.",
 )
 SUB_TEMPLATES = (
     "What is {a} - {b}?",
@@ -231,6 +239,14 @@ SUB_TEMPLATES = (
     "{a} - {b} = ?",
     "Calculate {a} minus {b}.",
     "What do you get if you take {b} away from {a}?",
+    "{a} - {b}",
+    "What's {a} - {b}?",
+    "Decrease {a} by {b}.",
+    "What is {b} less than {a}?",
+    "What does {a} - {b} equal?",
+    "Work out {a} minus {b}.",
+    "Find the difference {a} - {b}.",
+    "Tell me {a} - {b}.",
 )
 MUL_TEMPLATES = (
     "What is {a} * {b}?",
@@ -240,6 +256,14 @@ MUL_TEMPLATES = (
     "Compute {a} times {b}.",
     "{a} x {b} = ?",
     "How much is {a} times {b}?",
+    "{a} * {b}",
+    "{a} × {b}",
+    "What's {a} * {b}?",
+    "Find the product of {a} and {b}.",
+    "What does {a} * {b} equal?",
+    "Work out {a} times {b}.",
+    "Calculate {a} * {b}.",
+    "Tell me {a} × {b}.",
 )
 
 
@@ -267,20 +291,37 @@ SORT_TEMPLATES = {
         "Sort from smallest to largest: {items}",
         "Put these numbers in increasing order: {items}",
         "Arrange {items} from lowest to highest.",
+        "Sort: {items}",
+        "Sort the list {items}.",
+        "Can you sort {items}?",
+        "Arrange these numbers in ascending order: {items}",
+        "Put {items} in order, smallest first.",
+        "Order {items} from smallest to largest.",
     ),
     ("numbers", True): (
         "Sort these numbers in descending order: {items}",
         "Sort from largest to smallest: {items}",
         "Put these numbers in decreasing order: {items}",
+        "Sort {items} in descending order.",
+        "Put {items} in order, largest first.",
+        "Arrange {items} from highest to lowest.",
+        "Sort the list {items}, biggest first.",
     ),
     ("words", False): (
         "Sort these words alphabetically: {items}",
         "Put these words in alphabetical order: {items}",
         "Alphabetize: {items}",
+        "Put {items} in alphabetical order.",
+        "Arrange these words alphabetically: {items}",
+        "Sort alphabetically: {items}",
+        "Can you alphabetize {items}?",
     ),
     ("words", True): (
         "Sort these words in reverse alphabetical order: {items}",
         "Put these words in reverse alphabetical order: {items}",
+        "Put {items} in reverse alphabetical order.",
+        "Sort these words, last in the alphabet first: {items}",
+        "Reverse-alphabetize: {items}",
     ),
 }
 
@@ -304,12 +345,22 @@ REVERSE_LIST_TEMPLATES = (
     "Reverse this list: {items}",
     "Write this list in reverse order: {items}",
     "What is {items} reversed?",
+    "Reverse the order of {items}.",
+    "Reverse the list {items}.",
+    "List {items} in reverse order.",
+    "Can you reverse {items}?",
 )
 REVERSE_WORD_TEMPLATES = (
     "Reverse the word {w}.",
     "Spell {w} backwards.",
     'What is "{w}" written backwards?',
     'Reverse the letters of "{w}".',
+    "Can you reverse the word {w}?",
+    "Write the word {w} in reverse.",
+    "Spell the word {w} backwards.",
+    "What is {w} spelled backwards?",
+    "Reverse the string {w}.",
+    "{w} reversed is?",
 )
 
 
@@ -324,10 +375,35 @@ def reverse_problem(rng: random.Random) -> Problem:
 
 
 COUNT_TEMPLATES = {
-    "occurrences": ("How many times does {x} appear in {items}?", "Count how many times {x} occurs in {items}."),
-    "letters": ("How many letters are in the word {w}?", 'How many letters does "{w}" have?'),
-    "letter": ('How many times does the letter "{c}" appear in "{w}"?', "Count the letter {c} in the word {w}."),
-    "words": ('How many words are in this sentence: "{t}"?', 'Count the words in "{t}".'),
+    "occurrences": (
+        "How many times does {x} appear in {items}?",
+        "Count how many times {x} occurs in {items}.",
+        "How many {x}s are in {items}?",
+        "In {items}, how many times does {x} appear?",
+        "Count the occurrences of {x} in {items}.",
+    ),
+    "letters": (
+        "How many letters are in the word {w}?",
+        'How many letters does "{w}" have?',
+        "How long is the word {w}, in letters?",
+        "What is the length of the word {w}?",
+        "How many letters is {w}?",
+        "Tell me how many letters {w} has.",
+    ),
+    "letter": (
+        'How many times does the letter "{c}" appear in "{w}"?',
+        "Count the letter {c} in the word {w}.",
+        'How many "{c}"s are in {w}?',
+        "How many times is {c} in {w}?",
+        'In "{w}", how many times does the letter {c} appear?',
+    ),
+    "words": (
+        'How many words are in this sentence: "{t}"?',
+        'Count the words in "{t}".',
+        'How many words are in "{t}"?',
+        "Count the words: {t}",
+        'Number of words in "{t}"?',
+    ),
 }
 
 
@@ -353,13 +429,23 @@ def count_problem(rng: random.Random) -> Problem:
 
 
 STRING_TEMPLATES = {
-    "upper": ('Convert "{t}" to uppercase.', 'Write "{t}" in capital letters.', "Uppercase this: {t}"),
-    "lower": ('Convert "{t}" to lowercase.', 'Write "{t}" in small letters.', "Lowercase this: {t}"),
-    "first_letter": ("What is the first letter of {w}?", 'Which letter does "{w}" start with?'),
-    "last_letter": ("What is the last letter of {w}?", 'Which letter does "{w}" end with?'),
-    "join": ("Join these words with {sep_name}: {items}", "Combine {items} into one string using {sep_name}."),
-    "split": ('Split "{t}" into words.', 'List the words in "{t}", separated by commas.'),
-    "replace": ('Replace the word "{old}" with "{new}" in "{t}".', 'In "{t}", change the word "{old}" to "{new}".'),
+    "upper": ('Convert "{t}" to uppercase.', 'Write "{t}" in capital letters.', "Uppercase this: {t}",
+              'Uppercase "{t}".', 'Change "{t}" to upper case.', "Write {t} in all caps."),
+    "lower": ('Convert "{t}" to lowercase.', 'Write "{t}" in small letters.', "Lowercase this: {t}",
+              'Lowercase "{t}".', 'Change "{t}" to lower case.', "Write {t} in lower case."),
+    "first_letter": ("What is the first letter of {w}?", 'Which letter does "{w}" start with?',
+                     "What letter does {w} begin with?", 'Give the first letter of "{w}".',
+                     "Which letter starts the word {w}?"),
+    "last_letter": ("What is the last letter of {w}?", 'Which letter does "{w}" end with?',
+                    "What letter does {w} end with?", 'Give the last letter of "{w}".',
+                    "Which letter ends the word {w}?"),
+    "join": ("Join these words with {sep_name}: {items}", "Combine {items} into one string using {sep_name}.",
+             "Connect {items} using {sep_name}.", "Join the words {items} using {sep_name}."),
+    "split": ('Split "{t}" into words.', 'List the words in "{t}", separated by commas.',
+              "Split {t} into a list of words.", 'Separate "{t}" into words.', 'Which words make up "{t}"?'),
+    "replace": ('Replace the word "{old}" with "{new}" in "{t}".', 'In "{t}", change the word "{old}" to "{new}".',
+                'Change "{old}" to "{new}" in "{t}".', 'In "{t}", replace "{old}" with "{new}".',
+                'Rewrite "{t}" with "{new}" instead of "{old}".'),
 }
 SEPARATORS = {"-": "a hyphen", "_": "an underscore", "/": "a slash", " ": "a space", "": "no separator"}
 
@@ -605,10 +691,32 @@ def facts_problem(rng: random.Random, spec: tuple[str, str, bool] | None = None)
     return Problem(question, str(row[attribute]), {"table": table, "attribute": attribute, "name": row["name"]})
 
 
+CASUAL_PROBABILITY = 0.35  # a share of single questions typed the way people type them
+CASUAL_OPENERS = ("Hey, ", "Hi! ", "Quick question: ", "Please help: ", "Question: ", "Ok, ")
+CASUAL_CLOSERS = (" Thanks!", " Thank you.", " Please.")
+
+
+def _casual(rng: random.Random, question: str) -> str:
+    """`question` as people type it: maybe a small first letter, no end punctuation, a greeting or thanks. The
+    words that carry the task stay, so the answer does not change."""
+    if rng.random() >= CASUAL_PROBABILITY:
+        return question
+    if rng.random() < 0.5:
+        question = question[:1].lower() + question[1:]
+    if rng.random() < 0.5 and question[-1:] in (".", "?"):
+        question = question[:-1]
+    if rng.random() < 0.25:
+        question = rng.choice(CASUAL_OPENERS) + question
+    if rng.random() < 0.15:
+        question += rng.choice(CASUAL_CLOSERS)
+    return question
+
+
 def _single_turn(problem_fn: Callable[[random.Random], Problem]) -> Callable[[random.Random], Draft]:
     def make(rng: random.Random) -> Draft:
         problem = problem_fn(rng)
-        messages = _with_neutral_system(rng, [_user(problem.question), _assistant(problem.answer)])
+        question = _casual(rng, problem.question)
+        messages = _with_neutral_system(rng, [_user(question), _assistant(problem.answer)])
         return Draft(messages=messages, meta=problem.meta)
 
     return make
