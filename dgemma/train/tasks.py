@@ -481,27 +481,41 @@ def string_ops_problem(rng: random.Random) -> Problem:
 
 
 LIST_TEMPLATES = {
-    "max": ("What is the largest number in {items}?", "Find the maximum of {items}.", "Which is the biggest: {items}?"),
+    "max": ("What is the largest number in {items}?", "Find the maximum of {items}.", "Which is the biggest: {items}?",
+            "Which number in {items} is the largest?", "Give the highest value in {items}.",
+            "What is the maximum of {items}?"),
     "min": (
         "What is the smallest number in {items}?",
         "Find the minimum of {items}.",
         "Which is the smallest: {items}?",
+        "Which number in {items} is the smallest?",
+        "Give the lowest value in {items}.",
+        "What is the minimum of {items}?",
     ),
-    "sum": ("What is the sum of {items}?", "Add up these numbers: {items}", "What do {items} add up to?"),
+    "sum": ("What is the sum of {items}?", "Add up these numbers: {items}", "What do {items} add up to?",
+            "Add together {items}.", "Find the sum of {items}.", "What do you get if you add {items}?"),
     "length": (
         "How many numbers are in the list {items}?",
         "What is the length of the list {items}?",
         "How many elements does {items} have?",
+        "How many items are in {items}?",
+        "What is the size of the list {items}?",
     ),
     "dedupe": (
         "Remove the duplicates from {items}.",
         "Remove repeated numbers from {items}, keeping the first occurrence.",
         "List the unique values of {items} in their original order.",
+        "Remove duplicates: {items}",
+        "Keep only the first copy of each number in {items}.",
+        "Deduplicate {items}.",
     ),
     # Short counts: the long family counts to 20-50, so without these "Count from 1 to 5." ran on to 25.
-    "range": ("Count from {a} to {b}.", "List the numbers from {a} to {b}.", "Write the numbers from {a} to {b}."),
+    "range": ("Count from {a} to {b}.", "List the numbers from {a} to {b}.", "Write the numbers from {a} to {b}.",
+              "Count up from {a} to {b}.", "Write out the numbers {a} to {b}.",
+              "Print the numbers from {a} through {b}."),
 }
-RANGE_DOWN_TEMPLATES = ("Count down from {a} to {b}.", "List the numbers from {a} down to {b}.")
+RANGE_DOWN_TEMPLATES = ("Count down from {a} to {b}.", "List the numbers from {a} down to {b}.",
+                        "Write the numbers from {a} down to {b}.", "Count down, {a} to {b}.")
 
 
 def list_ops_problem(rng: random.Random) -> Problem:
