@@ -616,6 +616,10 @@ UNIT_TEMPLATES = (
     "What is {v} {f} in {t}?",
     "How many {t_plural} are in {v} {f_name}?",
     "Convert {v} {f_name} to {t_plural}.",
+    "How much is {v} {f} in {t}?",
+    "Change {v} {f} into {t}.",
+    "{v} {f} equals how many {t_plural}?",
+    "Turn {v} {f_name} into {t_plural}.",
 )
 
 
@@ -653,41 +657,59 @@ FACT_TEMPLATES = {
         "Which city is the capital of {name}?",
         "Name the capital of {name}.",
         "What city is the capital of {name}?",
+        "What's the capital of {name}?",
+        "The capital of {name} is?",
     ),
     ("countries", "capital", True): (
         "Which country has {value} as its capital?",
         "{value} is the capital of which country?",
         "Of which country is {value} the capital?",
+        "Which country's capital is {value}?",
+        "In which country is the capital {value}?",
     ),
     ("countries", "continent", False): (
         "On which continent is {name}?",
         "Which continent is {name} in?",
         "What continent is {name} located on?",
+        "Which continent does {name} belong to?",
+        "{name} is part of which continent?",
     ),
     ("planets", "order", False): (
         "What is the position of {name} from the Sun?",
         "Counting from the Sun, what number planet is {name}?",
+        "What place does {name} have among the planets from the Sun?",
     ),
-    ("planets", "order", True): ("Which planet is {value} from the Sun?", "What is the {value} planet from the Sun?"),
+    ("planets", "order", True): ("Which planet is {value} from the Sun?", "What is the {value} planet from the Sun?",
+                                 "Which planet comes {value} from the Sun?"),
     ("planets", "type", False): (
         "What type of planet is {name}?",
         "Is {name} a rocky planet, a gas giant or an ice giant?",
+        "Which type of planet is {name}?",
+        "Classify the planet {name}.",
     ),
     ("elements", "symbol", False): (
         "What is the chemical symbol for {name}?",
         "What is the symbol of the element {name}?",
+        "What's the symbol for {name}?",
+        "Which symbol does {name} have?",
     ),
     ("elements", "symbol", True): (
         "Which element has the symbol {value}?",
         "What element does the symbol {value} stand for?",
+        "The symbol {value} stands for which element?",
+        "Which element is {value}?",
     ),
     ("elements", "number", False): (
         "What is the atomic number of {name}?",
         "How many protons does an atom of {name} have?",
+        "What's the atomic number of {name}?",
+        "Which atomic number does {name} have?",
     ),
     ("elements", "number", True): (
         "Which element has atomic number {value}?",
         "What element is number {value} on the periodic table?",
+        "The element with atomic number {value} is?",
+        "Name element number {value}.",
     ),
 }
 
