@@ -357,3 +357,14 @@ def test_the_word_list_is_hundreds_of_plain_lowercase_words():
     assert len(WORDS) == len(set(WORDS)) >= 400
     assert all(re.fullmatch(r"[a-z]{3,9}", w) for w in WORDS)
     assert {"elephant", "banana", "fig", "pear"} <= set(WORDS)
+
+
+def test_a_share_of_single_questions_is_typed_casually_and_keeps_its_operands():
+    """About a third of single questions come lowercased, without end punctuation, or with a greeting or thanks, as
+    people type; the numbers the answer needs are all still there."""
+    examples = generate_examples(0, 600, ["add"])
+    questions = [e.prompt_messages[-1]["content"] for e in examples]
+    casual = [q for q in questions if q[0].islower() or q[-1] not in ".?" or q.startswith(tasks.CASUAL_OPENERS)]
+    assert 0.15 < len(casual) / len(questions) < 0.45
+    for example, question in zip(examples, questions):
+        assert str(example.meta["a"]) in question and str(example.meta["b"]) in question

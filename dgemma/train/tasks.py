@@ -223,6 +223,14 @@ ADD_TEMPLATES = (
     "{a} + {b} = ?",
     "Calculate {a} plus {b}.",
     "How much is {a} plus {b}?",
+    "{a} + {b}",
+    "What's {a} + {b}?",
+    "Increase {a} by {b}.",
+    "What do you get when you add {a} and {b}?",
+    "What does {a} + {b} equal?",
+    "Work out {a} plus {b}.",
+    "Give me the total of {a} and {b}.",
+    "Tell me {a} + {b}.",
 )
 SUB_TEMPLATES = (
     "What is {a} - {b}?",
@@ -232,6 +240,14 @@ SUB_TEMPLATES = (
     "{a} - {b} = ?",
     "Calculate {a} minus {b}.",
     "What do you get if you take {b} away from {a}?",
+    "{a} - {b}",
+    "What's {a} - {b}?",
+    "Decrease {a} by {b}.",
+    "What is {b} less than {a}?",
+    "What does {a} - {b} equal?",
+    "Work out {a} minus {b}.",
+    "Find the difference {a} - {b}.",
+    "Tell me {a} - {b}.",
 )
 MUL_TEMPLATES = (
     "What is {a} * {b}?",
@@ -241,6 +257,14 @@ MUL_TEMPLATES = (
     "Compute {a} times {b}.",
     "{a} x {b} = ?",
     "How much is {a} times {b}?",
+    "{a} * {b}",
+    "{a} × {b}",
+    "What's {a} * {b}?",
+    "Find the product of {a} and {b}.",
+    "What does {a} * {b} equal?",
+    "Work out {a} times {b}.",
+    "Calculate {a} * {b}.",
+    "Tell me {a} × {b}.",
 )
 
 
@@ -286,20 +310,37 @@ SORT_TEMPLATES = {
         "Sort from smallest to largest: {items}",
         "Put these numbers in increasing order: {items}",
         "Arrange {items} from lowest to highest.",
+        "Sort: {items}",
+        "Sort the list {items}.",
+        "Can you sort {items}?",
+        "Arrange these numbers in ascending order: {items}",
+        "Put {items} in order, smallest first.",
+        "Order {items} from smallest to largest.",
     ),
     ("numbers", True): (
         "Sort these numbers in descending order: {items}",
         "Sort from largest to smallest: {items}",
         "Put these numbers in decreasing order: {items}",
+        "Sort {items} in descending order.",
+        "Put {items} in order, largest first.",
+        "Arrange {items} from highest to lowest.",
+        "Sort the list {items}, biggest first.",
     ),
     ("words", False): (
         "Sort these words alphabetically: {items}",
         "Put these words in alphabetical order: {items}",
         "Alphabetize: {items}",
+        "Put {items} in alphabetical order.",
+        "Arrange these words alphabetically: {items}",
+        "Sort alphabetically: {items}",
+        "Can you alphabetize {items}?",
     ),
     ("words", True): (
         "Sort these words in reverse alphabetical order: {items}",
         "Put these words in reverse alphabetical order: {items}",
+        "Put {items} in reverse alphabetical order.",
+        "Sort these words, last in the alphabet first: {items}",
+        "Reverse-alphabetize: {items}",
     ),
 }
 
@@ -323,12 +364,22 @@ REVERSE_LIST_TEMPLATES = (
     "Reverse this list: {items}",
     "Write this list in reverse order: {items}",
     "What is {items} reversed?",
+    "Reverse the order of {items}.",
+    "Reverse the list {items}.",
+    "List {items} in reverse order.",
+    "Can you reverse {items}?",
 )
 REVERSE_WORD_TEMPLATES = (
     "Reverse the word {w}.",
     "Spell {w} backwards.",
     'What is "{w}" written backwards?',
     'Reverse the letters of "{w}".',
+    "Can you reverse the word {w}?",
+    "Write the word {w} in reverse.",
+    "Spell the word {w} backwards.",
+    "What is {w} spelled backwards?",
+    "Reverse the string {w}.",
+    "{w} reversed is?",
 )
 
 
@@ -343,10 +394,35 @@ def reverse_problem(rng: random.Random) -> Problem:
 
 
 COUNT_TEMPLATES = {
-    "occurrences": ("How many times does {x} appear in {items}?", "Count how many times {x} occurs in {items}."),
-    "letters": ("How many letters are in the word {w}?", 'How many letters does "{w}" have?'),
-    "letter": ('How many times does the letter "{c}" appear in "{w}"?', "Count the letter {c} in the word {w}."),
-    "words": ('How many words are in this sentence: "{t}"?', 'Count the words in "{t}".'),
+    "occurrences": (
+        "How many times does {x} appear in {items}?",
+        "Count how many times {x} occurs in {items}.",
+        "How many {x}s are in {items}?",
+        "In {items}, how many times does {x} appear?",
+        "Count the occurrences of {x} in {items}.",
+    ),
+    "letters": (
+        "How many letters are in the word {w}?",
+        'How many letters does "{w}" have?',
+        "How long is the word {w}, in letters?",
+        "What is the length of the word {w}?",
+        "How many letters is {w}?",
+        "Tell me how many letters {w} has.",
+    ),
+    "letter": (
+        'How many times does the letter "{c}" appear in "{w}"?',
+        "Count the letter {c} in the word {w}.",
+        'How many "{c}"s are in {w}?',
+        "How many times is {c} in {w}?",
+        'In "{w}", how many times does the letter {c} appear?',
+    ),
+    "words": (
+        'How many words are in this sentence: "{t}"?',
+        'Count the words in "{t}".',
+        'How many words are in "{t}"?',
+        "Count the words: {t}",
+        'Number of words in "{t}"?',
+    ),
 }
 
 
@@ -372,13 +448,23 @@ def count_problem(rng: random.Random) -> Problem:
 
 
 STRING_TEMPLATES = {
-    "upper": ('Convert "{t}" to uppercase.', 'Write "{t}" in capital letters.', "Uppercase this: {t}"),
-    "lower": ('Convert "{t}" to lowercase.', 'Write "{t}" in small letters.', "Lowercase this: {t}"),
-    "first_letter": ("What is the first letter of {w}?", 'Which letter does "{w}" start with?'),
-    "last_letter": ("What is the last letter of {w}?", 'Which letter does "{w}" end with?'),
-    "join": ("Join these words with {sep_name}: {items}", "Combine {items} into one string using {sep_name}."),
-    "split": ('Split "{t}" into words.', 'List the words in "{t}", separated by commas.'),
-    "replace": ('Replace the word "{old}" with "{new}" in "{t}".', 'In "{t}", change the word "{old}" to "{new}".'),
+    "upper": ('Convert "{t}" to uppercase.', 'Write "{t}" in capital letters.', "Uppercase this: {t}",
+              'Uppercase "{t}".', 'Change "{t}" to upper case.', "Write {t} in all caps."),
+    "lower": ('Convert "{t}" to lowercase.', 'Write "{t}" in small letters.', "Lowercase this: {t}",
+              'Lowercase "{t}".', 'Change "{t}" to lower case.', "Write {t} in lower case."),
+    "first_letter": ("What is the first letter of {w}?", 'Which letter does "{w}" start with?',
+                     "What letter does {w} begin with?", 'Give the first letter of "{w}".',
+                     "Which letter starts the word {w}?"),
+    "last_letter": ("What is the last letter of {w}?", 'Which letter does "{w}" end with?',
+                    "What letter does {w} end with?", 'Give the last letter of "{w}".',
+                    "Which letter ends the word {w}?"),
+    "join": ("Join these words with {sep_name}: {items}", "Combine {items} into one string using {sep_name}.",
+             "Connect {items} using {sep_name}.", "Join the words {items} using {sep_name}."),
+    "split": ('Split "{t}" into words.', 'List the words in "{t}", separated by commas.',
+              "Split {t} into a list of words.", 'Separate "{t}" into words.', 'Which words make up "{t}"?'),
+    "replace": ('Replace the word "{old}" with "{new}" in "{t}".', 'In "{t}", change the word "{old}" to "{new}".',
+                'Change "{old}" to "{new}" in "{t}".', 'In "{t}", replace "{old}" with "{new}".',
+                'Rewrite "{t}" with "{new}" instead of "{old}".'),
 }
 SEPARATORS = {"-": "a hyphen", "_": "an underscore", "/": "a slash", " ": "a space", "": "no separator"}
 
@@ -414,27 +500,41 @@ def string_ops_problem(rng: random.Random) -> Problem:
 
 
 LIST_TEMPLATES = {
-    "max": ("What is the largest number in {items}?", "Find the maximum of {items}.", "Which is the biggest: {items}?"),
+    "max": ("What is the largest number in {items}?", "Find the maximum of {items}.", "Which is the biggest: {items}?",
+            "Which number in {items} is the largest?", "Give the highest value in {items}.",
+            "What is the maximum of {items}?"),
     "min": (
         "What is the smallest number in {items}?",
         "Find the minimum of {items}.",
         "Which is the smallest: {items}?",
+        "Which number in {items} is the smallest?",
+        "Give the lowest value in {items}.",
+        "What is the minimum of {items}?",
     ),
-    "sum": ("What is the sum of {items}?", "Add up these numbers: {items}", "What do {items} add up to?"),
+    "sum": ("What is the sum of {items}?", "Add up these numbers: {items}", "What do {items} add up to?",
+            "Add together {items}.", "Find the sum of {items}.", "What do you get if you add {items}?"),
     "length": (
         "How many numbers are in the list {items}?",
         "What is the length of the list {items}?",
         "How many elements does {items} have?",
+        "How many items are in {items}?",
+        "What is the size of the list {items}?",
     ),
     "dedupe": (
         "Remove the duplicates from {items}.",
         "Remove repeated numbers from {items}, keeping the first occurrence.",
         "List the unique values of {items} in their original order.",
+        "Remove duplicates: {items}",
+        "Keep only the first copy of each number in {items}.",
+        "Deduplicate {items}.",
     ),
     # Short counts: the long family counts to 20-50, so without these "Count from 1 to 5." ran on to 25.
-    "range": ("Count from {a} to {b}.", "List the numbers from {a} to {b}.", "Write the numbers from {a} to {b}."),
+    "range": ("Count from {a} to {b}.", "List the numbers from {a} to {b}.", "Write the numbers from {a} to {b}.",
+              "Count up from {a} to {b}.", "Write out the numbers {a} to {b}.",
+              "Print the numbers from {a} through {b}."),
 }
-RANGE_DOWN_TEMPLATES = ("Count down from {a} to {b}.", "List the numbers from {a} down to {b}.")
+RANGE_DOWN_TEMPLATES = ("Count down from {a} to {b}.", "List the numbers from {a} down to {b}.",
+                        "Write the numbers from {a} down to {b}.", "Count down, {a} to {b}.")
 
 
 def list_ops_problem(rng: random.Random) -> Problem:
@@ -535,6 +635,10 @@ UNIT_TEMPLATES = (
     "What is {v} {f} in {t}?",
     "How many {t_plural} are in {v} {f_name}?",
     "Convert {v} {f_name} to {t_plural}.",
+    "How much is {v} {f} in {t}?",
+    "Change {v} {f} into {t}.",
+    "{v} {f} equals how many {t_plural}?",
+    "Turn {v} {f_name} into {t_plural}.",
 )
 
 
@@ -572,41 +676,59 @@ FACT_TEMPLATES = {
         "Which city is the capital of {name}?",
         "Name the capital of {name}.",
         "What city is the capital of {name}?",
+        "What's the capital of {name}?",
+        "The capital of {name} is?",
     ),
     ("countries", "capital", True): (
         "Which country has {value} as its capital?",
         "{value} is the capital of which country?",
         "Of which country is {value} the capital?",
+        "Which country's capital is {value}?",
+        "In which country is the capital {value}?",
     ),
     ("countries", "continent", False): (
         "On which continent is {name}?",
         "Which continent is {name} in?",
         "What continent is {name} located on?",
+        "Which continent does {name} belong to?",
+        "{name} is part of which continent?",
     ),
     ("planets", "order", False): (
         "What is the position of {name} from the Sun?",
         "Counting from the Sun, what number planet is {name}?",
+        "What place does {name} have among the planets from the Sun?",
     ),
-    ("planets", "order", True): ("Which planet is {value} from the Sun?", "What is the {value} planet from the Sun?"),
+    ("planets", "order", True): ("Which planet is {value} from the Sun?", "What is the {value} planet from the Sun?",
+                                 "Which planet comes {value} from the Sun?"),
     ("planets", "type", False): (
         "What type of planet is {name}?",
         "Is {name} a rocky planet, a gas giant or an ice giant?",
+        "Which type of planet is {name}?",
+        "Classify the planet {name}.",
     ),
     ("elements", "symbol", False): (
         "What is the chemical symbol for {name}?",
         "What is the symbol of the element {name}?",
+        "What's the symbol for {name}?",
+        "Which symbol does {name} have?",
     ),
     ("elements", "symbol", True): (
         "Which element has the symbol {value}?",
         "What element does the symbol {value} stand for?",
+        "The symbol {value} stands for which element?",
+        "Which element is {value}?",
     ),
     ("elements", "number", False): (
         "What is the atomic number of {name}?",
         "How many protons does an atom of {name} have?",
+        "What's the atomic number of {name}?",
+        "Which atomic number does {name} have?",
     ),
     ("elements", "number", True): (
         "Which element has atomic number {value}?",
         "What element is number {value} on the periodic table?",
+        "The element with atomic number {value} is?",
+        "Name element number {value}.",
     ),
 }
 
@@ -624,10 +746,32 @@ def facts_problem(rng: random.Random, spec: tuple[str, str, bool] | None = None)
     return Problem(question, str(row[attribute]), {"table": table, "attribute": attribute, "name": row["name"]})
 
 
+CASUAL_PROBABILITY = 0.35  # a share of single questions typed the way people type them
+CASUAL_OPENERS = ("Hey, ", "Hi! ", "Quick question: ", "Please help: ", "Question: ", "Ok, ")
+CASUAL_CLOSERS = (" Thanks!", " Thank you.", " Please.")
+
+
+def _casual(rng: random.Random, question: str) -> str:
+    """`question` as people type it: maybe a small first letter, no end punctuation, a greeting or thanks. The
+    words that carry the task stay, so the answer does not change."""
+    if rng.random() >= CASUAL_PROBABILITY:
+        return question
+    if rng.random() < 0.5:
+        question = question[:1].lower() + question[1:]
+    if rng.random() < 0.5 and question[-1:] in (".", "?"):
+        question = question[:-1]
+    if rng.random() < 0.25:
+        question = rng.choice(CASUAL_OPENERS) + question
+    if rng.random() < 0.15:
+        question += rng.choice(CASUAL_CLOSERS)
+    return question
+
+
 def _single_turn(problem_fn: Callable[[random.Random], Problem]) -> Callable[[random.Random], Draft]:
     def make(rng: random.Random) -> Draft:
         problem = problem_fn(rng)
-        messages = _with_neutral_system(rng, [_user(problem.question), _assistant(problem.answer)])
+        question = _casual(rng, problem.question)
+        messages = _with_neutral_system(rng, [_user(question), _assistant(problem.answer)])
         return Draft(messages=messages, meta=problem.meta)
 
     return make
