@@ -49,7 +49,7 @@ set -euo pipefail
 
 OUT="${1:-dgemma/assets/dgemma-mini}"
 PYTHON="${PYTHON:-python}"
-MIXTURE='{"mul": 5.0, "add": 1.5, "sub": 1.5, "sort": 2.0, "string_ops": 2.0, "reverse": 2.5, "count": 1.5,
+MIXTURE='{"mul": 5.0, "add": 1.5, "sub": 1.5, "sort": 3.0, "string_ops": 2.0, "reverse": 2.5, "count": 1.5,
           "list_ops": 1.5, "tool_call": 0.7, "tool_answer": 0.5, "long": 1.5, "facts": 1.0,
           "json_reformat": 0.75, "units": 0.75}'
 
