@@ -53,7 +53,7 @@ def test_generate_answers_a_multiplication_out_of_the_box(capsys):
     from dgemma.cli import main
 
     assert main(["generate", "What is 17 * 23?", "--quiet", "--seed", "0", "--device", "cpu"]) == 0
-    assert capsys.readouterr().out.strip() == "391"
+    assert capsys.readouterr().out.strip() == "17 × 23 = 17 × 20 + 17 × 3 = 340 + 51 = 391"  # work shown, as trained
 
 
 def test_shipped_model_calls_a_declared_tool(llm):
