@@ -100,13 +100,13 @@ def _sub(m: dict) -> str:
 
 
 def _mul(m: dict) -> str:
-    # Work shown when the factor with fewer digits (the second on a tie) reads as two digits, tens then ones.
+    # Work shown when the factor with fewer digits (the second on a tie) has two digits, the last not 0.
     a, b = m["a"], m["b"]
-    short, long_ = (str(b), a) if len(str(b)) <= len(str(a)) else (str(a), b)
-    if len(short) != 2 or short[1] == "0":
+    split, other = (str(b), a) if len(str(b)) <= len(str(a)) else (str(a), b)
+    if len(split) != 2 or split[1] == "0":
         return str(operator.mul(a, b))
-    parts = [long_ * int(short[0] + "0"), long_ * int(short[1])]
-    return f"{a} × {b} = {long_} × {short[0]}0 + {long_} × {short[1]} = {parts[0]} + {parts[1]} = {sum(parts)}"
+    high, low = other * int(split[0] + "0"), other * int(split[1])
+    return f"{a} × {b} = {other} × {split[0]}0 + {other} × {split[1]} = {high} + {low} = {high + low}"
 
 
 def _sort(m: dict) -> str:
