@@ -197,4 +197,8 @@ def test_bench_counts_fp8_weights_at_one_byte(capsys):
     assert main(args + ["--quantization", "fp8"]) == 0
     fp8 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert fp8["quantization"] == "fp8" and full["quantization"] == "none"
-    assert fp8["weight_gb"] < full["weight_gb"] and fp8["step_floor_ms"] < full["step_floor_ms"]
+    assert fp8["weight_gb"] < full["weight_gb"]
+    # Each run measures its own copy bandwidth (noisy on a shared CPU): the floor is its weight bytes over that
+    # bandwidth, so fewer bytes give a lower floor at any one bandwidth.
+    for res in (full, fp8):
+        assert res["step_floor_ms"] == pytest.approx(res["weight_gb"] / res["copy_bandwidth_gbps"] * 1e3)
