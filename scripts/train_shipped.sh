@@ -3,10 +3,9 @@
 #
 #     bash scripts/train_shipped.sh [OUT_DIR] [extra `dgemma train` options]   # default OUT_DIR: dgemma/assets/dgemma-mini
 #
-# Needs one CUDA GPU (~19.5 minutes wall time in all: a 17-minute training budget that includes the ~2-minute compile
-# of the layers and the streamed corpus, then ~2.5 minutes of sampler sweep (64 settings; the thirteenth session's
-# run swept the 24 of the grid before small entropy bounds were added, in 40 s), evaluation and export; measured on
-# an H200 in the eleventh and thirteenth sessions; the budget is wall-clock, so an H100 takes the same time for
+# Needs one CUDA GPU (~18.5 minutes wall time in all: a 17-minute training budget that includes the ~2-minute compile
+# of the layers and the streamed corpus, then ~1.5 minutes of sampler sweep (24 settings), evaluation and export;
+# measured on an H200 in the eleventh and thirteenth sessions; the budget is wall-clock, so an H100 takes the same time for
 # somewhat fewer steps) and the package's dependencies; runs from the repository root. It trains a new model from scratch on dgemma's generated
 # tasks, exports it (bfloat16 safetensors shards of at most 15 MiB, tokenizer, chat template), sweeps the sampler
 # settings on held-out problems and writes the chosen ones into generation_config.json, then prints a summary with a
