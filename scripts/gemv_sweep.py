@@ -21,8 +21,9 @@ import triton.language as tl
 
 
 @triton.jit
-def gemv(x, w, y, N, K, K_PER_SPLIT, M: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    # y [M, N] (float32, zeroed) += x [M, K] @ w [N, K]^T over this program's K slice
+def gemv(x, w, y, N, K, K_PER_SPLIT, M: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr):
+    # SPLIT: y [M, N] (float32, zeroed) += x [M, K] @ w [N, K]^T over this program's K slice; else y = x @ w^T,
+    # stored in y's dtype (no zeroing, no atomics, no cast afterwards)
     pid_n = tl.program_id(0)
     k_start = tl.program_id(1) * K_PER_SPLIT
     rn = pid_n * BN + tl.arange(0, BN)  # [BN]
@@ -34,18 +35,23 @@ def gemv(x, w, y, N, K, K_PER_SPLIT, M: tl.constexpr, BN: tl.constexpr, BK: tl.c
             a = tl.load(x + m * K + kk, mask=kk < K, other=0.0).to(tl.float32)  # [BK]
             b = tl.load(w + rn[:, None] * K + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
             acc += tl.sum(b.to(tl.float32) * a[None, :], axis=1)  # [BN]
-        tl.atomic_add(y + m * N + rn, acc, mask=rn < N)
+        if SPLIT:
+            tl.atomic_add(y + m * N + rn, acc, mask=rn < N)
+        else:
+            tl.store(y + m * N + rn, acc.to(y.dtype.element_ty), mask=rn < N)
 
 
 def triton_gemv(x: torch.Tensor, w: torch.Tensor, cfg: dict) -> torch.Tensor:
-    """x [M, K] bf16, w [N, K] bf16 -> [M, N] float32."""
+    """x [M, K] bf16, w [N, K] bf16 -> [M, N] in x's dtype, as F.linear returns it. A K split sums float32 partials
+    into a zeroed buffer and casts at the end: two more kernels, timed with it, since a real call site pays them."""
     m, k = x.shape
     n = w.shape[0]
-    y = torch.zeros(m, n, device=x.device, dtype=torch.float32)
+    split = cfg["split"] > 1
+    y = torch.zeros(m, n, device=x.device, dtype=torch.float32) if split else x.new_empty(m, n)
     k_per_split = triton.cdiv(triton.cdiv(k, cfg["split"]), cfg["BK"]) * cfg["BK"]
     grid = (triton.cdiv(n, cfg["BN"]), triton.cdiv(k, k_per_split))
-    gemv[grid](x, w, y, n, k, k_per_split, M=m, BN=cfg["BN"], BK=cfg["BK"], num_warps=cfg["w"])
-    return y
+    gemv[grid](x, w, y, n, k, k_per_split, M=m, BN=cfg["BN"], BK=cfg["BK"], SPLIT=split, num_warps=cfg["w"])
+    return y.to(x.dtype) if split else y
 
 
 def gbench(fn, copies: int) -> float:
@@ -88,8 +94,8 @@ def check() -> None:
         w = (torch.randn(n, k, device=device) * 0.02).to(torch.bfloat16)
         ref = F.linear(x.float(), w.float())
         for cfg in TILES[::7]:  # every BN, BK, warp count and split appears
-            err = ((triton_gemv(x, w, cfg) - ref).norm() / ref.norm()).item()
-            assert err < 1e-5, (n, k, m, cfg, err)
+            err = ((triton_gemv(x, w, cfg).float() - ref).norm() / ref.norm()).item()
+            assert err < 8e-3, (n, k, m, cfg, err)  # one bf16 rounding of the output (2^-9 relative)
     print("gemv matches F.linear on every checked shape and tile")
 
 
@@ -110,7 +116,7 @@ def sweep(rows: list[int]) -> None:
                     continue
                 best = min(best, (t, cfg), key=lambda item: item[0])
             ref = F.linear(x, ws[0]).float()
-            err = ((triton_gemv(x, ws[0], best[1]) - ref).norm() / ref.norm()).item()
+            err = ((triton_gemv(x, ws[0], best[1]).float() - ref).norm() / ref.norm()).item()
             floor = n * k * 2 / bw * 1e6
             print(f"M={m} {name:12s} N={n} K={k}: floor {floor:.1f} us, cuBLAS {t_cublas:.1f} us, "
                   f"gemv {best[0]:.1f} us {best[1]} err {err:.1e}", flush=True)
