@@ -99,12 +99,16 @@ def _sub(m: dict) -> str:
     return str(operator.sub(m["a"], m["b"]))
 
 
+def _product(m: dict) -> str:
+    return str(operator.mul(m["a"], m["b"]))
+
+
 def _mul(m: dict) -> str:
     # Work shown when the factor with fewer digits (the second on a tie) has two digits, the last not 0.
     a, b = m["a"], m["b"]
     split, other = (str(b), a) if len(str(b)) <= len(str(a)) else (str(a), b)
     if len(split) != 2 or split[1] == "0":
-        return str(operator.mul(a, b))
+        return _product(m)
     high, low = other * int(split[0] + "0"), other * int(split[1])
     return f"{a} × {b} = {other} × {split[0]}0 + {other} × {split[1]} = {high} + {low} = {high + low}"
 
@@ -215,9 +219,7 @@ def _tool_call_answer(m: dict) -> str:
 
 
 def _system_format(m: dict) -> str:
-    family = m["base_family"]
-    # A format asks for the result only: a product's work is left out
-    base = str(m["base"]["a"] * m["base"]["b"]) if family == "mul" else _ANSWERS[family](m["base"])
+    base = _RESULTS[m["base_family"]](m["base"])
     form = m["format"]
     if form == "uppercase":
         return base.upper()
@@ -321,6 +323,9 @@ _ANSWERS = {
     "long": _long,
     "chat": _chat,
 }
+
+# What a format prompt wraps: the bare result, where a family's answer shows its work.
+_RESULTS = {**_ANSWERS, "mul": _product}
 
 
 # --------------------------------------------------------------------------------------------------
