@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dgemma.config import FULL, SLIDING
+from dgemma.model import attention
 from dgemma.model.attention import AttentionBatch
 from dgemma.model.kv_cache import KVCache
 from dgemma.model.layers import rope_cos_sin
@@ -123,16 +124,41 @@ def decoder_attention_kernel_off_and_on(model, layer: int, rows: list[int], pref
                                         ) -> list[torch.Tensor]:
     """One sliding layer's decoder attention for canvases of `rows` after `prefixes` cached positions of random
     keys, kernel off (masked attention) then on (`canvas_attention` on a GPU): [[B, C, H] float32] * 2."""
+    c = model.config.canvas_length
+    return _attention_over_random_prefixes(
+        model, layer, rows, max(prefixes) + c, c, seed,
+        lambda cache: AttentionBatch.for_decoder(rows, prefixes, c, model.config.sliding_window, cache))
+
+
+def decode_attention_kernel_off_and_on(model, layer: int, rows: list[int], prefixes: list[int], seed: int = 0
+                                       ) -> list[torch.Tensor]:
+    """One layer's attention for a single decoded token per row (autoregressive mode) after `prefixes` cached
+    positions of random keys, kernel off (masked attention) then on (`cache_attention` with the key range split,
+    switched on for the call whatever the default): [[B, 1, H] float32] * 2."""
+    switched_on, attention.CACHE_ATTENTION_DECODE_TOKENS = attention.CACHE_ATTENTION_DECODE_TOKENS, 1
+    try:
+        return _attention_over_random_prefixes(
+            model, layer, rows, max(prefixes) + 1, 1, seed,
+            lambda cache: AttentionBatch.for_encoder(rows, prefixes, [1] * len(rows), model.config.sliding_window,
+                                                     cache))
+    finally:
+        attention.CACHE_ATTENTION_DECODE_TOKENS = switched_on
+
+
+def _attention_over_random_prefixes(model, layer: int, rows: list[int], capacity: int, tokens: int, seed: int,
+                                    make_batch) -> list[torch.Tensor]:
+    """`layer`'s attention for `tokens` new tokens of each of `rows`, over a cache whose keys and values are random
+    (standing in for encoded prefixes), kernel off then on: [[B, tokens, H] float32] * 2."""
     cfg, attn, kind = model.config, model.layers[layer].self_attn, model.layers[layer].kind
-    device, c = model.device, cfg.canvas_length
+    device = model.device
     gen = torch.Generator().manual_seed(seed)
-    capacity = max(prefixes) + c
     cache = KVCache(cfg, max(rows) + 1, capacity, model.dtype, device)
     for t in (cache.keys[layer], cache.values[layer]):
-        t.copy_(torch.randn(t.shape, generator=gen).to(t.dtype))  # stands in for an encoded prefix
-    x = torch.randn(len(rows), c, cfg.hidden_size, generator=gen).to(device, model.dtype)
-    batch = AttentionBatch.for_decoder(rows, prefixes, c, cfg.sliding_window, cache)
-    cos, sin = rope_cos_sin(batch.positions, model.inv_freq_sliding, model.dtype)  # [B, C, D] each
+        t.copy_(torch.randn(t.shape, generator=gen).to(t.dtype))
+    x = torch.randn(len(rows), tokens, cfg.hidden_size, generator=gen).to(device, model.dtype)
+    batch = make_batch(cache)
+    cos, sin = rope_cos_sin(batch.positions, model.inv_freq_full if kind == FULL else model.inv_freq_sliding,
+                            model.dtype)  # [B, tokens, D] each
     results = []
     for devices in ((), (device.type,)):
         attn.kernel_devices = devices

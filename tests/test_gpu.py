@@ -14,6 +14,7 @@ from dataclasses import replace
 import pytest
 import torch
 from kernel_wiring import (
+    decode_attention_kernel_off_and_on,
     decoder_attention_kernel_off_and_on,
     argmax_agreement,
     attention_kernel_off_and_on,
@@ -376,6 +377,22 @@ def test_decoder_attention_without_a_mask_matches_masked_attention_on_gpu(config
     masked, flash = decoder_attention_kernel_off_and_on(model, layer, rows, prefixes)
     assert calls["n"] == 1
     assert rel_err(flash, masked) < 4 * torch.finfo(torch.bfloat16).eps, rel_err(flash, masked)
+
+
+@pytest.mark.parametrize("config,scale", [TINY, SLICE], ids=["tiny", "26b-a4b-slice"])
+def test_decoded_token_attention_through_the_split_kernel_matches_masked_attention_on_gpu(config, scale,
+                                                                                          monkeypatch):
+    """Autoregressive mode: one token per row attends through `cache_attention` with its key range split over
+    many programs (flash decoding), on a sliding and a full layer (head_dim 512 in the slice), ragged prefixes
+    on both sides of the window, rows not contiguous. Same tolerance as the module tests: both are exact
+    attention in bf16 with a float32 softmax; a wrong slice, merge or bound is an error of order 1."""
+    model = build_random_model(config, "bfloat16", "cuda", seed=1, scale=scale)
+    calls = spy_on_kernels(monkeypatch)
+    w = config.sliding_window
+    for layer in (config.layer_types.index(SLIDING), config.layer_types.index(FULL)):
+        masked, kernel = decode_attention_kernel_off_and_on(model, layer, [3, 0, 2], [w + 37, 5, 3 * w])
+        assert rel_err(kernel, masked) < 4 * torch.finfo(torch.bfloat16).eps, (layer, rel_err(kernel, masked))
+    assert calls["cache_attention"] == 2
 
 
 # A committed canvas encoded by the next canvas's first denoising forward (tests/test_fused_canvas_encode.py on CPU).

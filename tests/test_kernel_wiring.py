@@ -2,7 +2,9 @@
 the same thing.
 
 The choice tests run everywhere. The numeric tests run the kernels on a CPU through the Triton interpreter and
-are skipped unless TRITON_INTERPRET=1 (they take ~20 s): `TRITON_INTERPRET=1 pytest tests/test_kernel_wiring.py`.
+are skipped unless TRITON_INTERPRET=1 (they take ~70 s): `TRITON_INTERPRET=1 pytest tests/test_kernel_wiring.py`.
+They need `triton` and NumPy < 2.4: from 2.4 NumPy refuses to turn the one-element arrays the interpreter makes of
+scalars into Python ints, so every kernel loop with a run-time bound fails there.
 The interpreter cannot check bfloat16 (its `tl.dot` multiplies bfloat16 tiles as raw 16-bit integers, and it
 rounds float32 -> bfloat16 by truncation), so these use float16 and float32; tests/test_gpu.py checks bfloat16.
 """
@@ -15,6 +17,7 @@ import torch
 from kernel_wiring import (
     argmax_agreement,
     attention_kernel_off_and_on,
+    decode_attention_kernel_off_and_on,
     experts_kernel_off_and_on,
     interpreted,
     rel_err,
@@ -377,6 +380,85 @@ def test_interpreted_cache_attention_matches_masked_attention_over_each_querys_p
     # float32: 512-term dot products and an average over up to 50 values of random sign round to ~1e-6 relative
     # on either side (measured 6e-7); a wrong bound, slot, row or head is off by order 1.
     assert rel_err(got.float(), expected) < max(ULPS * torch.finfo(dtype).eps, 1e-5)
+
+
+@pytest.mark.parametrize("switch,tokens,expected", [(0, 1, False), (1, 1, True), (1, 2, False)])
+def test_decoded_tokens_take_the_split_kernel_only_when_switched_on(monkeypatch, switch, tokens, expected):
+    """`CACHE_ATTENTION_DECODE_TOKENS` routes rows of at most that many queries (autoregressive decoding) to
+    `cache_attention` on every layer, sliding ones in the full layout included; 0 keeps the masked paths."""
+    from dgemma.model import attention
+    from dgemma.model.kv_cache import KVCache
+
+    cfg = preset("tiny")
+    monkeypatch.setattr(attention, "CACHE_ATTENTION_DECODE_TOKENS", switch)
+    cache = KVCache(cfg, 1, 100, torch.float16, torch.device("cpu"))
+    assert not cache.ring
+    batch = attention.AttentionBatch.for_encoder([0], [60], [tokens], cfg.sliding_window, cache)
+    for kind, spec in (("sliding_attention", cfg.sliding), ("full_attention", cfg.full)):
+        q = torch.zeros(1, tokens, cfg.num_attention_heads, spec.head_dim, dtype=torch.float16)
+        with torch.no_grad():  # inference only
+            assert attention.use_cache_attention(q, batch, kind, cache, ("cpu",)) is expected
+            assert not attention.use_cache_attention(q, batch, kind, cache, ())  # never off a kernel device
+        assert not attention.use_cache_attention(q, batch, kind, cache, ("cpu",))
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b,hq,hkv,d", [(2, 16, 2, 64), (3, 4, 2, 32)])
+@pytest.mark.parametrize("window,ring", [(None, None), (12, None), (12, 20)])
+@pytest.mark.parametrize("splits", [2, 8])  # 8 slices of 4 key tiles: some slices see nothing
+def test_interpreted_decoded_token_over_a_split_key_range_matches_one_pass(dtype, b, hq, hkv, d, window, ring,
+                                                                           splits):
+    """Flash decoding: one query per row, the key range cut into slices attended separately and merged through
+    each slice's softmax max and sum, is the same attention as one pass over all keys (the grid of one query is
+    otherwise one program per KV head). Same bounds, rows and ring as the test above."""
+    from dgemma.kernels.cache_attention import cache_attention_triton
+    from dgemma.model.attention import grouped_attention
+
+    gen = torch.Generator().manual_seed(d + splits)
+    written = 50
+    q = (torch.randn(b, 1, hq, d, generator=gen) * d**-0.5).to(dtype)
+    keys, values = (torch.randn(4, written, hkv, d, generator=gen).to(dtype) for _ in range(2))
+    rows = torch.tensor([3, 0, 2][:b])
+    key_end = torch.randint(written - 5, written + 1, (b, 1), generator=gen)
+    key_start = None if window is None else key_end - window
+    cache_keys, cache_values = keys, values
+    if ring is not None:
+        cache_keys, cache_values = keys[:, :ring].clone(), values[:, :ring].clone()
+        for p in range(written):
+            cache_keys[:, p % ring], cache_values[:, p % ring] = keys[:, p], values[:, p]
+    tile = dict(block_m=16, block_n=16, block_d=d, block_dv=d)
+    one_pass = cache_attention_triton(q, cache_keys, cache_values, rows, key_start, key_end, ring, splits=1, **tile)
+    split = cache_attention_triton(q, cache_keys, cache_values, rows, key_start, key_end, ring, splits=splits, **tile)
+    positions = torch.arange(written)
+    mask = positions < key_end[..., None]
+    if key_start is not None:
+        mask &= positions >= key_start[..., None]
+    expected = grouped_attention(q.float(), keys[rows].float(), values[rows].float(), mask[:, None])
+    # The merge adds each slice's float32 partials after rescaling: a few roundings more than one pass, no more.
+    assert rel_err(split.float(), expected) < max(ULPS * torch.finfo(dtype).eps, 1e-5)
+    assert rel_err(split.float(), one_pass.float()) < max(ULPS * torch.finfo(dtype).eps, 1e-5)
+
+
+def test_split_key_range_must_be_a_power_of_two():
+    pytest.importorskip("triton")
+    from dgemma.kernels.cache_attention import cache_attention_triton
+
+    q, keys = torch.zeros(1, 1, 2, 16), torch.zeros(1, 8, 1, 16)
+    with pytest.raises(ValueError, match="power of two"):
+        cache_attention_triton(q, keys, keys, torch.tensor([0]), None, torch.tensor([[8]]), splits=3)
+
+
+@interpreted
+@pytest.mark.parametrize("layer", [0, 5])  # a sliding layer (the window moves past position 0); a full one
+def test_interpreted_decoded_token_attends_through_the_split_kernel(tiny_fp16, layer, monkeypatch):
+    """Autoregressive mode's single token per row takes `cache_attention` on every layer, ragged prefixes on
+    both sides of the sliding window and rows not contiguous, and matches masked attention."""
+    calls = spy_on_kernels(monkeypatch)
+    w = tiny_fp16.config.sliding_window
+    masked, kernel = decode_attention_kernel_off_and_on(tiny_fp16, layer, [2, 0], [w + 37, 5])
+    assert calls["cache_attention"] == 1
+    assert rel_err(kernel, masked) < ULPS * torch.finfo(torch.float16).eps
 
 
 @interpreted

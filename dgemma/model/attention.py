@@ -298,24 +298,31 @@ class Attention(nn.Module):
 #   session's tiles), a canvas at a 1024-token prefix: 229 -> 64 us a layer at batch 1, 1416 -> 423 us at batch 8;
 #   whole model: step b8 68.70 -> 66.04 ms, a 1024-token prefill 35.12 -> 33.45 ms, step b1 24.51 -> 24.44 ms.
 #   Smaller full layers (SDPA's) only in a cache of at least 4096 positions, where the earlier sweep measured it;
-# * from a canvas-sized number of queries up: for single tokens its grid has a program per KV head only (AR 159 ->
+# * from a canvas-sized number of queries up: for single tokens its grid had a program per KV head only (AR 159 ->
 #   125 tok/s on sliding layers).
+# Single tokens (autoregressive decoding) can take it on every layer with the key range split over many programs
+# (flash decoding, `CACHE_ATTENTION_DECODE_TOKENS` = 1). An H100 profile of an AR token puts the attention it
+# replaces at ~0.95 ms of 4.9 ms (SDPA with a mask on sliding layers; on full layers two batched matmuls over every
+# slot, ~100 us each). The split is tested (interpreter, fp16/fp32) but not yet timed or compiled on a GPU, so it
+# stays off until `scripts/decode_attention_ab.py` shows it faster there.
 CACHE_ATTENTION_MIN_TOKENS = 16
 CACHE_ATTENTION_MAX_TOKENS = 2048  # longer prompt chunks: not measured against the masked path
 CACHE_ATTENTION_MIN_FULL_POSITIONS = 4096
+CACHE_ATTENTION_DECODE_TOKENS = 0  # queries a row at most for the split (decoding) path; 0: off (above)
 
 
 def use_cache_attention(q: torch.Tensor, batch: AttentionBatch, kind: str, cache: KVCache,
                         kernel_devices: tuple[str, ...]) -> bool:
-    """Whether attention runs as `dgemma.kernels.cache_attention`: a sliding layer on a ring or a full layer (above),
-    inference in bf16/fp16 with a power-of-two head_dim >= 16, on a kernel device. Shapes, dtypes
-    and flags only: a captured graph keeps the choice."""
-    d = q.shape[-1]
+    """Whether attention runs as `dgemma.kernels.cache_attention`: a decoded token on any layer, or a sliding layer
+    on a ring or a full layer (above), inference in bf16/fp16 with a power-of-two head_dim >= 16, on a kernel device.
+    Shapes, dtypes and flags only: a captured graph keeps the choice."""
+    t, d = q.shape[1], q.shape[-1]
+    chunk = (CACHE_ATTENTION_MIN_TOKENS <= t <= CACHE_ATTENTION_MAX_TOKENS
+             and ((kind == SLIDING and cache.ring)
+                  or (kind == FULL and (d > 256 or cache.capacity >= CACHE_ATTENTION_MIN_FULL_POSITIONS))))
     return (
-        ((kind == SLIDING and cache.ring)
-         or (kind == FULL and (d > 256 or cache.capacity >= CACHE_ATTENTION_MIN_FULL_POSITIONS)))
+        (t <= CACHE_ATTENTION_DECODE_TOKENS or chunk)
         and batch.key_end is not None
-        and CACHE_ATTENTION_MIN_TOKENS <= q.shape[1] <= CACHE_ATTENTION_MAX_TOKENS
         and q.device.type in kernel_devices
         and q.dtype in (torch.bfloat16, torch.float16)
         and d >= 16 and d & (d - 1) == 0
