@@ -655,5 +655,6 @@ def test_the_shipped_recipe_script_is_a_valid_train_command():
     argv = shlex.split(command)[4:]  # after: exec "$PYTHON" -m dgemma
     config = config_from_args(build_parser().parse_args(argv)).validate()
     assert config.compile == "layers" and config.time_budget_min == 17 and config.device == "cuda"
-    assert config.family_weights["mul"] == 5.0 and config.objective.ar_loss_weight == 0.3 and config.sweep
+    assert config.family_weights["mul"] == 5.0 and config.family_weights["sort"] == 6.0 and config.sweep
+    assert config.objective.ar_loss_weight == 0.3
     assert config.optimizer == "muon" and config.tokenizer == "letters" and config.max_length == 1536
