@@ -134,7 +134,7 @@ def main() -> None:
             rows = torch.zeros(1, dtype=torch.long, device=DEVICE)
             end = torch.full((1, c), prefix + c, dtype=torch.long, device=DEVICE)
             start = end - c - (cfg.sliding_window - 1) if kind == SLIDING else None
-            line = [f"canvas {kind}:"]
+            line = []
             if kind == SLIDING and DEVICE == "cuda":  # flash attention has no CPU kernel
                 cu_q = torch.tensor([0, c], dtype=torch.int32, device=DEVICE)
                 cu_k = torch.tensor([prefix - (cfg.sliding_window - 1), prefix + c], dtype=torch.int32,
@@ -144,7 +144,7 @@ def main() -> None:
             for splits in (1, 2, 4, 8):
                 t = graph_us(lambda: cache_attention_triton(q, keys, values, rows, start, end, splits=splits))
                 line.append(f"split {splits} {t:.1f}")
-            print(", ".join(line), flush=True)
+            print(f"canvas {kind}: " + ", ".join(line), flush=True)
 
     def ar():
         prompt = random_prompts(1, 1024 if DEVICE == "cuda" else 40, cfg.vocab_size, 0)
