@@ -345,19 +345,14 @@ def test_interpreted_head_norm_reads_views_of_a_packed_projection_in_place(rope)
     assert rel_err(got.float(), expected.float()) < ULPS * torch.finfo(torch.float16).eps
 
 
-@interpreted
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("b,t,hq,hkv,d", [(2, 5, 4, 2, 32), (1, 37, 8, 1, 64), (3, 1, 4, 2, 512)])  # 512: split D
-@pytest.mark.parametrize("window,ring", [(None, None), (12, None), (12, 20)])  # full; sliding; sliding on a ring
-@pytest.mark.parametrize("whole_d", [False, True])  # scores in head-dim chunks, or one product (queries loaded once)
-def test_interpreted_cache_attention_matches_masked_attention_over_each_querys_positions(dtype, b, t, hq, hkv, d,
-                                                                                         window, ring, whole_d):
-    """Each query sees the positions [key_start, key_end): all before its bound on full layers, a window on sliding
-    ones. Rows are read from the cache rows the batch names; on a ring, position p from slot p % S."""
-    from dgemma.kernels.cache_attention import cache_attention_triton
+def cache_attention_case(dtype, b: int, t: int, hq: int, hkv: int, d: int, window: int | None, ring: int | None,
+                         seed: int):
+    """Queries [B, T, Hq, D] over a 4-row cache of 50 written positions, with per-query bounds (a window when
+    `window` is set) and, when `ring` is set, the cache laid out as a sliding ring of that many slots. Returns (q,
+    cache keys, cache values, rows, key_start, key_end, expected), expected being masked attention in float32."""
     from dgemma.model.attention import grouped_attention
 
-    gen = torch.Generator().manual_seed(d + t)
+    gen = torch.Generator().manual_seed(seed)
     written = 50  # positions [0, 50) were written
     # Scores of order 1 (a float32 score of order sqrt(d) would carry sqrt(d) times the rounding into exp).
     q = (torch.randn(b, t, hq, d, generator=gen) * d**-0.5).to(dtype)
@@ -370,13 +365,29 @@ def test_interpreted_cache_attention_matches_masked_attention_over_each_querys_p
         cache_keys, cache_values = keys[:, :ring].clone(), values[:, :ring].clone()
         for p in range(written):
             cache_keys[:, p % ring], cache_values[:, p % ring] = keys[:, p], values[:, p]
-    tile = dict(block_m=16, block_n=16, block_d=d) if whole_d else dict(block_m=16, block_n=16)
-    got = cache_attention_triton(q, cache_keys, cache_values, rows, key_start, key_end, ring, **tile)
     positions = torch.arange(written)
     mask = positions < key_end[..., None]  # [B, T, S]
     if key_start is not None:
         mask &= positions >= key_start[..., None]
     expected = grouped_attention(q.float(), keys[rows].float(), values[rows].float(), mask[:, None])
+    return q, cache_keys, cache_values, rows, key_start, key_end, expected
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b,t,hq,hkv,d", [(2, 5, 4, 2, 32), (1, 37, 8, 1, 64), (3, 1, 4, 2, 512)])  # 512: split D
+@pytest.mark.parametrize("window,ring", [(None, None), (12, None), (12, 20)])  # full; sliding; sliding on a ring
+@pytest.mark.parametrize("whole_d", [False, True])  # scores in head-dim chunks, or one product (queries loaded once)
+def test_interpreted_cache_attention_matches_masked_attention_over_each_querys_positions(dtype, b, t, hq, hkv, d,
+                                                                                         window, ring, whole_d):
+    """Each query sees the positions [key_start, key_end): all before its bound on full layers, a window on sliding
+    ones. Rows are read from the cache rows the batch names; on a ring, position p from slot p % S."""
+    from dgemma.kernels.cache_attention import cache_attention_triton
+
+    q, cache_keys, cache_values, rows, key_start, key_end, expected = cache_attention_case(
+        dtype, b, t, hq, hkv, d, window, ring, seed=d + t)
+    tile = dict(block_m=16, block_n=16, block_d=d) if whole_d else dict(block_m=16, block_n=16)
+    got = cache_attention_triton(q, cache_keys, cache_values, rows, key_start, key_end, ring, **tile)
     # float32: 512-term dot products and an average over up to 50 values of random sign round to ~1e-6 relative
     # on either side (measured 6e-7); a wrong bound, slot, row or head is off by order 1.
     assert rel_err(got.float(), expected) < max(ULPS * torch.finfo(dtype).eps, 1e-5)
@@ -413,28 +424,12 @@ def test_interpreted_decoded_token_over_a_split_key_range_matches_one_pass(dtype
     each slice's softmax max and sum, is the same attention as one pass over all keys (the grid of one query is
     otherwise one program per KV head). Same bounds, rows and ring as the test above."""
     from dgemma.kernels.cache_attention import cache_attention_triton
-    from dgemma.model.attention import grouped_attention
 
-    gen = torch.Generator().manual_seed(d + splits)
-    written = 50
-    q = (torch.randn(b, 1, hq, d, generator=gen) * d**-0.5).to(dtype)
-    keys, values = (torch.randn(4, written, hkv, d, generator=gen).to(dtype) for _ in range(2))
-    rows = torch.tensor([3, 0, 2][:b])
-    key_end = torch.randint(written - 5, written + 1, (b, 1), generator=gen)
-    key_start = None if window is None else key_end - window
-    cache_keys, cache_values = keys, values
-    if ring is not None:
-        cache_keys, cache_values = keys[:, :ring].clone(), values[:, :ring].clone()
-        for p in range(written):
-            cache_keys[:, p % ring], cache_values[:, p % ring] = keys[:, p], values[:, p]
+    q, cache_keys, cache_values, rows, key_start, key_end, expected = cache_attention_case(
+        dtype, b, 1, hq, hkv, d, window, ring, seed=d + splits)
     tile = dict(block_m=16, block_n=16, block_d=d, block_dv=d)
     one_pass = cache_attention_triton(q, cache_keys, cache_values, rows, key_start, key_end, ring, splits=1, **tile)
     split = cache_attention_triton(q, cache_keys, cache_values, rows, key_start, key_end, ring, splits=splits, **tile)
-    positions = torch.arange(written)
-    mask = positions < key_end[..., None]
-    if key_start is not None:
-        mask &= positions >= key_start[..., None]
-    expected = grouped_attention(q.float(), keys[rows].float(), values[rows].float(), mask[:, None])
     # The merge adds each slice's float32 partials after rescaling: a few roundings more than one pass, no more.
     assert rel_err(split.float(), expected) < max(ULPS * torch.finfo(dtype).eps, 1e-5)
     assert rel_err(split.float(), one_pass.float()) < max(ULPS * torch.finfo(dtype).eps, 1e-5)

@@ -157,7 +157,6 @@ FULL_FEW_ROWS = 8192  # batch x queries x query heads below which FULL_TILE_FEW_
 DECODE_TILE = dict(block_m=16, block_n=64, block_d=256, block_dv=256, num_warps=4, num_stages=2)
 DECODE_TILE_FULL = dict(block_m=16, block_n=32, block_d=512, block_dv=512, num_warps=4, num_stages=2)
 DECODE_PROGRAMS = 264  # aim: two programs per SM of an H100 (132 SMs)
-DECODE_MIN_TILES_PER_SPLIT = 1
 MAX_SPLITS = 64
 
 
@@ -196,7 +195,7 @@ def cache_attention_triton(
     tile = {**default, **tile}
     if splits is None:
         # From shapes only (the slots a row can hold bound its key range), so a captured graph keeps the choice.
-        most = max(1, keys.shape[1] // (DECODE_MIN_TILES_PER_SPLIT * tile["block_n"]))
+        most = max(1, keys.shape[1] // tile["block_n"])  # at least one key tile a slice
         splits = min(MAX_SPLITS, most, triton.cdiv(DECODE_PROGRAMS, b * hkv)) if decode else 1
         splits = 1 << (splits.bit_length() - 1)  # a power of two, at most the above
     if splits < 1 or splits & (splits - 1):
