@@ -25,14 +25,15 @@ def set_kernel_devices(model, devices: tuple[str, ...]) -> None:
 
 def spy_on_kernels(monkeypatch) -> dict[str, int]:
     """Count calls of the wired kernels: proves a comparison ran the kernel path and not the eager one twice."""
-    from dgemma.kernels import cache_attention, fused_moe, norm_rope, residual_norms, routing
+    from dgemma.kernels import cache_attention, fused_moe, gated_gelu, norm_rope, residual_norms, routing
 
     calls = {}
     for module, name, key in ((fused_moe, "fused_moe_triton", "fused_moe"), (norm_rope, "norm_rope_triton", "norm_rope"),
                               (routing, "route_top_k", "route_top_k"),
                               (residual_norms, "attention_residual_triton", "attention_residual"),
                               (residual_norms, "layer_output_triton", "layer_output"),
-                              (cache_attention, "cache_attention_triton", "cache_attention")):
+                              (cache_attention, "cache_attention_triton", "cache_attention"),
+                              (gated_gelu, "gelu_mul_triton", "gelu_mul")):
         real = getattr(module, name)
         calls[key] = 0
 

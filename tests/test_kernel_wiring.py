@@ -233,6 +233,42 @@ def test_interpreted_experts_with_the_kernel_match_eager(tiny_fp16, monkeypatch)
     assert rel_err(fused, eager) < ULPS * torch.finfo(torch.float16).eps
 
 
+def test_the_mlp_activation_kernel_runs_only_for_inference_on_a_kernel_device():
+    from dgemma.model.layers import use_gelu_mul_kernel
+
+    gate_up = torch.empty(3, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert use_gelu_mul_kernel(gate_up, ("cpu",))
+        assert not use_gelu_mul_kernel(gate_up, ())
+        assert not use_gelu_mul_kernel(gate_up.to(torch.int32), ("cpu",))
+    assert not use_gelu_mul_kernel(gate_up, ("cpu",))  # gradients: the eager ops
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 2112 * 2), (2, 5, 48)])  # one decoded token of the released MLP; odd rows
+def test_interpreted_mlp_activation_equals_eager_gelu_times_up(dtype, shape):
+    from dgemma.kernels.gated_gelu import gelu_mul_triton
+
+    gate_up = (2 * torch.randn(shape, generator=torch.Generator().manual_seed(0))).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = torch.nn.functional.gelu(gate, approximate="tanh") * up
+    out = gelu_mul_triton(gate_up)
+    assert out.shape == expected.shape and out.dtype == dtype
+    # Same rounding steps as eager; tanh differs in its last float32 bits (exp form in the interpreter).
+    assert torch.allclose(out.float(), expected.float(), rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
+
+
+def test_mlp_activation_refuses_an_odd_or_strided_input():
+    pytest.importorskip("triton")
+    from dgemma.kernels.gated_gelu import gelu_mul_triton
+
+    with pytest.raises(ValueError, match="2I"):
+        gelu_mul_triton(torch.zeros(2, 7))
+    with pytest.raises(ValueError, match="contiguous"):
+        gelu_mul_triton(torch.zeros(8, 4).T)
+
+
 @interpreted
 def test_interpreted_model_with_the_kernels_is_as_accurate_as_eager(tiny_fp16, monkeypatch):
     """A whole encode + decode in float16, both paths against float32. The random tiny model amplifies rounding
@@ -253,9 +289,10 @@ def test_interpreted_model_with_the_kernels_is_as_accurate_as_eager(tiny_fp16, m
     fused_model.pack_projections()  # as an LLM runs it: the kernels read q, k and v as views of one GEMM
     _, fused = run(fused_model, prompt, canvas, soft_logits)
     # 6 layers, encoder and decoder: q, k and v of each; experts of each (40 and 32 tokens, top-2 of 8: <= 32
-    # each); the routing and the two residual norms of each (no ring and head_dim <= 256 here: no cache_attention).
+    # each); the routing, the two residual norms and the dense MLP's activation of each (no ring and head_dim <= 256
+    # here: no cache_attention).
     assert calls == {"norm_rope": 36, "fused_moe": 12, "route_top_k": 12, "attention_residual": 12,
-                     "layer_output": 12, "cache_attention": 0}
+                     "layer_output": 12, "cache_attention": 0, "gelu_mul": 12}
     report = {"fused": rel_err(fused, truth), "eager": rel_err(eager, truth),
               "fused_argmax_agree": argmax_agreement(fused, truth), "eager_argmax_agree": argmax_agreement(eager, truth)}
     assert report["fused"] <= 1.25 * report["eager"] + 2e-3, report

@@ -43,16 +43,10 @@ import torch
 import triton
 import triton.language as tl
 
+from dgemma.kernels.gated_gelu import gelu_tanh as _gelu_tanh
 from dgemma.kernels.launch import launch
 from dgemma.kernels.moe_tiles import tiles_for
 from dgemma.kernels.routing import group_by_expert_triton
-
-
-@triton.jit
-def _gelu_tanh(x):
-    # tanh(u) = 2 * sigmoid(2u) - 1, written with exp so it runs in the interpreter too.
-    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    return 0.5 * x * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0))
 
 
 @triton.jit

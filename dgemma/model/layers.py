@@ -78,6 +78,7 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.packed: torch.Tensor | None = None  # [2I, H] gate and up, see `pack`
+        self.kernel_devices: tuple[str, ...] = ("cuda",)  # device types that run `gelu_mul_triton`
 
     def pack(self) -> None:
         """Gate and up as one GEMM (inference; see `pack_linears`)."""
@@ -89,10 +90,22 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., H]
         if still_packed(self.packed, [self.gate_proj, self.up_proj]):
-            gate, up = F.linear(x, self.packed).chunk(2, dim=-1)  # [..., I] each
+            gate_up = F.linear(x, self.packed)  # [..., 2I]
+            if use_gelu_mul_kernel(gate_up, self.kernel_devices):
+                from dgemma.kernels.gated_gelu import gelu_mul_triton  # Triton: imported only where it runs
+
+                return self.down_proj(gelu_mul_triton(gate_up))
+            gate, up = gate_up.chunk(2, dim=-1)  # [..., I] each
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+
+
+def use_gelu_mul_kernel(gate_up: torch.Tensor, kernel_devices: tuple[str, ...]) -> bool:
+    """Whether the packed MLP's activation runs as one kernel (`dgemma.kernels.gated_gelu`): inference in a float
+    dtype on a kernel device. Device, dtype and grad mode only, so a captured CUDA graph keeps the choice."""
+    return (gate_up.device.type in kernel_devices and gate_up.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and not torch.is_grad_enabled())
 
 
 def rope_inv_freq(spec: AttentionSpec) -> torch.Tensor:
