@@ -300,15 +300,15 @@ class Attention(nn.Module):
 #   Smaller full layers (SDPA's) only in a cache of at least 4096 positions, where the earlier sweep measured it;
 # * from a canvas-sized number of queries up: for single tokens its grid had a program per KV head only (AR 159 ->
 #   125 tok/s on sliding layers).
-# Single tokens (autoregressive decoding) can take it on every layer with the key range split over many programs
-# (flash decoding, `CACHE_ATTENTION_DECODE_TOKENS` = 1). An H100 profile of an AR token puts the attention it
-# replaces at ~0.95 ms of 4.9 ms (SDPA with a mask on sliding layers; on full layers two batched matmuls over every
-# slot, ~100 us each). The split is tested (interpreter, fp16/fp32) but not yet timed or compiled on a GPU, so it
-# stays off until `scripts/decode_attention_ab.py` shows it faster there.
+# Single tokens (autoregressive decoding) take it on every layer with the key range split over many programs
+# (flash decoding). H100, one token at a 1152-slot cache, per layer: sliding 16.4 -> 8.8 us (SDPA with a mask),
+# full 20.8 -> 10.5 us (two batched matmuls over every slot); AR end to end 187.6/184.8 -> 197.5/194.0 tok/s
+# (`scripts/decode_attention_ab.py`, off/on/off/on, 2026-12-07). A canvas gains nothing from splitting (its 256
+# queries already fill the grid: 92 -> 58 us at best on a sliding layer, against flash attention's 41 us).
 CACHE_ATTENTION_MIN_TOKENS = 16
 CACHE_ATTENTION_MAX_TOKENS = 2048  # longer prompt chunks: not measured against the masked path
 CACHE_ATTENTION_MIN_FULL_POSITIONS = 4096
-CACHE_ATTENTION_DECODE_TOKENS = 0  # queries a row at most for the split (decoding) path; 0: off (above)
+CACHE_ATTENTION_DECODE_TOKENS = 1  # queries a row at most for the split (decoding) path; 0: off
 
 
 def use_cache_attention(q: torch.Tensor, batch: AttentionBatch, kind: str, cache: KVCache,
