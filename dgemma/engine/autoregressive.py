@@ -70,29 +70,55 @@ def generate_ar(
     outputs: list[list[int]] = [[] for _ in range(b)]
     done = [False] * b
     reasons = ["length"] * b
+    host = _HostTokens(b, device)
     start = time.perf_counter()
     for step in range(max_new_tokens):
-        tokens = next_token.tolist()
-        for i, t in enumerate(tokens):
+        host.start(next_token)  # token `step`
+        # Queue the forward of token step + 1 before the host waits for token `step`: the GPU computes it while the
+        # host checks EOS and prepares the forward after it. Its input is the device tensor: it needs no host value.
+        # When every row turns out to have stopped, this one forward ran for nothing (it writes only slots past
+        # each row's end); none is queued past max_new_tokens, so positions stay within the cache.
+        if step + 1 < max_new_tokens:
+            prefix = [n + step for n in lengths]
+            if graph is not None:
+                graph.run(rows, next_token[:, None], prefix)
+                next_token = graph.out_token[:b].clone()  # out_token is overwritten by the next replay
+            else:
+                batch = AttentionBatch.for_encoder(rows, prefix, [1] * b, model.config.sliding_window, cache)
+                hidden = model.encode(next_token[:, None], batch, cache)  # [B, 1, H]
+                next_token = _pick(model.logits(hidden[:, 0]), temperature, gen)  # [B]
+        for i, t in enumerate(host.wait()):
             if done[i]:
                 continue
             if not ignore_eos and t in eos_token_ids:
                 done[i], reasons[i] = True, "stop"
             else:
                 outputs[i].append(t)
-        if all(done) or step == max_new_tokens - 1:
+        if all(done):
             break
-        prefix = [n + step for n in lengths]
-        if graph is not None:
-            graph.run(rows, next_token[:, None], prefix)
-            next_token = graph.out_token[:b].clone()
-            continue
-        batch = AttentionBatch.for_encoder(rows, prefix, [1] * b, model.config.sliding_window, cache)
-        hidden = model.encode(next_token[:, None], batch, cache)  # [B, 1, H]
-        next_token = _pick(model.logits(hidden[:, 0]), temperature, gen)
     sync()
     decode_ms = (time.perf_counter() - start) * 1e3
     return [ARResult(outputs[i], reasons[i], prefill_ms, decode_ms) for i in range(b)]
+
+
+class _HostTokens:
+    """Copies [B] token ids to the host behind the work queued so far; `wait` waits for that copy alone, not for the
+    forwards queued after it (a CPU runs every op before returning: there is nothing to wait for)."""
+
+    def __init__(self, b: int, device: torch.device):
+        cuda = device.type == "cuda"
+        self.buffer = torch.empty(b, dtype=torch.long, pin_memory=cuda)  # [B] pinned: the copy can be asynchronous
+        self.copied = torch.cuda.Event() if cuda else None
+
+    def start(self, tokens: torch.Tensor) -> None:
+        self.buffer.copy_(tokens, non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+
+    def wait(self) -> list[int]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.buffer.tolist()
 
 
 def _pick(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> torch.Tensor:

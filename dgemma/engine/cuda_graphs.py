@@ -309,5 +309,8 @@ class GraphedEncoder:
         for i, row in enumerate(rows):
             self.bounds.set_row(row, prefix_lens[i], cfg.sliding_window, causal=True)
         self.live = set(rows)
-        self.ids.index_copy_(0, torch.tensor(rows, device=self.ids.device), ids.to(self.ids.device))
+        # non_blocking: a plain host-to-device copy would wait for the forward queued before this one (generate_ar
+        # queues the next token's forward while the GPU still runs the current one).
+        index = torch.tensor(rows).to(self.ids.device, non_blocking=True)
+        self.ids.index_copy_(0, index, ids.to(self.ids.device, non_blocking=True))
         return self.graphs.replay(max(rows) + 1)
