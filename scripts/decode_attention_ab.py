@@ -22,6 +22,7 @@ import traceback
 import torch
 
 import dgemma.model.attention as attention
+from dgemma.bench import measure
 from dgemma.bench.measure import random_prompts
 from dgemma.checkpoint.random_init import build_random_model
 from dgemma.config import FULL, SLIDING
@@ -36,29 +37,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # the interpreter cannot multiply bfloat16 tiles
 
 
-def graph_us(fn, replays: int = 50) -> float:
-    """Microseconds per call of fn(), captured 10 times into one CUDA graph (on a CPU: one call, no time)."""
+def graph_us(fn) -> float:
+    """Microseconds per call of fn(), 10 calls captured into one CUDA graph (on a CPU: one call, no time)."""
     if DEVICE == "cpu":
         fn()
         return float("nan")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(10):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(replays):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / replays / 10 * 1e3
+    return measure.graph_us(fn, copies=10, replays=50)
 
 
 def part(title, fn):

@@ -4,6 +4,7 @@ python scripts/moe_kernel_sweep.py [--quick | --splits] [--sizes 256,512,1024,20
 times the fused q/k norm+RoPE kernel. Without --quick it sweeps both kernels' tiles (rows per pass included) at every
 size: several minutes a size. Rows per pass go up to 256: at 2048 tokens (8 canvases) experts get 128 assignments on
 average and about half get more, so 128-row tiles stream those experts' weights twice.
+--down sweeps only the down kernel's tiles at light loads (e.g. --down --sizes 256).
 --splits times only the tiles in use with 64 or 128 rows per pass and 1 to 4 programs per expert (M_SPLITS), the
 sweep behind moe_tiles.LARGE_TILES' splits (seconds a size; e.g. --splits --sizes 2048,4096,8192).
 --fp8 times the kernels on FP8 weights (dgemma.model.fp8) against the same weights in bf16, with a short list of
@@ -42,6 +43,20 @@ def sweep_splits(run_fused, n: int) -> None:
         times.append((bench(lambda: run_fused(t1, t2)), bm, splits))
     for t, bm, splits in sorted(times):
         print(f"  BLOCK_M {bm} M_SPLITS {splits}: {t*1e3:.0f} us", flush=True)
+
+
+def sweep_down(run_fused, n: int) -> None:
+    """The down kernel alone at light loads (batch 1: 16 assignments per expert), where it reads its weights at ~88%
+    of the bandwidth gate_up reaches: rows per pass, N/K tiles, warps and stages; the 8 fastest printed."""
+    times = []
+    for bm, bn, bk, nw, ns in itertools.product((16, 32), (128, 256), (64, 128), (4, 8), (3, 4, 5)):
+        t2 = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+        try:
+            times.append((bench(lambda: run_fused(None, t2)), str(t2)))
+        except Exception as exc:  # out of shared memory etc.
+            print("  down", t2, "failed", type(exc).__name__)
+    for t, tile in sorted(times)[:8]:
+        print(f"  down {tile}: {t*1e3:.0f} us (both kernels)", flush=True)
 
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, SWAP_AB): one-byte weights want about twice the K of the bf16 tiles per
@@ -134,6 +149,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="time the default tiles only")
     p.add_argument("--splits", action="store_true", help="time rows per pass x programs per expert only")
+    p.add_argument("--down", action="store_true", help="sweep the down kernel's tiles only (light loads)")
     p.add_argument("--fp8", action="store_true", help="FP8 weights against bf16, and a short FP8 tile sweep")
     p.add_argument("--best-out", default=None, help="with --fp8: write each size's best tiles to this JSON file")
     p.add_argument("--sizes", default="256,512,1024,2048", help="token counts (x top-8 assignments)")
@@ -171,7 +187,9 @@ def main() -> None:
               f"({nbytes/t_f/1e9:.2f} TB/s), rel err {err:.2e}", flush=True)
         if args.splits:
             sweep_splits(run_fused, n)
-        if args.quick or args.splits:
+        if args.down:
+            sweep_down(run_fused, n)
+        if args.quick or args.splits or args.down:
             continue
         # Tiles are swept per size, rows per pass (BLOCK_M) included: busier experts want taller tiles.
         best = (t_f, None)

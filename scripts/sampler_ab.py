@@ -9,27 +9,8 @@ block size, and the floor (reading the bf16 logits and writing the probabilities
 
 import torch
 
+from dgemma.bench.measure import graph_us
 from dgemma.kernels.fused_sampler import fused_sample, vocab_splits
-
-
-def graph_us(fn, replays: int = 20) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(replays):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / replays * 1e3
 
 
 def main() -> None:

@@ -44,6 +44,29 @@ def timed_ms(fn, device: torch.device, warmup: int = 2, repeats: int = 5) -> flo
     return statistics.median(times)
 
 
+def graph_us(fn, copies: int = 1, replays: int = 20) -> float:
+    """Microseconds per call of fn() on a CUDA GPU: `copies` calls captured into one CUDA graph, replayed `replays`
+    times, so launch costs drop out (a kernel's own time, as inside the engine's graphs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles, autotunes) off the capture
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(copies):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / replays / copies * 1e3
+
+
 def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth, counting bytes read plus bytes written (GB/s)."""
     if device.type != "cuda":
