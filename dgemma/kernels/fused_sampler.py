@@ -17,27 +17,11 @@ request's draws do not depend on its batch, and a step can be replayed inside a 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@triton.jit
-def _tanh(x, LIBDEVICE: tl.constexpr):
-    if LIBDEVICE:
-        # The CUDA math library's tanhf, as torch.tanh uses: z is rounded to bf16 for the self-conditioning
-        # softmax, so z must match the reference's float32 bits, not just its value.
-        return libdevice.tanh(x)
-    else:
-        e = tl.exp(-2.0 * tl.abs(x))  # the interpreter (CPU tests) has no libdevice
-        t = (1.0 - e) / (1.0 + e)
-        return tl.where(x >= 0, t, -t)
+from dgemma.kernels.tanh import INTERPRETED, tanh
 
 
 @triton.jit
@@ -45,7 +29,7 @@ def _scaled(l, cap, temp, HAS_CAP: tl.constexpr, LIBDEVICE: tl.constexpr):
     # Same operation order as the reference: float32(l) / cap, tanh, * cap, then / T.
     x = l.to(tl.float32)
     if HAS_CAP:
-        x = _tanh(x / cap, LIBDEVICE) * cap
+        x = tanh(x / cap, LIBDEVICE) * cap  # LIBDEVICE: z's float32 bits as the reference's (bf16(z) below)
     return x / temp
 
 

@@ -7,26 +7,18 @@ Rounding follows the eager form: GELU in float32 rounded to the input dtype, the
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+from dgemma.kernels.tanh import INTERPRETED, tanh
 
 
 @triton.jit
 def gelu_tanh(x, LIBDEVICE: tl.constexpr = False):
-    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) in float32. With LIBDEVICE, tanh is the CUDA math library's
-    tanhf (what torch's GELU calls); otherwise 2 sigmoid(2u) - 1, written with exp so the interpreter runs it."""
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) in float32; LIBDEVICE: see `dgemma.kernels.tanh`."""
     u = 0.7978845608028654 * (x + 0.044715 * (x * x * x))  # torch's order of operations
-    if LIBDEVICE:
-        t = libdevice.tanh(u)
-    else:
-        t = 2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0
-    return 0.5 * x * (1.0 + t)
+    return 0.5 * x * (1.0 + tanh(u, LIBDEVICE))
 
 
 @triton.jit
