@@ -104,9 +104,10 @@ class LLM:
 
     def _setup(self, model: DiffusionGemma, tokenizer, generation_config: dict | None) -> None:
         if not any(p.requires_grad for p in model.parameters()):
-            # An inference model: one GEMM per packed group of projections. A model someone is training keeps its
-            # parameters (packing replaces them, and an optimizer would hold the old ones).
-            model.pack_projections()
+            # An inference model: one GEMM per packed group of projections, and on a GPU the dense MLPs beside the
+            # experts. A model someone is training keeps its parameters (packing replaces them, and an optimizer
+            # would hold the old ones).
+            model.prepare_inference()
         self.model = model
         self.config = model.config
         self.tokenizer = tokenizer

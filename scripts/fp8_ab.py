@@ -101,7 +101,7 @@ def main() -> None:
     args.concurrency = [int(v) for v in args.concurrency.split(",")]
 
     model = build_random_model(args.preset, "bfloat16", "cuda")
-    model.pack_projections()  # as dgemma.llm.LLM and dgemma bench run it
+    model.prepare_inference()  # as dgemma.llm.LLM and dgemma bench run it
     print(torch.cuda.get_device_name(), flush=True)
     results = {"bf16": measure(model, args)}
     reference = fixed_logits(model, 1024)

@@ -80,7 +80,7 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=10)
     args = p.parse_args()
     model = build_random_model(args.preset, "bfloat16", "cuda")
-    model.pack_projections()
+    model.prepare_inference()  # as the engine runs it
     cfg = model.config
     print(torch.cuda.get_device_name(), flush=True)
     with torch.no_grad():

@@ -24,7 +24,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=25)
     args = p.parse_args()
     model = build_random_model(args.preset, "bfloat16", "cuda")
-    model.pack_projections()  # as the engine runs it (dgemma.llm.LLM, dgemma bench)
+    model.prepare_inference()  # as the engine runs it (dgemma.llm.LLM, dgemma bench)
     cfg, b = model.config, args.batch
     cache = encoded_prefix(model, b, args.prefix, args.prefix + cfg.canvas_length + 8)
     rows = list(range(b))

@@ -154,6 +154,50 @@ def test_cuda_graph_engine_is_reproducible_and_runs_fixed_steps():
     assert outputs[0] == outputs[1]
 
 
+def test_dense_mlp_on_a_side_stream_changes_no_result_on_gpu():
+    """The side stream (`dgemma.model.side_stream`) moves the dense MLP's kernels, not their arithmetic: the eager
+    logits of a slice of the released shapes (KV cache included) and a graphed engine's tokens equal those of one
+    stream bit for bit. A missing wait (the MLP reading its input before the norms wrote it, the output norms reading
+    the MLP's output before it is written, a buffer reused while the other stream still reads it) gives other
+    values."""
+    from dgemma.engine.engine import Engine
+    from dgemma.engine.request import Request
+    from dgemma.engine.scheduler import SchedulerConfig
+    from dgemma.sampling.params import SamplingParams
+
+    config = replace(preset("26b-a4b"), layer_types=[SLIDING, FULL, SLIDING])
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, config.vocab_size, (1, 300), generator=gen)
+    canvas = torch.randint(0, config.vocab_size, (1, config.canvas_length), generator=gen)
+    soft_logits = 3 * torch.randn(1, config.canvas_length, config.vocab_size, generator=gen)
+    model = build_random_model(config, "bfloat16", "cuda", seed=1, scale=InitScale(embed_std=0.02, perturb=0.1))
+    model.prepare_inference()
+    assert all(layer.side_stream is not None for layer in model.layers)
+    side_cache, side_logits = run(model, prompt, canvas, soft_logits)
+    model.set_side_stream(False)
+    one_cache, one_logits = run(model, prompt, canvas, soft_logits)
+    assert torch.equal(side_logits, one_logits)
+    assert all(torch.equal(a, b) for a, b in zip(side_cache.keys + side_cache.values, one_cache.keys + one_cache.values))
+    del model, side_cache, one_cache
+
+    tiny = build_random_model("tiny", "bfloat16", "cuda", seed=3, scale=InitScale(embed_std=3.0, perturb=0.1))
+    tiny.prepare_inference()
+    params = SamplingParams(max_new_tokens=96, max_denoising_steps=8, ignore_eos=True, adaptive_stopping=False)
+
+    def generate(side: bool) -> list[list[int]]:
+        tiny.set_side_stream(side)
+        engine = Engine(tiny, SchedulerConfig(max_num_seqs=4, max_model_len=512, canvas_length=32))
+        assert engine.canvas_encoder is not None  # the graph path
+        reqs = [Request(str(i), list(range(5 + i, 60 + 3 * i)), params.with_overrides(seed=i)) for i in range(5)]
+        for r in reqs:
+            engine.add_request(r)
+        while engine.has_work:
+            engine.step()
+        return [r.output_ids for r in reqs]
+
+    assert generate(True) == generate(False)
+
+
 def test_fused_norm_rope_matches_torch_on_gpu():
     """The kernel rounds the rotation once where the eager path rounds three times, and its normalised value may
     differ by one rounding: errors stay within a few bf16 ulps of the largest normalised value (a wrong rotation
@@ -356,14 +400,16 @@ def test_model_with_fused_kernels_is_as_accurate_as_eager_on_gpu(config, scale, 
     eager = logits_of(model)
     calls = spy_on_kernels(monkeypatch)
     set_kernel_devices(model, ("cuda",))
-    model.pack_projections()  # as an LLM runs it
+    model.prepare_inference()  # as an LLM runs it
     fused = logits_of(model)
     # Every layer's q, k and v in both passes; the experts wherever a pass has <= 32 assignments per expert (all here);
-    # every layer's routing and residual norms; the attention of every full layer of head_dim 512.
+    # every layer's routing, residual norms and dense MLP activation; the attention of every full layer of head_dim
+    # 512.
     per_pass = 2 * config.num_layers * draws
     full_attention = 2 * config.layer_types.count(FULL) * draws if config.full.head_dim > 256 else 0
     assert calls == {"norm_rope": 3 * per_pass, "fused_moe": per_pass, "route_top_k": per_pass,
-                     "attention_residual": per_pass, "layer_output": per_pass, "cache_attention": full_attention}, calls
+                     "attention_residual": per_pass, "layer_output": per_pass, "gelu_mul": per_pass,
+                     "cache_attention": full_attention}, calls
     report = {"fused": rel_err(fused, truth), "eager": rel_err(eager, truth),
               "fused_argmax_agree": argmax_agreement(fused, truth), "eager_argmax_agree": argmax_agreement(eager, truth)}
     print(config.num_layers, "layers:", report)

@@ -4,6 +4,7 @@ the packing must never survive a change of the weights it views, nor run where g
 
 from __future__ import annotations
 
+import pytest
 import torch
 from kernel_wiring import rel_err, run
 
@@ -94,3 +95,14 @@ def test_an_llm_packs_an_inference_model_but_not_one_being_trained():
     LLM.from_model(training)
     assert training.layers[0].self_attn.packed is None
     assert [id(p) for p in training.parameters()] == params_before  # an optimizer's references stay valid
+
+
+def test_preparing_a_cpu_model_for_inference_packs_it_and_keeps_one_stream():
+    """`prepare_inference` is what LLM runs: packing everywhere, the dense MLPs' side stream only on a GPU (its
+    results against one stream are checked in tests/test_gpu.py)."""
+    model = build_random_model("tiny", "float32", "cpu", seed=1, scale=SCALE)
+    model.prepare_inference()
+    assert model.layers[0].mlp.packed is not None
+    assert all(layer.side_stream is None for layer in model.layers)
+    with pytest.raises(ValueError, match="needs a CUDA model"):
+        model.set_side_stream(True)

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         model = build_random_model(args.preset, dtype, device, seed=args.seed, quantization=quantization)
         source = f"random weights, preset {args.preset}"
-    model.pack_projections()  # as dgemma.llm.LLM runs it
+    model.prepare_inference()  # as dgemma.llm.LLM runs it
     log(f"model ready in {time.perf_counter() - start:.1f} s ({source})")
     cfg = model.config
     res: dict = {

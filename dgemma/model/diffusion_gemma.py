@@ -22,6 +22,7 @@ from dgemma.model.attention import Attention, AttentionBatch
 from dgemma.model.kv_cache import KVCache
 from dgemma.model.layers import GatedMLP, RMSNorm, rms_norm, rope_cos_sin, rope_inv_freq
 from dgemma.model.moe import Experts, Router
+from dgemma.model.side_stream import SideStream
 
 
 class Layer(nn.Module):
@@ -44,6 +45,12 @@ class Layer(nn.Module):
         self.layer_scalar = nn.Parameter(torch.ones(1))  # the decoder's; the encoder's is kept by the model
         # Device types that may run the fused residual norms (see `DiffusionGemma.set_kernel_devices`).
         self.kernel_devices: tuple[str, ...] = ("cuda",)
+        # Where the dense MLP runs beside the router and experts (inference on a GPU; `set_side_stream`).
+        self.side_stream: SideStream | None = None
+
+    def _apply(self, fn, recurse=True):
+        self.side_stream = None  # the stream belongs to the device the layer leaves
+        return super()._apply(fn, recurse)
 
     def forward(self, x, cos, sin, batch: AttentionBatch, cache: KVCache, scalar: torch.Tensor) -> torch.Tensor:
         # x: [B, T, H]; scalar: [1], or [T, 1] when encoder and decoder tokens share the forward
@@ -54,9 +61,12 @@ class Layer(nn.Module):
         """Everything after attention: the residual norms, the dense MLP, routing and experts. It reads no layer
         index or cache, so one torch.compile of it serves every layer in training (`compile_feed_forward`)."""
         h, dense_in, router_in, experts_in = self.attention_residual(x, attn)  # [B, T, H] each
-        dense = self.mlp(dense_in)
+        side = self.side_stream if self.side_stream is not None and SideStream.usable() else None
+        dense = side.fork(self.mlp, dense_in) if side else self.mlp(dense_in)  # [B, T, H]
         weights, experts = self.router(router_in.reshape(-1, h.shape[-1]))  # routed on the raw residual
         routed = self.experts(experts_in.reshape(-1, h.shape[-1]), weights, experts).view_as(h)
+        if side:
+            side.join()
         return self.layer_output(h, dense, routed, scalar)
 
     def attention_residual(self, x: torch.Tensor, attn: torch.Tensor):
@@ -140,6 +150,21 @@ class DiffusionGemma(nn.Module):
         for module in self.modules():
             if hasattr(module, "kernel_devices"):
                 module.kernel_devices = tuple(devices)
+
+    def prepare_inference(self) -> None:
+        """What an inference engine runs once its weights are in place: `pack_projections`, and on a GPU
+        `set_side_stream`."""
+        self.pack_projections()
+        self.set_side_stream(self.device.type == "cuda")
+
+    def set_side_stream(self, on: bool, priority: int = 0) -> None:
+        """Run every layer's dense MLP on a second CUDA stream, beside its router and experts
+        (`dgemma.model.side_stream`; one stream shared by the layers, which run in turn). Off: one stream."""
+        if on and self.device.type != "cuda":
+            raise ValueError(f"a side stream needs a CUDA model, this one is on {self.device}")
+        side = SideStream(self.device, priority) if on else None
+        for layer in self.layers:
+            layer.side_stream = side
 
     def pack_projections(self) -> None:
         """Inference: every layer's q/k/v projections and its dense MLP's gate/up become one GEMM each, over weights
