@@ -1,6 +1,7 @@
-"""The dense MLP on a side stream (`dgemma.model.side_stream`), switched off and on in one process on the same
-random weights (docs/benchmarks.md, issue 4): one stream, the side stream at the default priority, and the side
-stream at a higher priority than the main stream's (its kernels take SMs first when both branches wait).
+"""The side stream (`dgemma.model.side_stream`), switched off and on in one process on the same random weights
+(docs/benchmarks.md, issue 4): one stream; the dense MLP on the side stream; the dense MLP and the attention's key
+and value norms on it; and both at a higher priority than the main stream's (its kernels take SMs first when both
+branches wait).
 
     python scripts/side_stream_ab.py [--preset 26b-a4b] [--rounds 2] [--batches 1,8] [--concurrency 1,8]
 
@@ -19,7 +20,9 @@ from dgemma.bench.measure import decoder_step_ms, prefill_ms, random_prompts, ru
 from dgemma.checkpoint.random_init import build_random_model
 from dgemma.engine.autoregressive import generate_ar
 
-VARIANTS = (("one stream", None), ("side stream", 0), ("side stream, high priority", -1))
+# name, side stream priority (None: one stream), K/V norms on the side stream too
+VARIANTS = (("one stream", None, False), ("side: MLP", 0, False), ("side: MLP, K/V", 0, True),
+            ("side: MLP, K/V, high priority", -1, True))
 
 
 def main() -> None:
@@ -35,8 +38,8 @@ def main() -> None:
     prompt = random_prompts(1, 1024, model.config.vocab_size, 0)
     levels = [int(c) for c in args.concurrency.split(",") if c]
     for r in range(args.rounds):
-        for name, priority in VARIANTS:
-            model.set_side_stream(priority is not None, priority or 0)
+        for name, priority, kv in VARIANTS:
+            model.set_side_stream(priority is not None, priority or 0, attention=kv)
             steps = ", ".join(f"b{b} {decoder_step_ms(model, int(b), 1024):.2f}" for b in args.batches.split(","))
             prefill = prefill_ms(model, 1024)
             generate_ar(model, prompt, 2, ignore_eos=True)
@@ -44,7 +47,7 @@ def main() -> None:
             runs = [run_concurrency(model, c, 2 * c, 1024, 1024, 16) for c in levels]
             engine = ", ".join(f"c{c} {res.output_tok_s:.1f} (decode {res.decode_tok_s:.1f})"
                                for c, res in zip(levels, runs))
-            print(f"round {r}, {name:27s}: step ms {steps} | prefill 1024 {prefill:.1f} ms | AR "
+            print(f"round {r}, {name:30s}: step ms {steps} | prefill 1024 {prefill:.1f} ms | AR "
                   f"{ar.tokens_per_s:.1f} tok/s ({ar.decode_ms / len(ar.token_ids):.2f} ms) | tok/s {engine}",
                   flush=True)
 

@@ -172,7 +172,8 @@ def test_dense_mlp_on_a_side_stream_changes_no_result_on_gpu():
     soft_logits = 3 * torch.randn(1, config.canvas_length, config.vocab_size, generator=gen)
     model = build_random_model(config, "bfloat16", "cuda", seed=1, scale=InitScale(embed_std=0.02, perturb=0.1))
     model.prepare_inference()
-    assert all(layer.side_stream is not None for layer in model.layers)
+    assert all(layer.side_stream is not None and layer.self_attn.side_stream is layer.side_stream
+               for layer in model.layers)
     side_cache, side_logits = run(model, prompt, canvas, soft_logits)
     model.set_side_stream(False)
     one_cache, one_logits = run(model, prompt, canvas, soft_logits)

@@ -103,6 +103,6 @@ def test_preparing_a_cpu_model_for_inference_packs_it_and_keeps_one_stream():
     model = build_random_model("tiny", "float32", "cpu", seed=1, scale=SCALE)
     model.prepare_inference()
     assert model.layers[0].mlp.packed is not None
-    assert all(layer.side_stream is None for layer in model.layers)
+    assert all(layer.side_stream is None and layer.self_attn.side_stream is None for layer in model.layers)
     with pytest.raises(ValueError, match="needs a CUDA model"):
         model.set_side_stream(True)

@@ -17,6 +17,7 @@ from torch import nn
 
 from dgemma.config import FULL, SLIDING, AttentionSpec
 from dgemma.model.kv_cache import KVCache, ring_positions
+from dgemma.model.side_stream import SideStream
 from dgemma.model.layers import (
     RMSNorm,
     norm_heads,
@@ -207,6 +208,9 @@ class Attention(nn.Module):
         # the two), and tests add "cpu" under TRITON_INTERPRET=1.
         self.kernel_devices = kernel_devices
         self.packed: torch.Tensor | None = None  # [(Hq + 2 Hkv) * D, H] (no v rows on full layers), see `pack`
+        # Where the keys and values are normalised into the cache beside the queries' norm (inference on a GPU;
+        # `DiffusionGemma.set_side_stream`).
+        self.side_stream: SideStream | None = None
 
     def _projections(self) -> list[nn.Linear]:
         return [p for p in (self.q_proj, self.k_proj, self.v_proj) if p is not None]
@@ -217,6 +221,7 @@ class Attention(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self.packed = None  # a moved or cast weight is a new tensor: the packing ends
+        self.side_stream = None  # the stream belongs to the device the layer leaves
         return super()._apply(fn, recurse)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -246,9 +251,15 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         d = self.spec.head_dim
         q_raw, k_raw, v_raw = self.project(x)  # [B, T, Hq, D], [B, T, Hkv, D] x 2
-        q = norm_rope(q_raw, self.q_norm.weight, cos, sin, self.eps, self.kernel_devices)
         # Write first, then attend: the canvas (and a causal chunk) attends to its own keys through the cache.
-        self.write_kv(k_raw, v_raw, cos, sin, batch, kind, cache, layer)
+        side = self.side_stream if self.side_stream is not None and SideStream.usable() else None
+        if side:  # the keys' and values' kernels run beside the queries' (two short chains instead of one longer)
+            side.fork(self.write_kv, k_raw, v_raw, cos, sin, batch, kind, cache, layer)
+        q = norm_rope(q_raw, self.q_norm.weight, cos, sin, self.eps, self.kernel_devices)
+        if side:
+            side.join()
+        else:
+            self.write_kv(k_raw, v_raw, cos, sin, batch, kind, cache, layer)
         keys, values = cache.keys[layer], cache.values[layer]  # [rows, slots + 1, Hkv, D]
         if use_canvas_attention(q, batch, kind, cache, self.kernel_devices):
             out = canvas_attention(q, keys, values, *batch.flash_bounds(keys.shape[1]))  # [B, T, Hq, D]

@@ -157,14 +157,16 @@ class DiffusionGemma(nn.Module):
         self.pack_projections()
         self.set_side_stream(self.device.type == "cuda")
 
-    def set_side_stream(self, on: bool, priority: int = 0) -> None:
-        """Run every layer's dense MLP on a second CUDA stream, beside its router and experts
-        (`dgemma.model.side_stream`; one stream shared by the layers, which run in turn). Off: one stream."""
+    def set_side_stream(self, on: bool, priority: int = 0, attention: bool = True) -> None:
+        """Run every layer's dense MLP on a second CUDA stream, beside its router and experts, and (`attention`) the
+        normalisation of its new keys and values into the cache beside the queries' (`dgemma.model.side_stream`;
+        one stream shared by the layers, which run in turn). Off: one stream."""
         if on and self.device.type != "cuda":
             raise ValueError(f"a side stream needs a CUDA model, this one is on {self.device}")
         side = SideStream(self.device, priority) if on else None
         for layer in self.layers:
             layer.side_stream = side
+            layer.self_attn.side_stream = side if attention else None
 
     def pack_projections(self) -> None:
         """Inference: every layer's q/k/v projections and its dense MLP's gate/up become one GEMM each, over weights

@@ -1,11 +1,13 @@
-"""A second CUDA stream on which each layer's dense MLP runs beside its router and routed experts.
+"""A second CUDA stream on which each layer's dense MLP runs beside its router and routed experts, and its new keys
+and values are normalised into the cache beside the queries' norm.
 
 The dense MLP and the mixture of experts read the same residual and meet only in the layer's output norms, so
 nothing orders one after the other. On one stream they still run in turn, and neither fills the GPU alone: at a
 batch-1 denoising step the experts stream 1.5 GB of weights a layer through kernels that keep memory busy, while
 the MLP's GEMMs over 256 rows occupy a fraction of the SMs, and the router's kernels are a chain of tiny launches;
 at batch 8 the MLP is compute-bound beside memory-bound experts. On two streams the MLP fills what the other
-branch leaves idle.
+branch leaves idle. In attention the keys' and values' norm kernels (which write the cache) and the queries' norm
+read one GEMM's output and meet only at the attention kernel: at one decoded token they are two short chains.
 
 Fork and join are stream waits. Eager, they order the two streams. Inside CUDA graph capture the side stream joins
 the capture at the fork and leaves it at the join, so the captured step holds the two branches as parallel paths
