@@ -154,49 +154,43 @@ def test_cuda_graph_engine_is_reproducible_and_runs_fixed_steps():
     assert outputs[0] == outputs[1]
 
 
-def test_dense_mlp_on_a_side_stream_changes_no_result_on_gpu():
-    """The side stream (`dgemma.model.side_stream`) moves the dense MLP's kernels, not their arithmetic: the eager
-    logits of a slice of the released shapes (KV cache included) and a graphed engine's tokens equal those of one
-    stream bit for bit. A missing wait (the MLP reading its input before the norms wrote it, the output norms reading
-    the MLP's output before it is written, a buffer reused while the other stream still reads it) gives other
-    values."""
+def test_side_stream_changes_no_result_on_gpu():
+    """The side stream (`dgemma.model.side_stream`) moves kernels of the captured steps, not their arithmetic: a
+    graphed engine's tokens equal those of one stream exactly, on the tiny preset and on a 3-layer slice of the
+    released shapes (256-token canvases over the 262144-token vocabulary). A missing wait (the MLP reading its input
+    before the norms wrote it, the attention reading keys not yet written, a buffer reused while the other stream
+    still reads it) gives other tokens."""
     from dgemma.engine.engine import Engine
     from dgemma.engine.request import Request
     from dgemma.engine.scheduler import SchedulerConfig
     from dgemma.sampling.params import SamplingParams
 
-    config = replace(preset("26b-a4b"), layer_types=[SLIDING, FULL, SLIDING])
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, config.vocab_size, (1, 300), generator=gen)
-    canvas = torch.randint(0, config.vocab_size, (1, config.canvas_length), generator=gen)
-    soft_logits = 3 * torch.randn(1, config.canvas_length, config.vocab_size, generator=gen)
-    model = build_random_model(config, "bfloat16", "cuda", seed=1, scale=InitScale(embed_std=0.02, perturb=0.1))
-    model.prepare_inference()
-    assert all(layer.side_stream is not None and layer.self_attn.side_stream is layer.side_stream
-               for layer in model.layers)
-    side_cache, side_logits = run(model, prompt, canvas, soft_logits)
-    model.set_side_stream(False)
-    one_cache, one_logits = run(model, prompt, canvas, soft_logits)
-    assert torch.equal(side_logits, one_logits)
-    assert all(torch.equal(a, b) for a, b in zip(side_cache.keys + side_cache.values, one_cache.keys + one_cache.values))
-    del model, side_cache, one_cache
+    slice_config = replace(preset("26b-a4b"), layer_types=[SLIDING, FULL, SLIDING])
+    for config, scale, new_tokens, prompt_len in (("tiny", InitScale(embed_std=3.0, perturb=0.1), 96, 40),
+                                                  (slice_config, InitScale(embed_std=0.02, perturb=0.1), 512, 300)):
+        model = build_random_model(config, "bfloat16", "cuda", seed=3, scale=scale)
+        model.prepare_inference()
+        assert all(layer.side_stream is not None and layer.self_attn.side_stream is layer.side_stream
+                   for layer in model.layers)
+        cfg = model.config
+        params = SamplingParams(max_new_tokens=new_tokens, max_denoising_steps=4, ignore_eos=True,
+                                adaptive_stopping=False)
 
-    tiny = build_random_model("tiny", "bfloat16", "cuda", seed=3, scale=InitScale(embed_std=3.0, perturb=0.1))
-    tiny.prepare_inference()
-    params = SamplingParams(max_new_tokens=96, max_denoising_steps=8, ignore_eos=True, adaptive_stopping=False)
+        def generate(side: bool) -> list[list[int]]:
+            model.set_side_stream(side)
+            engine = Engine(model, SchedulerConfig(max_num_seqs=4, max_model_len=prompt_len + new_tokens + 64,
+                                                   canvas_length=cfg.canvas_length))
+            assert engine.canvas_encoder is not None  # the graph path
+            reqs = [Request(str(i), list(range(5 + i, 5 + i + prompt_len + 7 * i)), params.with_overrides(seed=i))
+                    for i in range(3)]
+            for r in reqs:
+                engine.add_request(r)
+            while engine.has_work:
+                engine.step()
+            return [r.output_ids for r in reqs]
 
-    def generate(side: bool) -> list[list[int]]:
-        tiny.set_side_stream(side)
-        engine = Engine(tiny, SchedulerConfig(max_num_seqs=4, max_model_len=512, canvas_length=32))
-        assert engine.canvas_encoder is not None  # the graph path
-        reqs = [Request(str(i), list(range(5 + i, 60 + 3 * i)), params.with_overrides(seed=i)) for i in range(5)]
-        for r in reqs:
-            engine.add_request(r)
-        while engine.has_work:
-            engine.step()
-        return [r.output_ids for r in reqs]
-
-    assert generate(True) == generate(False)
+        assert generate(True) == generate(False)
+        del model
 
 
 def test_fused_norm_rope_matches_torch_on_gpu():
