@@ -252,7 +252,7 @@ class Attention(nn.Module):
         d = self.spec.head_dim
         q_raw, k_raw, v_raw = self.project(x)  # [B, T, Hq, D], [B, T, Hkv, D] x 2
         # Write first, then attend: the canvas (and a causal chunk) attends to its own keys through the cache.
-        side = self.side_stream if self.side_stream is not None and SideStream.usable() else None
+        side = SideStream.active(self.side_stream)
         if side:  # the keys' and values' kernels run beside the queries' (two short chains instead of one longer)
             side.fork(self.write_kv, k_raw, v_raw, cos, sin, batch, kind, cache, layer)
         q = norm_rope(q_raw, self.q_norm.weight, cos, sin, self.eps, self.kernel_devices)

@@ -61,7 +61,7 @@ class Layer(nn.Module):
         """Everything after attention: the residual norms, the dense MLP, routing and experts. It reads no layer
         index or cache, so one torch.compile of it serves every layer in training (`compile_feed_forward`)."""
         h, dense_in, router_in, experts_in = self.attention_residual(x, attn)  # [B, T, H] each
-        side = self.side_stream if self.side_stream is not None and SideStream.usable() else None
+        side = SideStream.active(self.side_stream)
         dense = side.fork(self.mlp, dense_in) if side else self.mlp(dense_in)  # [B, T, H]
         weights, experts = self.router(router_in.reshape(-1, h.shape[-1]))  # routed on the raw residual
         routed = self.experts(experts_in.reshape(-1, h.shape[-1]), weights, experts).view_as(h)

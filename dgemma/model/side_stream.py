@@ -34,14 +34,15 @@ class SideStream:
         self.stream = torch.cuda.Stream(device, priority=priority)
 
     @staticmethod
-    def usable() -> bool:
-        """Inside CUDA graph capture for inference only. A captured fork and join are edges of the graph and cost
-        nothing at replay; eager, each is an event recorded and waited on from the host, which a launch-bound
-        forward pays every layer (a batch-1 decoder forward, eager, on an H200: 33-36 ms on one stream, 37.6 ms
-        with the fork), while a GPU-bound one gains nothing (an 8192-token prefill: 317 ms either way). A training
-        step (gradients, torch.compile) keeps one stream."""
-        return (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and torch.cuda.is_current_stream_capturing())
+    def active(side: "SideStream | None") -> "SideStream | None":
+        """`side` where a fork pays now, else None: inside CUDA graph capture, for inference. A captured fork and
+        join are edges of the graph and cost nothing at replay; eager, each is an event recorded and waited on from
+        the host, which a launch-bound forward pays every layer (a batch-1 decoder forward, eager, on an H200: 33-36
+        ms on one stream, 37.6 ms with the forks), while a GPU-bound one gains nothing (an 8192-token prefill: 317
+        ms either way). A training step (gradients, torch.compile) keeps one stream."""
+        if side is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        return side if torch.cuda.is_current_stream_capturing() else None
 
     def fork(self, fn: Callable[..., T], *args) -> T:
         """fn(*args) queued on the side stream after all the work queued so far on the current stream."""
