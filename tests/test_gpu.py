@@ -193,6 +193,27 @@ def test_side_stream_changes_no_result_on_gpu():
         del model
 
 
+def test_folded_combine_changes_no_result_on_gpu(monkeypatch):
+    """`FOLD_MOE_COMBINE`: the layer's output kernel sums the experts' rows as the combine kernel does, so a slice of
+    the released shapes gives bit-identical bf16 logits and KV cache with the fold on and off."""
+    from dgemma.model import diffusion_gemma
+
+    config = replace(preset("26b-a4b"), layer_types=[SLIDING, FULL])
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, config.vocab_size, (1, 300), generator=gen)
+    canvas = torch.randint(0, config.vocab_size, (1, config.canvas_length), generator=gen)
+    soft_logits = 3 * torch.randn(1, config.canvas_length, config.vocab_size, generator=gen)
+    model = build_random_model(config, "bfloat16", "cuda", seed=1, scale=InitScale(embed_std=0.02, perturb=0.1))
+    model.prepare_inference()
+    results = []
+    for fold in (False, True):
+        monkeypatch.setattr(diffusion_gemma, "FOLD_MOE_COMBINE", fold)
+        results.append(run(model, prompt, canvas, soft_logits))
+    (cache, logits), (folded_cache, folded_logits) = results
+    assert torch.equal(folded_logits, logits)
+    assert all(torch.equal(a, b) for a, b in zip(folded_cache.keys + folded_cache.values, cache.keys + cache.values))
+
+
 def test_fused_norm_rope_matches_torch_on_gpu():
     """The kernel rounds the rotation once where the eager path rounds three times, and its normalised value may
     differ by one rounding: errors stay within a few bf16 ulps of the largest normalised value (a wrong rotation

@@ -364,6 +364,59 @@ def test_interpreted_residual_norms_equal_the_eager_layer_norms(tiny_fp16, dtype
 
 
 @interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_interpreted_output_kernel_sums_the_experts_rows_as_the_combine_kernel_does(tiny_fp16, dtype):
+    """Folding the MoE's combine into the layer's output kernel changes no value: each token's K rows are weighted
+    (weights rounded to the activation dtype), summed in float32 and rounded once, as `combine_triton` does."""
+    from dgemma.kernels.fused_moe import combine_triton
+    from dgemma.kernels.residual_norms import layer_output_triton
+
+    layer = copy.deepcopy(tiny_fp16.layers[0]).to(dtype)
+    gen = torch.Generator().manual_seed(2)
+    b, t, k, d = 2, 5, 3, tiny_fp16.config.hidden_size
+    h, dense = (torch.randn(b, t, d, generator=gen).to(dtype) for _ in range(2))
+    rows = torch.randn(b * t * k, d, generator=gen).to(dtype)  # token-major: token * K + k
+    route_weights = torch.rand(b * t, k, generator=gen)
+    norms = (layer.post_feedforward_layernorm_1.weight, layer.post_feedforward_layernorm_2.weight,
+             layer.post_feedforward_layernorm.weight)
+    scalar = torch.tensor([0.7]).to(dtype)
+    with torch.no_grad():
+        summed = layer_output_triton(h, dense, combine_triton(rows, route_weights).view(b, t, d), *norms, scalar, 1e-6)
+        folded = layer_output_triton(h, dense, rows, *norms, scalar, 1e-6, route_weights)
+    assert torch.equal(folded, summed)
+    with pytest.raises(ValueError, match=r"routed \(29, 64\) be \(30, 64\)"):
+        layer_output_triton(h, dense, rows[:-1], *norms, scalar, 1e-6, route_weights)
+
+
+@interpreted
+def test_interpreted_model_with_the_combine_folded_computes_the_same_logits(tiny_fp16, monkeypatch):
+    """`FOLD_MOE_COMBINE` on: every layer's output kernel sums the experts' rows, and the whole encode + decode
+    gives the same float16 logits and cache as with the combine kernel."""
+    from dgemma.kernels import fused_moe
+    from dgemma.model import diffusion_gemma
+
+    combines = []
+    real_combine = fused_moe.combine_triton
+    monkeypatch.setattr(fused_moe, "combine_triton", lambda *a: combines.append(1) or real_combine(*a))
+    cfg = tiny_fp16.config
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, cfg.vocab_size, (1, 40), generator=gen)
+    canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=gen)
+    soft_logits = 3 * torch.randn(1, cfg.canvas_length, cfg.vocab_size, generator=gen)
+    model = copy.deepcopy(tiny_fp16)
+    set_kernel_devices(model, ("cpu",))
+    results = []
+    for fold in (False, True):
+        monkeypatch.setattr(diffusion_gemma, "FOLD_MOE_COMBINE", fold)
+        combines.clear()
+        results.append(run(model, prompt, canvas, soft_logits))
+        assert len(combines) == (0 if fold else 2 * cfg.num_layers)  # encoder and decoder, every layer
+    (cache, logits), (folded_cache, folded_logits) = results
+    assert torch.equal(folded_logits, logits)
+    assert all(torch.equal(a, b) for a, b in zip(folded_cache.keys + folded_cache.values, cache.keys + cache.values))
+
+
+@interpreted
 @pytest.mark.parametrize("rope", [True, False])  # queries and keys; values (the norm alone, no weight)
 def test_interpreted_head_norm_reads_views_of_a_packed_projection_in_place(rope):
     from dgemma.config import AttentionSpec

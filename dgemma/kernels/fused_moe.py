@@ -240,9 +240,12 @@ def fused_moe_triton(
     tile_gate_up: dict | None = None,
     tile_down: dict | None = None,
     scales: tuple[torch.Tensor, torch.Tensor] | None = None,  # FP8 weights: per-row scales [E, 2I] and [E, H]
+    combine: bool = True,
 ) -> torch.Tensor:
     """Same result as `dgemma.model.moe.experts_grouped` (within bf16 rounding): [N, H] in x's dtype. With
-    `scales`, gate_up and down are `dgemma.model.fp8` weights (float8 e4m3, or any float dtype) times those scales."""
+    `scales`, gate_up and down are `dgemma.model.fp8` weights (float8 e4m3, or any float dtype) times those scales.
+    Without `combine`, each token's K expert rows unsummed, token-major: [N * K, H] (a caller that sums them itself,
+    as `dgemma.kernels.residual_norms.layer_output_triton` can)."""
     n_tokens, hidden = x.shape
     num_experts, two_i, h2 = gate_up.shape
     inter = two_i // 2
@@ -278,4 +281,6 @@ def fused_moe_triton(
     launch(_down_kernel, lambda t: (t["M_SPLITS"], num_experts, triton.cdiv(hidden, t["BLOCK_N"])), t2, TILE_BLOCKS,
            hidden_act, down, down_scale, order, ends, out, hidden, inter, SCALED=scaled,
            EVEN_N=hidden % t2["BLOCK_N"] == 0, EVEN_K=inter % t2["BLOCK_K"] == 0)
+    if not combine:
+        return out
     return combine_triton(out, weights)  # deterministic, float32 accumulation (as `combine` on CUDA)

@@ -7,7 +7,8 @@ row; at a batch-1 denoising step (256 tokens) each is a few microseconds of work
 
 - `attention_residual`: h = x + norm(attn; w_post_attn), then norm(h; w_pre_ff), norm(h; w_pre_ff2) and the
   router's input norm(h) * scale * H^-1/2, from one read of x and attn.
-- `layer_output`: (h + norm(norm(dense; w1) + norm(routed; w2); w)) * scalar.
+- `layer_output`: (h + norm(norm(dense; w1) + norm(routed; w2); w)) * scalar; it can also take the routed experts'
+  K rows per token unsummed and sum them itself (the MoE's combine kernel folded in).
 
 Rounding follows the eager path step by step: every intermediate the eager code holds in the activation dtype is
 rounded to it here too, and the norms are those of `dgemma.kernels.rms_norm` (float32, 1 / sqrt). So on a GPU the
@@ -52,15 +53,22 @@ def _attention_residual_kernel(x_ptr, attn_ptr, w_post_ptr, w_dense_ptr, w_exper
 
 
 @triton.jit
-def _layer_output_kernel(h_ptr, dense_ptr, routed_ptr, w_dense_ptr, w_routed_ptr, w_out_ptr, scalar_ptr, out_ptr,
-                         D, eps, tokens_per_scalar, BLOCK: tl.constexpr):
+def _layer_output_kernel(h_ptr, dense_ptr, routed_ptr, route_w_ptr, w_dense_ptr, w_routed_ptr, w_out_ptr, scalar_ptr,
+                         out_ptr, D, eps, tokens_per_scalar, K: tl.constexpr, BLOCK: tl.constexpr):
     index = tl.program_id(0)
     row = index.to(tl.int64) * D
     cols = tl.arange(0, BLOCK)
     mask = cols < D
     dtype = out_ptr.dtype.element_ty
     dense = tl.load(dense_ptr + row + cols, mask=mask, other=0.0).to(tl.float32)
-    routed = tl.load(routed_ptr + row + cols, mask=mask, other=0.0).to(tl.float32)
+    if K == 0:
+        routed = tl.load(routed_ptr + row + cols, mask=mask, other=0.0).to(tl.float32)
+    else:  # the experts' K rows of this token, summed as `fused_moe.combine_triton` sums them
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k in tl.static_range(K):
+            w = tl.load(route_w_ptr + index.to(tl.int64) * K + k).to(dtype).to(tl.float32)
+            acc += w * tl.load(routed_ptr + (index.to(tl.int64) * K + k) * D + cols, mask=mask, other=0.0).to(tl.float32)
+        routed = acc.to(dtype).to(tl.float32)
     w_dense = tl.load(w_dense_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     w_routed = tl.load(w_routed_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     mixed = ((_rms(dense, D, eps) * w_dense).to(dtype).to(tl.float32)
@@ -113,18 +121,29 @@ def attention_residual_triton(
 def layer_output_triton(
     h: torch.Tensor,  # [B, T, H] the residual after attention
     dense: torch.Tensor,  # [B, T, H] the dense MLP's output
-    routed: torch.Tensor,  # [B, T, H] the experts' output
+    routed: torch.Tensor,  # [B, T, H] the experts' output; with route_weights, their rows [B * T * K, H]
     w_dense: torch.Tensor,  # [H]
     w_routed: torch.Tensor,  # [H]
     w_out: torch.Tensor,  # [H]
     scalar: torch.Tensor,  # [1], or [T, 1]: one per token position
     eps: float,
+    route_weights: torch.Tensor | None = None,  # [B * T, K] float32: routed holds each token's K rows, unsummed
 ) -> torch.Tensor:
-    """(h + norm(norm(dense; w_dense) + norm(routed; w_routed); w_out)) * scalar: [B, T, H] in h's dtype."""
+    """(h + norm(norm(dense; w_dense) + norm(routed; w_routed); w_out)) * scalar: [B, T, H] in h's dtype.
+
+    With `route_weights`, routed is the fused MoE's token-major rows (token * K + k) and their weighted sum is taken
+    here, rounded as `dgemma.kernels.fused_moe.combine_triton` rounds it: the same result, one kernel fewer."""
     _, t, d = h.shape
-    if dense.shape != h.shape or routed.shape != h.shape or dense.dtype != h.dtype or routed.dtype != h.dtype:
-        raise ValueError(f"layer_output: dense {tuple(dense.shape)} and routed {tuple(routed.shape)} must match "
-                         f"h {tuple(h.shape)} {h.dtype}")
+    tokens = h.numel() // d
+    k = 0 if route_weights is None else route_weights.shape[-1]
+    routed_shape = h.shape if route_weights is None else (tokens * k, d)
+    if (dense.shape != h.shape or tuple(routed.shape) != tuple(routed_shape) or dense.dtype != h.dtype
+            or routed.dtype != h.dtype):
+        raise ValueError(f"layer_output: dense {tuple(dense.shape)} must match h {tuple(h.shape)} {h.dtype}, and "
+                         f"routed {tuple(routed.shape)} be {tuple(routed_shape)}")
+    if route_weights is not None and (route_weights.shape != (tokens, k) or route_weights.dtype != torch.float32):
+        raise ValueError(f"layer_output: route_weights must be float32 [{tokens}, K], got "
+                         f"{tuple(route_weights.shape)} {route_weights.dtype}")
     for name, w in (("w_dense", w_dense), ("w_routed", w_routed), ("w_out", w_out)):
         if w.shape != (d,) or w.device != h.device:
             raise ValueError(f"layer_output: {name} must be [{d}] on {h.device}, got {tuple(w.shape)}")
@@ -132,7 +151,8 @@ def layer_output_triton(
         raise ValueError(f"layer_output: scalar must have 1 or {t} values, got {tuple(scalar.shape)}")
     hs = _rows(h, d)
     out = torch.empty_like(hs)
-    _layer_output_kernel[(hs.shape[0],)](hs, _rows(dense, d), _rows(routed, d), w_dense, w_routed, w_out,
-                                         scalar.reshape(-1).contiguous(), out, d, eps, scalar.numel(),
+    route_w = hs if route_weights is None else route_weights.contiguous()  # unread without K
+    _layer_output_kernel[(hs.shape[0],)](hs, _rows(dense, d), _rows(routed, d), route_w, w_dense, w_routed, w_out,
+                                         scalar.reshape(-1).contiguous(), out, d, eps, scalar.numel(), K=k,
                                          **_launch_options(d))
     return out.view(h.shape)

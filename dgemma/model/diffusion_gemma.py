@@ -64,10 +64,17 @@ class Layer(nn.Module):
         side = SideStream.active(self.side_stream)
         dense = side.fork(self.mlp, dense_in) if side else self.mlp(dense_in)  # [B, T, H]
         weights, experts = self.router(router_in.reshape(-1, h.shape[-1]))  # routed on the raw residual
-        routed = self.experts(experts_in.reshape(-1, h.shape[-1]), weights, experts).view_as(h)
+        flat_in = experts_in.reshape(-1, h.shape[-1])  # [N, H]
+        # The fused MoE's rows unsummed [N * K, H]: the output kernel sums them (one kernel fewer a layer).
+        rows = self.experts.rows(flat_in, weights, experts) if self.fold_combine(h) else None
+        routed = rows if rows is not None else self.experts(flat_in, weights, experts).view_as(h)
         if side:
             side.join()
-        return self.layer_output(h, dense, routed, scalar)
+        return self.layer_output(h, dense, routed, scalar, weights if rows is not None else None)
+
+    def fold_combine(self, h: torch.Tensor) -> bool:
+        """Whether the output kernel sums the experts' rows itself (`FOLD_MOE_COMBINE`, and the fused norms run)."""
+        return FOLD_MOE_COMBINE and use_fused_norms(h, self.kernel_devices)
 
     def attention_residual(self, x: torch.Tensor, attn: torch.Tensor):
         """h = x + norm(attn), and h normalised for the dense MLP, the router and the experts: 4 x [B, T, H]."""
@@ -81,17 +88,25 @@ class Layer(nn.Module):
         h = x + self.post_attention_layernorm(attn)
         return h, self.pre_feedforward_layernorm(h), self.router.normalize(h), self.pre_feedforward_layernorm_2(h)
 
-    def layer_output(self, h: torch.Tensor, dense: torch.Tensor, routed: torch.Tensor,
-                     scalar: torch.Tensor) -> torch.Tensor:
-        """(h + norm(norm(dense) + norm(routed))) * scalar: [B, T, H]."""
+    def layer_output(self, h: torch.Tensor, dense: torch.Tensor, routed: torch.Tensor, scalar: torch.Tensor,
+                     route_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """(h + norm(norm(dense) + norm(routed))) * scalar: [B, T, H]. With route_weights [N, K] (`fold_combine`),
+        routed is the experts' unsummed rows [N * K, H]."""
         if use_fused_norms(h, self.kernel_devices):
             from dgemma.kernels.residual_norms import layer_output_triton  # 1 kernel instead of 7
 
             return layer_output_triton(
                 h, dense, routed, self.post_feedforward_layernorm_1.weight, self.post_feedforward_layernorm_2.weight,
-                self.post_feedforward_layernorm.weight, scalar, self.input_layernorm.eps)
+                self.post_feedforward_layernorm.weight, scalar, self.input_layernorm.eps, route_weights)
+        if route_weights is not None:
+            raise ValueError("unsummed expert rows need the fused output kernel (see Layer.fold_combine)")
         mixed = self.post_feedforward_layernorm_1(dense) + self.post_feedforward_layernorm_2(routed)
         return (h + self.post_feedforward_layernorm(mixed)) * scalar
+
+
+# Whether a layer's output kernel also sums the routed experts' K rows per token (in place of the MoE's combine
+# kernel: one launch fewer a layer, the same arithmetic). Off until a GPU measures it (scripts/fold_combine_ab.py).
+FOLD_MOE_COMBINE = False
 
 
 def use_fused_norms(x: torch.Tensor, kernel_devices: tuple[str, ...]) -> bool:

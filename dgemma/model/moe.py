@@ -184,6 +184,16 @@ class Experts(nn.Module):
             setattr(self, name, nn.Parameter(w8, requires_grad=False))
             setattr(self, name.replace("_proj", "_scale"), scale)
 
+    def rows(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor | None:
+        """Where the fused kernel runs, each token's K expert outputs before their weighted sum, token-major:
+        [N * K, H] (for a caller that sums them in a kernel of its own); elsewhere None (call `forward`)."""
+        if not use_fused_moe(x, experts, self.gate_up_proj, self.kernel_devices):
+            return None
+        from dgemma.kernels.fused_moe import fused_moe_triton
+
+        scales = (self.gate_up_scale, self.down_scale) if self.quantized else None
+        return fused_moe_triton(x, weights, experts, self.gate_up_proj, self.down_proj, scales=scales, combine=False)
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         # x: [N, H]; weights, experts: [N, K]
         gate_up, down = self.gate_up_proj, self.down_proj  # [E, 2I, H], [E, H, I]

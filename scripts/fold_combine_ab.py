@@ -1,0 +1,46 @@
+"""The MoE's combine folded into each layer's output kernel (`dgemma.model.diffusion_gemma.FOLD_MOE_COMBINE`),
+switched off and on in one process on the same random weights (docs/benchmarks.md, issue 4). The arithmetic is the
+same (tests/test_kernel_wiring.py, tests/test_gpu.py); what it saves is one kernel a layer.
+
+    python scripts/fold_combine_ab.py [--preset 26b-a4b] [--rounds 2] [--batches 1,8]   # needs a CUDA GPU
+
+Prints, per round, the graphed denoising step at each batch size (as `dgemma bench`) and AR tok/s (1024-token
+prompt, 128 tokens, greedy) with the fold off (the baseline, first) and on.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from dgemma.bench.measure import decoder_step_ms, random_prompts
+from dgemma.checkpoint.random_init import build_random_model
+from dgemma.engine.autoregressive import generate_ar
+from dgemma.model import diffusion_gemma
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="26b-a4b")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--batches", default="1,8", help="denoising step batch sizes")
+    args = p.parse_args()
+    model = build_random_model(args.preset, "bfloat16", "cuda")
+    model.prepare_inference()
+    print(torch.cuda.get_device_name(), flush=True)
+    prompt = random_prompts(1, 1024, model.config.vocab_size, 0)
+    default = diffusion_gemma.FOLD_MOE_COMBINE
+    for r in range(args.rounds):
+        for fold in (False, True):
+            diffusion_gemma.FOLD_MOE_COMBINE = fold
+            steps = ", ".join(f"b{b} {decoder_step_ms(model, int(b), 1024):.2f}" for b in args.batches.split(","))
+            generate_ar(model, prompt, 2, ignore_eos=True)
+            ar = generate_ar(model, prompt, 128, ignore_eos=True)[0]
+            print(f"round {r}, combine {'folded' if fold else 'separate'}: step ms {steps} | AR "
+                  f"{ar.tokens_per_s:.1f} tok/s ({ar.decode_ms / len(ar.token_ids):.2f} ms/token)", flush=True)
+    diffusion_gemma.FOLD_MOE_COMBINE = default
+
+
+if __name__ == "__main__":
+    main()
