@@ -193,10 +193,15 @@ def test_side_stream_changes_no_result_on_gpu():
         del model
 
 
-def test_folded_combine_changes_no_result_on_gpu(monkeypatch):
-    """`FOLD_MOE_COMBINE`: the layer's output kernel sums the experts' rows as the combine kernel does, so a slice of
-    the released shapes gives bit-identical bf16 logits and KV cache with the fold on and off."""
+def test_folds_into_the_output_kernel_change_no_result_on_gpu(monkeypatch):
+    """`FOLD_MOE_COMBINE` and `FOLD_NEXT_NORM`: the layer's output kernel sums the experts' rows as the combine kernel
+    does and applies the next norm as the norm kernel does, so a slice of the released shapes gives bit-identical
+    bf16 logits and KV cache with the folds on and off (eager, and in the graphed engine's tokens)."""
+    from dgemma.engine.engine import Engine
+    from dgemma.engine.request import Request
+    from dgemma.engine.scheduler import SchedulerConfig
     from dgemma.model import diffusion_gemma
+    from dgemma.sampling.params import SamplingParams
 
     config = replace(preset("26b-a4b"), layer_types=[SLIDING, FULL])
     gen = torch.Generator().manual_seed(0)
@@ -205,13 +210,22 @@ def test_folded_combine_changes_no_result_on_gpu(monkeypatch):
     soft_logits = 3 * torch.randn(1, config.canvas_length, config.vocab_size, generator=gen)
     model = build_random_model(config, "bfloat16", "cuda", seed=1, scale=InitScale(embed_std=0.02, perturb=0.1))
     model.prepare_inference()
+    params = SamplingParams(max_new_tokens=512, max_denoising_steps=4, ignore_eos=True, adaptive_stopping=False)
     results = []
     for fold in (False, True):
         monkeypatch.setattr(diffusion_gemma, "FOLD_MOE_COMBINE", fold)
-        results.append(run(model, prompt, canvas, soft_logits))
-    (cache, logits), (folded_cache, folded_logits) = results
+        monkeypatch.setattr(diffusion_gemma, "FOLD_NEXT_NORM", fold)
+        engine = Engine(model, SchedulerConfig(max_num_seqs=2, max_model_len=1024, canvas_length=256))
+        reqs = [Request(str(i), list(range(5 + i, 305 + 9 * i)), params.with_overrides(seed=i)) for i in range(2)]
+        for r in reqs:
+            engine.add_request(r)
+        while engine.has_work:
+            engine.step()
+        results.append((*run(model, prompt, canvas, soft_logits), [r.output_ids for r in reqs]))
+    (cache, logits, tokens), (folded_cache, folded_logits, folded_tokens) = results
     assert torch.equal(folded_logits, logits)
     assert all(torch.equal(a, b) for a, b in zip(folded_cache.keys + folded_cache.values, cache.keys + cache.values))
+    assert folded_tokens == tokens
 
 
 def test_fused_norm_rope_matches_torch_on_gpu():

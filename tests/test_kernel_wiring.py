@@ -389,15 +389,53 @@ def test_interpreted_output_kernel_sums_the_experts_rows_as_the_combine_kernel_d
 
 
 @interpreted
-def test_interpreted_model_with_the_combine_folded_computes_the_same_logits(tiny_fp16, monkeypatch):
-    """`FOLD_MOE_COMBINE` on: every layer's output kernel sums the experts' rows, and the whole encode + decode
-    gives the same float16 logits and cache as with the combine kernel."""
-    from dgemma.kernels import fused_moe
-    from dgemma.model import diffusion_gemma
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_interpreted_output_kernel_applies_the_next_norm_as_the_norm_kernel_does(tiny_fp16, dtype):
+    """With `w_next` the output kernel also returns the next norm of its output, computed as `rms_norm_triton`
+    computes it (float16: identical; float32: up to the order of the sum of squares), and the output itself is
+    unchanged."""
+    from dgemma.kernels.residual_norms import layer_output_triton
+    from dgemma.kernels.rms_norm import rms_norm_triton
 
-    combines = []
-    real_combine = fused_moe.combine_triton
-    monkeypatch.setattr(fused_moe, "combine_triton", lambda *a: combines.append(1) or real_combine(*a))
+    layer = copy.deepcopy(tiny_fp16.layers[0]).to(dtype)
+    gen = torch.Generator().manual_seed(3)
+    d = tiny_fp16.config.hidden_size
+    h, dense, routed = (torch.randn(2, 5, d, generator=gen).to(dtype) for _ in range(3))
+    norms = (layer.post_feedforward_layernorm_1.weight, layer.post_feedforward_layernorm_2.weight,
+             layer.post_feedforward_layernorm.weight)
+    scalar = torch.tensor([0.7]).to(dtype)
+    w_next = (1 + 0.3 * torch.randn(d, generator=gen)).to(dtype)
+    with torch.no_grad():
+        plain = layer_output_triton(h, dense, routed, *norms, scalar, 1e-6)
+        out, normed = layer_output_triton(h, dense, routed, *norms, scalar, 1e-6, w_next=w_next)
+        want = rms_norm_triton(plain, w_next, 1e-6)
+    assert torch.equal(out, plain)
+    if dtype == torch.float16:
+        assert torch.equal(normed, want)
+    else:
+        assert rel_err(normed, want) < ULPS * torch.finfo(dtype).eps
+
+
+@interpreted
+@pytest.mark.parametrize("combine,next_norm", [(True, False), (False, True), (True, True)])
+def test_interpreted_model_with_folds_into_the_output_kernel_computes_the_same_logits(tiny_fp16, monkeypatch,
+                                                                                      combine, next_norm):
+    """`FOLD_MOE_COMBINE` (the output kernel sums the experts' rows) and `FOLD_NEXT_NORM` (it applies the next layer's
+    input norm, and the last layer the final norm): the whole encode + decode gives the same float16 logits and
+    cache as without them, with one combine kernel or one norm kernel fewer per layer and pass."""
+    from dgemma.kernels import fused_moe
+    from dgemma.model import diffusion_gemma, layers
+
+    calls = {"combine": 0, "norm": 0}
+
+    def counting(name, real):
+        def wrapper(*args):
+            calls[name] += 1
+            return real(*args)
+        return wrapper
+
+    monkeypatch.setattr(fused_moe, "combine_triton", counting("combine", fused_moe.combine_triton))
+    monkeypatch.setattr(layers, "rms_norm", counting("norm", layers.rms_norm))  # what RMSNorm modules call
     cfg = tiny_fp16.config
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, cfg.vocab_size, (1, 40), generator=gen)
@@ -405,15 +443,19 @@ def test_interpreted_model_with_the_combine_folded_computes_the_same_logits(tiny
     soft_logits = 3 * torch.randn(1, cfg.canvas_length, cfg.vocab_size, generator=gen)
     model = copy.deepcopy(tiny_fp16)
     set_kernel_devices(model, ("cpu",))
-    results = []
-    for fold in (False, True):
-        monkeypatch.setattr(diffusion_gemma, "FOLD_MOE_COMBINE", fold)
-        combines.clear()
+    results, counts = [], []
+    for folds in ((False, False), (combine, next_norm)):
+        monkeypatch.setattr(diffusion_gemma, "FOLD_MOE_COMBINE", folds[0])
+        monkeypatch.setattr(diffusion_gemma, "FOLD_NEXT_NORM", folds[1])
+        calls.update(combine=0, norm=0)
         results.append(run(model, prompt, canvas, soft_logits))
-        assert len(combines) == (0 if fold else 2 * cfg.num_layers)  # encoder and decoder, every layer
+        counts.append(dict(calls))
     (cache, logits), (folded_cache, folded_logits) = results
     assert torch.equal(folded_logits, logits)
     assert all(torch.equal(a, b) for a, b in zip(folded_cache.keys + folded_cache.values, cache.keys + cache.values))
+    passes = 2  # the encoder's and the decoder's, every layer
+    assert counts[1]["combine"] == counts[0]["combine"] - (passes * cfg.num_layers if combine else 0)
+    assert counts[1]["norm"] == counts[0]["norm"] - (passes * cfg.num_layers if next_norm else 0)
 
 
 @interpreted

@@ -8,7 +8,8 @@ row; at a batch-1 denoising step (256 tokens) each is a few microseconds of work
 - `attention_residual`: h = x + norm(attn; w_post_attn), then norm(h; w_pre_ff), norm(h; w_pre_ff2) and the
   router's input norm(h) * scale * H^-1/2, from one read of x and attn.
 - `layer_output`: (h + norm(norm(dense; w1) + norm(routed; w2); w)) * scalar; it can also take the routed experts'
-  K rows per token unsummed and sum them itself (the MoE's combine kernel folded in).
+  K rows per token unsummed and sum them itself (the MoE's combine kernel folded in), and also write the next norm of
+  the residual stream (the next layer's input norm, or the final norm: that norm's kernel folded in).
 
 Rounding follows the eager path step by step: every intermediate the eager code holds in the activation dtype is
 rounded to it here too, and the norms are those of `dgemma.kernels.rms_norm` (float32, 1 / sqrt). So on a GPU the
@@ -54,7 +55,8 @@ def _attention_residual_kernel(x_ptr, attn_ptr, w_post_ptr, w_dense_ptr, w_exper
 
 @triton.jit
 def _layer_output_kernel(h_ptr, dense_ptr, routed_ptr, route_w_ptr, w_dense_ptr, w_routed_ptr, w_out_ptr, scalar_ptr,
-                         out_ptr, D, eps, tokens_per_scalar, K: tl.constexpr, BLOCK: tl.constexpr):
+                         out_ptr, w_next_ptr, next_ptr, D, eps, tokens_per_scalar, K: tl.constexpr,
+                         NEXT: tl.constexpr, BLOCK: tl.constexpr):
     index = tl.program_id(0)
     row = index.to(tl.int64) * D
     cols = tl.arange(0, BLOCK)
@@ -77,7 +79,11 @@ def _layer_output_kernel(h_ptr, dense_ptr, routed_ptr, route_w_ptr, w_dense_ptr,
     h = tl.load(h_ptr + row + cols, mask=mask, other=0.0).to(tl.float32)
     out = (h + (_rms(mixed, D, eps) * w_out).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     scalar = tl.load(scalar_ptr + index % tokens_per_scalar).to(tl.float32)
-    tl.store(out_ptr + row + cols, (out * scalar).to(dtype), mask=mask)
+    out = (out * scalar).to(dtype)
+    tl.store(out_ptr + row + cols, out, mask=mask)
+    if NEXT:  # the next norm of the residual stream (the next layer's input norm, or the final norm), as rms_norm
+        w_next = tl.load(w_next_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(next_ptr + row + cols, (_rms(out.to(tl.float32), D, eps) * w_next).to(dtype), mask=mask)
 
 
 def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
@@ -128,11 +134,15 @@ def layer_output_triton(
     scalar: torch.Tensor,  # [1], or [T, 1]: one per token position
     eps: float,
     route_weights: torch.Tensor | None = None,  # [B * T, K] float32: routed holds each token's K rows, unsummed
-) -> torch.Tensor:
-    """(h + norm(norm(dense; w_dense) + norm(routed; w_routed); w_out)) * scalar: [B, T, H] in h's dtype.
+    w_next: torch.Tensor | None = None,  # [H]: also return the output's norm with this weight
+):
+    """out = (h + norm(norm(dense; w_dense) + norm(routed; w_routed); w_out)) * scalar: [B, T, H] in h's dtype; with
+    `w_next`, (out, norm(out; w_next)).
 
     With `route_weights`, routed is the fused MoE's token-major rows (token * K + k) and their weighted sum is taken
-    here, rounded as `dgemma.kernels.fused_moe.combine_triton` rounds it: the same result, one kernel fewer."""
+    here, rounded as `dgemma.kernels.fused_moe.combine_triton` rounds it: the same result, one kernel fewer. `w_next`
+    is the next norm on the residual stream (the next layer's input norm, or the model's final norm), computed as
+    `dgemma.kernels.rms_norm.rms_norm_triton` computes it: again one kernel fewer."""
     _, t, d = h.shape
     tokens = h.numel() // d
     k = 0 if route_weights is None else route_weights.shape[-1]
@@ -144,15 +154,19 @@ def layer_output_triton(
     if route_weights is not None and (route_weights.shape != (tokens, k) or route_weights.dtype != torch.float32):
         raise ValueError(f"layer_output: route_weights must be float32 [{tokens}, K], got "
                          f"{tuple(route_weights.shape)} {route_weights.dtype}")
-    for name, w in (("w_dense", w_dense), ("w_routed", w_routed), ("w_out", w_out)):
-        if w.shape != (d,) or w.device != h.device:
+    for name, w in (("w_dense", w_dense), ("w_routed", w_routed), ("w_out", w_out), ("w_next", w_next)):
+        if w is not None and (w.shape != (d,) or w.device != h.device):
             raise ValueError(f"layer_output: {name} must be [{d}] on {h.device}, got {tuple(w.shape)}")
     if scalar.numel() not in (1, t):
         raise ValueError(f"layer_output: scalar must have 1 or {t} values, got {tuple(scalar.shape)}")
     hs = _rows(h, d)
     out = torch.empty_like(hs)
+    normed = torch.empty_like(hs) if w_next is not None else out  # unwritten without w_next
     route_w = hs if route_weights is None else route_weights.contiguous()  # unread without K
     _layer_output_kernel[(hs.shape[0],)](hs, _rows(dense, d), _rows(routed, d), route_w, w_dense, w_routed, w_out,
-                                         scalar.reshape(-1).contiguous(), out, d, eps, scalar.numel(), K=k,
-                                         **_launch_options(d))
-    return out.view(h.shape)
+                                         scalar.reshape(-1).contiguous(), out,
+                                         w_next if w_next is not None else w_out, normed, d, eps, scalar.numel(),
+                                         K=k, NEXT=w_next is not None, **_launch_options(d))
+    if w_next is None:
+        return out.view(h.shape)
+    return out.view(h.shape), normed.view(h.shape)

@@ -52,14 +52,20 @@ class Layer(nn.Module):
         self.side_stream = None  # the stream belongs to the device the layer leaves
         return super()._apply(fn, recurse)
 
-    def forward(self, x, cos, sin, batch: AttentionBatch, cache: KVCache, scalar: torch.Tensor) -> torch.Tensor:
-        # x: [B, T, H]; scalar: [1], or [T, 1] when encoder and decoder tokens share the forward
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, batch, self.kind, cache, self.index)
-        return self.feed_forward(x, attn, scalar)
+    def forward(self, x, cos, sin, batch: AttentionBatch, cache: KVCache, scalar: torch.Tensor,
+                x_normed: torch.Tensor | None = None, next_norm: RMSNorm | None = None):
+        """x [B, T, H] -> (out [B, T, H], next_norm(out) or None); scalar: [1], or [T, 1] when encoder and decoder
+        tokens share the forward. x_normed: this layer's input norm of x, where the layer before wrote it
+        (`FOLD_NEXT_NORM`); next_norm: the norm the layer after applies to out, which this one may apply for it."""
+        attn = self.self_attn(x_normed if x_normed is not None else self.input_layernorm(x), cos, sin, batch,
+                              self.kind, cache, self.index)
+        return self.feed_forward(x, attn, scalar, next_norm)
 
-    def feed_forward(self, x: torch.Tensor, attn: torch.Tensor, scalar: torch.Tensor) -> torch.Tensor:
-        """Everything after attention: the residual norms, the dense MLP, routing and experts. It reads no layer
-        index or cache, so one torch.compile of it serves every layer in training (`compile_feed_forward`)."""
+    def feed_forward(self, x: torch.Tensor, attn: torch.Tensor, scalar: torch.Tensor,
+                     next_norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Everything after attention: the residual norms, the dense MLP, routing and experts; (out, next_norm(out)
+        where the output kernel computes it, else None). It reads no layer index or cache, so one torch.compile of
+        it serves every layer in training (`compile_feed_forward`)."""
         h, dense_in, router_in, experts_in = self.attention_residual(x, attn)  # [B, T, H] each
         side = SideStream.active(self.side_stream)
         dense = side.fork(self.mlp, dense_in) if side else self.mlp(dense_in)  # [B, T, H]
@@ -70,11 +76,20 @@ class Layer(nn.Module):
         routed = rows if rows is not None else self.experts(flat_in, weights, experts).view_as(h)
         if side:
             side.join()
-        return self.layer_output(h, dense, routed, scalar, weights if rows is not None else None)
+        route_weights = weights if rows is not None else None
+        if next_norm is not None and self.fold_next_norm(h, next_norm):
+            return self.layer_output(h, dense, routed, scalar, route_weights, next_norm.weight)
+        return self.layer_output(h, dense, routed, scalar, route_weights), None
 
     def fold_combine(self, h: torch.Tensor) -> bool:
         """Whether the output kernel sums the experts' rows itself (`FOLD_MOE_COMBINE`, and the fused norms run)."""
         return FOLD_MOE_COMBINE and use_fused_norms(h, self.kernel_devices)
+
+    def fold_next_norm(self, h: torch.Tensor, norm: RMSNorm) -> bool:
+        """Whether the output kernel also applies the next norm of the residual stream (`FOLD_NEXT_NORM`, the fused
+        norms run, and that norm is a weighted one with this layer's eps)."""
+        return (FOLD_NEXT_NORM and use_fused_norms(h, self.kernel_devices) and norm.weight is not None
+                and norm.eps == self.input_layernorm.eps)
 
     def attention_residual(self, x: torch.Tensor, attn: torch.Tensor):
         """h = x + norm(attn), and h normalised for the dense MLP, the router and the experts: 4 x [B, T, H]."""
@@ -89,24 +104,28 @@ class Layer(nn.Module):
         return h, self.pre_feedforward_layernorm(h), self.router.normalize(h), self.pre_feedforward_layernorm_2(h)
 
     def layer_output(self, h: torch.Tensor, dense: torch.Tensor, routed: torch.Tensor, scalar: torch.Tensor,
-                     route_weights: torch.Tensor | None = None) -> torch.Tensor:
-        """(h + norm(norm(dense) + norm(routed))) * scalar: [B, T, H]. With route_weights [N, K] (`fold_combine`),
-        routed is the experts' unsummed rows [N * K, H]."""
+                     route_weights: torch.Tensor | None = None, w_next: torch.Tensor | None = None):
+        """out = (h + norm(norm(dense) + norm(routed))) * scalar: [B, T, H]. With route_weights [N, K]
+        (`fold_combine`), routed is the experts' unsummed rows [N * K, H]; with w_next [H] (`fold_next_norm`),
+        (out, norm(out; w_next))."""
         if use_fused_norms(h, self.kernel_devices):
             from dgemma.kernels.residual_norms import layer_output_triton  # 1 kernel instead of 7
 
             return layer_output_triton(
                 h, dense, routed, self.post_feedforward_layernorm_1.weight, self.post_feedforward_layernorm_2.weight,
-                self.post_feedforward_layernorm.weight, scalar, self.input_layernorm.eps, route_weights)
-        if route_weights is not None:
-            raise ValueError("unsummed expert rows need the fused output kernel (see Layer.fold_combine)")
+                self.post_feedforward_layernorm.weight, scalar, self.input_layernorm.eps, route_weights, w_next)
+        if route_weights is not None or w_next is not None:
+            raise ValueError("folds into the layer's output need its fused kernel (see Layer.fold_combine)")
         mixed = self.post_feedforward_layernorm_1(dense) + self.post_feedforward_layernorm_2(routed)
         return (h + self.post_feedforward_layernorm(mixed)) * scalar
 
 
 # Whether a layer's output kernel also sums the routed experts' K rows per token (in place of the MoE's combine
-# kernel: one launch fewer a layer, the same arithmetic). Off until a GPU measures it (scripts/fold_combine_ab.py).
+# kernel), and also applies the next norm of the residual stream (in place of the next layer's input norm, or the
+# final norm): one launch fewer a layer each, the same arithmetic. Off until a GPU measures them
+# (scripts/fold_ab.py).
 FOLD_MOE_COMBINE = False
+FOLD_NEXT_NORM = False
 
 
 def use_fused_norms(x: torch.Tensor, kernel_devices: tuple[str, ...]) -> bool:
@@ -216,21 +235,26 @@ class DiffusionGemma(nn.Module):
             return decoder
         return torch.cat([encoder.expand(encoder_tokens), decoder.expand(tokens - encoder_tokens)])[:, None]
 
-    def _run_layers(self, x: torch.Tensor, batch: AttentionBatch, cache: KVCache, encoder_tokens: int) -> torch.Tensor:
+    def _run_layers(self, x: torch.Tensor, batch: AttentionBatch, cache: KVCache, encoder_tokens: int,
+                    keep_from: int = 0) -> torch.Tensor:
         """The layers over x [B, T, H] whose first `encoder_tokens` tokens are the encoder's (T: `encode`, 0: the
-        decoder, between: `encode_and_decode_hidden`); the batch's bounds say what each token attends to."""
+        decoder, between: `encode_and_decode_hidden`), then the final norm of tokens [keep_from, T): [B, T', H].
+        The batch's bounds say what each token attends to."""
         rope = {
             SLIDING: rope_cos_sin(batch.positions, self.inv_freq_sliding, x.dtype),
             FULL: rope_cos_sin(batch.positions, self.inv_freq_full, x.dtype),
         }
+        normed = None  # the next layer's input norm of x, where the layer before computed it
         for i, layer in enumerate(self.layers):
             cos, sin = rope[layer.kind]
-            x = layer(x, cos, sin, batch, cache, self._layer_scalar(i, encoder_tokens, x.shape[1]))
-        return x
+            next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            x, normed = layer(x, cos, sin, batch, cache, self._layer_scalar(i, encoder_tokens, x.shape[1]), normed,
+                              next_norm)
+        return normed[:, keep_from:] if normed is not None else self.norm(x[:, keep_from:])
 
     def encode(self, ids: torch.Tensor, batch: AttentionBatch, cache: KVCache) -> torch.Tensor:
         """Causal encoder over ids [B, T]: writes their K/V into the cache; returns final hidden states [B, T, H]."""
-        return self.norm(self._run_layers(self.embed(ids), batch, cache, encoder_tokens=ids.shape[1]))
+        return self._run_layers(self.embed(ids), batch, cache, encoder_tokens=ids.shape[1])
 
     def decode(
         self,
@@ -246,7 +270,7 @@ class DiffusionGemma(nn.Module):
         self, canvas: torch.Tensor, batch: AttentionBatch, cache: KVCache, soft: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The decoder up to its final norm: [B, C] ids -> [B, C, H] (the fused GPU sampler applies the head)."""
-        return self.norm(self._run_layers(self._canvas_input(canvas, soft), batch, cache, encoder_tokens=0))
+        return self._run_layers(self._canvas_input(canvas, soft), batch, cache, encoder_tokens=0)
 
     def encode_and_decode_hidden(
         self,
@@ -264,7 +288,7 @@ class DiffusionGemma(nn.Module):
         two separate passes (the batch's bounds keep the committed tokens causal and blind to the canvas)."""
         n = committed.shape[1]
         x = torch.cat([self.embed(committed), self._canvas_input(canvas, soft)], dim=1)  # [B, 2C, H]
-        return self.norm(self._run_layers(x, batch, cache, encoder_tokens=n)[:, n:])
+        return self._run_layers(x, batch, cache, encoder_tokens=n, keep_from=n)
 
     def _canvas_input(self, canvas: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
         """The decoder's input: canvas embeddings mixed with the self-conditioning signal. [B, C] -> [B, C, H]."""

@@ -1,11 +1,12 @@
-"""The MoE's combine folded into each layer's output kernel (`dgemma.model.diffusion_gemma.FOLD_MOE_COMBINE`),
-switched off and on in one process on the same random weights (docs/benchmarks.md, issue 4). The arithmetic is the
-same (tests/test_kernel_wiring.py, tests/test_gpu.py); what it saves is one kernel a layer.
+"""Work folded into each layer's output kernel, switched off and on in one process on the same random weights
+(docs/benchmarks.md, issue 4): the MoE's combine (`dgemma.model.diffusion_gemma.FOLD_MOE_COMBINE`) and the next
+norm of the residual stream (`FOLD_NEXT_NORM`: the next layer's input norm, the final norm after the last layer).
+The arithmetic is the same (tests/test_kernel_wiring.py, tests/test_gpu.py); each saves one kernel a layer.
 
-    python scripts/fold_combine_ab.py [--preset 26b-a4b] [--rounds 2] [--batches 1,8]   # needs a CUDA GPU
+    python scripts/fold_ab.py [--preset 26b-a4b] [--rounds 2] [--batches 1,8]   # needs a CUDA GPU
 
 Prints, per round, the graphed denoising step at each batch size (as `dgemma bench`) and AR tok/s (1024-token
-prompt, 128 tokens, greedy) with the fold off (the baseline, first) and on.
+prompt, 128 tokens, greedy) with no fold (the baseline, first), each fold alone, and both.
 """
 
 from __future__ import annotations
@@ -30,16 +31,17 @@ def main() -> None:
     model.prepare_inference()
     print(torch.cuda.get_device_name(), flush=True)
     prompt = random_prompts(1, 1024, model.config.vocab_size, 0)
-    default = diffusion_gemma.FOLD_MOE_COMBINE
+    defaults = diffusion_gemma.FOLD_MOE_COMBINE, diffusion_gemma.FOLD_NEXT_NORM
     for r in range(args.rounds):
-        for fold in (False, True):
-            diffusion_gemma.FOLD_MOE_COMBINE = fold
+        for combine, norm in ((False, False), (True, False), (False, True), (True, True)):
+            diffusion_gemma.FOLD_MOE_COMBINE, diffusion_gemma.FOLD_NEXT_NORM = combine, norm
             steps = ", ".join(f"b{b} {decoder_step_ms(model, int(b), 1024):.2f}" for b in args.batches.split(","))
             generate_ar(model, prompt, 2, ignore_eos=True)
             ar = generate_ar(model, prompt, 128, ignore_eos=True)[0]
-            print(f"round {r}, combine {'folded' if fold else 'separate'}: step ms {steps} | AR "
+            name = " + ".join(n for n, on in (("combine", combine), ("next norm", norm)) if on) or "no fold"
+            print(f"round {r}, {name:20s}: step ms {steps} | AR "
                   f"{ar.tokens_per_s:.1f} tok/s ({ar.decode_ms / len(ar.token_ids):.2f} ms/token)", flush=True)
-    diffusion_gemma.FOLD_MOE_COMBINE = default
+    diffusion_gemma.FOLD_MOE_COMBINE, diffusion_gemma.FOLD_NEXT_NORM = defaults
 
 
 if __name__ == "__main__":
