@@ -20,10 +20,9 @@ import torch
 
 import dgemma.kernels.fused_sampler as fused_sampler
 import dgemma.model.layers as layers
-from dgemma.bench.measure import decoder_step_ms, random_prompts
+from dgemma.bench.measure import ar_decode, decoder_step_ms
 from dgemma.checkpoint.random_init import build_random_model
 from dgemma.engine import autoregressive
-from dgemma.engine.autoregressive import generate_ar
 
 SPLIT_SAMPLE = fused_sampler.fused_sample
 GELU_KERNEL = layers.use_gelu_mul_kernel
@@ -56,12 +55,10 @@ def main() -> None:
             steps = ", ".join(f"b{b} {decoder_step_ms(model, int(b), 1024):.2f} ms" for b in args.batches.split(","))
             print(f"round {r}: sampler {'split' if split else 'one program per position'}, MLP activation "
                   f"{'kernel' if gelu else 'eager'}: step {steps}", flush=True)
-    prompt = random_prompts(1, 1024, model.config.vocab_size, 0)
     for r in range(args.rounds):
         for overlap, gelu in ((False, False), (True, False), (False, True), (True, True)):
             switch(True, gelu, overlap)
-            generate_ar(model, prompt, 2, ignore_eos=True)
-            res = generate_ar(model, prompt, 128, ignore_eos=True)[0]
+            res = ar_decode(model, 1024, 128)
             print(f"round {r}: AR loop {'overlapped' if overlap else 'synchronous'}, MLP activation "
                   f"{'kernel' if gelu else 'eager'}: {res.tokens_per_s:.1f} tok/s "
                   f"({res.decode_ms / len(res.token_ids):.2f} ms/token)", flush=True)

@@ -15,9 +15,8 @@ import argparse
 
 import torch
 
-from dgemma.bench.measure import decoder_step_ms, random_prompts
+from dgemma.bench.measure import ar_decode, decoder_step_ms
 from dgemma.checkpoint.random_init import build_random_model
-from dgemma.engine.autoregressive import generate_ar
 from dgemma.model import diffusion_gemma
 
 
@@ -30,14 +29,12 @@ def main() -> None:
     model = build_random_model(args.preset, "bfloat16", "cuda")
     model.prepare_inference()
     print(torch.cuda.get_device_name(), flush=True)
-    prompt = random_prompts(1, 1024, model.config.vocab_size, 0)
     defaults = diffusion_gemma.FOLD_MOE_COMBINE, diffusion_gemma.FOLD_NEXT_NORM
     for r in range(args.rounds):
         for combine, norm in ((False, False), (True, False), (False, True), (True, True)):
             diffusion_gemma.FOLD_MOE_COMBINE, diffusion_gemma.FOLD_NEXT_NORM = combine, norm
             steps = ", ".join(f"b{b} {decoder_step_ms(model, int(b), 1024):.2f}" for b in args.batches.split(","))
-            generate_ar(model, prompt, 2, ignore_eos=True)
-            ar = generate_ar(model, prompt, 128, ignore_eos=True)[0]
+            ar = ar_decode(model, 1024, 128)
             name = " + ".join(n for n, on in (("combine", combine), ("next norm", norm)) if on) or "no fold"
             print(f"round {r}, {name:20s}: step ms {steps} | AR "
                   f"{ar.tokens_per_s:.1f} tok/s ({ar.decode_ms / len(ar.token_ids):.2f} ms/token)", flush=True)

@@ -16,9 +16,8 @@ import argparse
 
 import torch
 
-from dgemma.bench.measure import decoder_step_ms, prefill_ms, random_prompts, run_concurrency
+from dgemma.bench.measure import ar_decode, decoder_step_ms, prefill_ms, run_concurrency
 from dgemma.checkpoint.random_init import build_random_model
-from dgemma.engine.autoregressive import generate_ar
 
 # name, side stream priority (None: one stream), K/V norms on the side stream too
 VARIANTS = (("one stream", None, False), ("side: MLP", 0, False), ("side: MLP, K/V", 0, True),
@@ -35,15 +34,13 @@ def main() -> None:
     model = build_random_model(args.preset, "bfloat16", "cuda")
     model.prepare_inference()
     print(torch.cuda.get_device_name(), flush=True)
-    prompt = random_prompts(1, 1024, model.config.vocab_size, 0)
     levels = [int(c) for c in args.concurrency.split(",") if c]
     for r in range(args.rounds):
         for name, priority, kv in VARIANTS:
             model.set_side_stream(priority is not None, priority or 0, attention=kv)
             steps = ", ".join(f"b{b} {decoder_step_ms(model, int(b), 1024):.2f}" for b in args.batches.split(","))
             prefill = prefill_ms(model, 1024)
-            generate_ar(model, prompt, 2, ignore_eos=True)
-            ar = generate_ar(model, prompt, 128, ignore_eos=True)[0]
+            ar = ar_decode(model, 1024, 128)
             runs = [run_concurrency(model, c, 2 * c, 1024, 1024, 16) for c in levels]
             engine = ", ".join(f"c{c} {res.output_tok_s:.1f} (decode {res.decode_tok_s:.1f})"
                                for c, res in zip(levels, runs))

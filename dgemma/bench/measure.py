@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dgemma.engine.autoregressive import ARResult, generate_ar
 from dgemma.engine.denoisers import use_cuda_graphs
 from dgemma.engine.engine import Engine
 from dgemma.engine.request import Request
@@ -176,6 +177,13 @@ def prefill_ms(model: DiffusionGemma, length: int, chunk: int = 8192, repeats: i
             model.encode(ids[:, start : start + n], batch, cache)
 
     return timed_ms(run, device, warmup=1, repeats=repeats)
+
+
+def ar_decode(model: DiffusionGemma, prompt_len: int, output_len: int, seed: int = 0) -> ARResult:
+    """One greedy AR request over a random prompt, EOS ignored, timed after a short run that captures its graph."""
+    prompt = random_prompts(1, prompt_len, model.config.vocab_size, seed)
+    generate_ar(model, prompt, 8, ignore_eos=True)
+    return generate_ar(model, prompt, output_len, ignore_eos=True)[0]
 
 
 @dataclass

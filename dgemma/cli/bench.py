@@ -117,11 +117,7 @@ def run(args: argparse.Namespace) -> int:
             log(f"concurrency {c}: {r.output_tok_s:.1f} tok/s, decode {r.decode_tok_s:.1f} tok/s, "
                 f"TTFC p50 {r.ttfc_ms_p50:.0f} ms, latency p50 {r.latency_ms_p50:.0f} / p99 {r.latency_ms_p99:.0f} ms")
     if args.mode in ("ar", "both") and "ar" not in skip:
-        from dgemma.engine.autoregressive import generate_ar
-
-        prompt = measure.random_prompts(1, args.prompt_len, cfg.vocab_size, args.seed)
-        generate_ar(model, prompt, 8, ignore_eos=True)
-        [ar] = generate_ar(model, prompt, args.ar_output_len, ignore_eos=True)
+        ar = measure.ar_decode(model, args.prompt_len, args.ar_output_len, args.seed)
         res["ar"] = {"prompt_len": args.prompt_len, "output_tokens": len(ar.token_ids), "tok_s": ar.tokens_per_s,
                      "ms_per_token": ar.decode_ms / max(1, len(ar.token_ids)), "prefill_ms": ar.prefill_ms}
         log(f"AR batch 1: {ar.tokens_per_s:.1f} tok/s ({res['ar']['ms_per_token']:.2f} ms/token)")

@@ -73,10 +73,12 @@ class Layer(nn.Module):
         flat_in = experts_in.reshape(-1, h.shape[-1])  # [N, H]
         # The fused MoE's rows unsummed [N * K, H]: the output kernel sums them (one kernel fewer a layer).
         rows = self.experts.rows(flat_in, weights, experts) if self.fold_combine(h) else None
-        routed = rows if rows is not None else self.experts(flat_in, weights, experts).view_as(h)
+        if rows is None:
+            routed, route_weights = self.experts(flat_in, weights, experts).view_as(h), None
+        else:
+            routed, route_weights = rows, weights
         if side:
             side.join()
-        route_weights = weights if rows is not None else None
         if next_norm is not None and self.fold_next_norm(h, next_norm):
             return self.layer_output(h, dense, routed, scalar, route_weights, next_norm.weight)
         return self.layer_output(h, dense, routed, scalar, route_weights), None

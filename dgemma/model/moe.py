@@ -189,20 +189,20 @@ class Experts(nn.Module):
         [N * K, H] (for a caller that sums them in a kernel of its own); elsewhere None (call `forward`)."""
         if not use_fused_moe(x, experts, self.gate_up_proj, self.kernel_devices):
             return None
-        from dgemma.kernels.fused_moe import fused_moe_triton
+        from dgemma.kernels.fused_moe import fused_moe_triton  # imported here: Triton loads only where a kernel runs
 
         scales = (self.gate_up_scale, self.down_scale) if self.quantized else None
         return fused_moe_triton(x, weights, experts, self.gate_up_proj, self.down_proj, scales=scales, combine=False)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         # x: [N, H]; weights, experts: [N, K]
+        rows = self.rows(x, weights, experts)  # [N * K, H] where the fused kernel runs
+        if rows is not None:
+            from dgemma.kernels.fused_moe import combine_triton
+
+            return combine_triton(rows, weights)  # deterministic, float32 accumulation
         gate_up, down = self.gate_up_proj, self.down_proj  # [E, 2I, H], [E, H, I]
         scales = (self.gate_up_scale, self.down_scale) if self.quantized else None
-        if use_fused_moe(x, experts, gate_up, self.kernel_devices):
-            # Imported here so that Triton loads only where a kernel runs.
-            from dgemma.kernels.fused_moe import fused_moe_triton
-
-            return fused_moe_triton(x, weights, experts, gate_up, down, scales=scales)
         if scales is not None:  # every other path multiplies in x's dtype: widen the weights for this call
             gate_up, down = dequantize_rows(gate_up, scales[0], x.dtype), dequantize_rows(down, scales[1], x.dtype)
         grouped = grouped_mm_supported(x.device, x.dtype)
