@@ -1,7 +1,7 @@
-"""Where the engine's graphed batch-1 step and AR token spend their time: kernels grouped by kind, the kernels' sum
+"""Where the engine's graphed denoising step (batch 1, or --batches) and AR token spend their time: kernels grouped by kind, the kernels' sum
 against the wall time of the call, and the idle gap between them (the host's share).
 
-    python scripts/profile_graphed.py [--preset 26b-a4b] [--prefix 1024] [--rows 12]
+    python scripts/profile_graphed.py [--preset 26b-a4b] [--prefix 1024] [--rows 12] [--batches 1,8]
 
 Unlike `profile_step.py` (eager), this profiles what `dgemma bench` times: `GraphedDenoiser.step` with its host
 sync, and `GraphedEncoder.run` for one token with the `.tolist()` that `generate_ar` does per token.
@@ -16,7 +16,6 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import dgemma.model.attention as attention
 from dgemma.bench.measure import encoded_prefix
 from dgemma.checkpoint.random_init import build_random_model
 from dgemma.engine.cuda_graphs import GraphedDenoiser, GraphedEncoder
@@ -78,42 +77,42 @@ def main() -> None:
     p.add_argument("--prefix", type=int, default=1024)
     p.add_argument("--rows", type=int, default=12)
     p.add_argument("--calls", type=int, default=10)
+    p.add_argument("--batches", default="1", help="denoising step batch sizes to profile")
     args = p.parse_args()
     model = build_random_model(args.preset, "bfloat16", "cuda")
     model.prepare_inference()  # as the engine runs it
     cfg = model.config
     print(torch.cuda.get_device_name(), flush=True)
     with torch.no_grad():
-        cache = encoded_prefix(model, 1, args.prefix, args.prefix + cfg.canvas_length,
-                               max_write_tokens(cfg.canvas_length, SchedulerConfig.max_prefill_tokens))
-        graph = GraphedDenoiser(model, cache, [1])
-        graph.start_canvas(0, args.prefix, torch.Generator(device="cuda").manual_seed(0))
-        knobs = [(0.6, 0.1, 0.0, 1234, 0, 1)]
+        for b in (int(v) for v in args.batches.split(",")):
+            cache = encoded_prefix(model, b, args.prefix, args.prefix + cfg.canvas_length,
+                                   max_write_tokens(cfg.canvas_length, SchedulerConfig.max_prefill_tokens))
+            graph = GraphedDenoiser(model, cache, [b])
+            for row in range(b):
+                graph.start_canvas(row, args.prefix, torch.Generator(device="cuda").manual_seed(row))
+            knobs = [(0.6, 0.1, 0.0, 1234 + row, 0, 1) for row in range(b)]
 
-        def step():
-            graph.step([0], knobs)
-            graph.stop[:1].tolist()
+            def step():
+                graph.step(list(range(b)), knobs)
+                graph.stop[:b].tolist()
 
-        report("denoising step, batch 1 (graphed, as dgemma bench times it)", step, args.calls, args.rows)
-        del graph, cache
-        torch.cuda.empty_cache()
+            report(f"denoising step, batch {b} (graphed, as dgemma bench times it)", step, args.calls, args.rows)
+            del graph, cache
+            torch.cuda.empty_cache()
 
-        for split in (0, 1):  # the masked attention paths, then flash decoding (`cache_attention` with splits)
-            attention.CACHE_ATTENTION_DECODE_TOKENS = split
-            cache = encoded_prefix(model, 1, args.prefix, args.prefix + 256, args.prefix)
-            enc = GraphedEncoder(model, cache, 1, [1], next_token=True)
-            token = torch.zeros(1, 1, dtype=torch.long, device="cuda")
-            pos = [args.prefix]
+        cache = encoded_prefix(model, 1, args.prefix, args.prefix + 256, args.prefix)
+        enc = GraphedEncoder(model, cache, 1, [1], next_token=True)
+        token = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+        pos = [args.prefix]
 
-            def ar_token():
-                enc.run([0], token, pos)
-                token.copy_(enc.out_token[:1, None])
-                token.tolist()
-                pos[0] = min(pos[0] + 1, args.prefix + 200)
+        def ar_token():
+            enc.run([0], token, pos)
+            token.copy_(enc.out_token[:1, None])
+            token.tolist()
+            pos[0] = min(pos[0] + 1, args.prefix + 200)
 
-            report(f"AR token, batch 1 (graphed, as generate_ar runs it), CACHE_ATTENTION_DECODE_TOKENS={split}",
-                   ar_token, args.calls * 5, args.rows)
-            del enc, cache
+        report("AR token, batch 1 (graphed, as generate_ar runs it)", ar_token, args.calls * 5, args.rows)
+
 
 if __name__ == "__main__":
     main()

@@ -186,6 +186,31 @@ def test_interpreted_fused_moe_with_256_row_tiles_or_split_passes_matches_the_ex
 
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("n,h,i,e,k", [(1, 64, 32, 8, 4), (2, 48, 40, 4, 2), (3, 300, 20, 8, 2)])
+def test_interpreted_few_tokens_skip_the_grouping_and_match_the_expert_loop(n, h, i, e, k, dtype, monkeypatch):
+    """At most GEMV_MAX_ASSIGNMENTS token-expert assignments (autoregressive decoding) take the matrix-vector kernels
+    straight from the router's ids: no grouping kernel runs, and the result is the expert loop's within rounding
+    (shapes that are not multiples of the kernels' tiles included)."""
+    from dgemma.kernels import fused_moe
+
+    monkeypatch.setattr(fused_moe, "GEMV_MAX_ASSIGNMENTS", n * k)
+    grouped = []
+    monkeypatch.setattr(fused_moe, "group_by_expert_triton", lambda *a: grouped.append(a))
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n, h, generator=gen).to(dtype)
+    gate_up = (torch.randn(e, 2 * i, h, generator=gen) * h**-0.5).to(dtype)
+    down = (torch.randn(e, h, i, generator=gen) * i**-0.5).to(dtype)
+    weights, experts = torch.topk(torch.randn(n, e, generator=gen).softmax(-1), k)
+    expected = experts_loop(x.float(), weights, experts, gate_up.float(), down.float())
+    got = fused_moe.fused_moe_triton(x, weights, experts, gate_up, down)
+    rows = fused_moe.fused_moe_triton(x, weights, experts, gate_up, down, combine=False)
+    assert got.dtype == dtype and rows.shape == (n * k, h) and not grouped
+    assert rel_err(got.float(), expected) < ULPS * torch.finfo(dtype).eps
+    assert torch.equal(fused_moe.combine_triton(rows, weights), got)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_interpreted_combine_is_the_weighted_sum_of_each_tokens_rows(dtype):
     """Each token's K expert rows, weighted (weights rounded to the activation dtype) and summed in float32."""
     from dgemma.kernels.fused_moe import combine_triton

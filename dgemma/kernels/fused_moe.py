@@ -15,6 +15,9 @@ gathered copy of the inputs, a separate gelu*up pass and an un-permuting gather.
   It replaced a batched matmul of [N, 1, K] x [N, K, H], whose N products of one row each ran at a seventh of
   copy bandwidth (26 us a layer at a batch-1 step on an H200, 0.8 ms of the step).
 
+A call of a few tokens (autoregressive decoding, up to `GEMV_MAX_ASSIGNMENTS` assignments) skips the grouping and
+runs the matrix-vector kernels of `moe_gemv.py` instead, with the same output layout.
+
 Group bounds stay on the device (no host sync): the kernels are CUDA-graph capturable. Rounding follows the
 eager path (gate and up rounded to the activation dtype before the gelu product) up to one rounding of the
 product: results agree with torch._grouped_mm within bf16 tolerance, not bit for bit.
@@ -45,6 +48,7 @@ import triton.language as tl
 
 from dgemma.kernels.gated_gelu import gelu_tanh as _gelu_tanh
 from dgemma.kernels.launch import launch
+from dgemma.kernels.moe_gemv import moe_gemv_rows
 from dgemma.kernels.moe_tiles import tiles_for
 from dgemma.kernels.routing import group_by_expert_triton
 
@@ -215,6 +219,10 @@ def combine_triton(
     return y
 
 
+# Calls of at most this many token-expert assignments (one token: 8) skip the grouping and run the matrix-vector
+# kernels of `moe_gemv.py`; 0: never. Off until a GPU measures it (scripts/flags_ab.py).
+GEMV_MAX_ASSIGNMENTS = 0
+
 TILE_BLOCKS = ("BLOCK_K", "BLOCK_N", "BLOCK_M")  # what `launch` may halve where a tile does not fit the GPU
 
 
@@ -228,6 +236,28 @@ def _fit(tile: dict, n: int, k: int) -> dict:
     out = dict(tile)
     out["BLOCK_N"] = max(16, min(out["BLOCK_N"], triton.next_power_of_2(n)))
     out["BLOCK_K"] = max(16, min(out["BLOCK_K"], triton.next_power_of_2(k)))
+    return out
+
+
+def _grouped_rows(x, experts, gate_up, down, gate_up_scale, down_scale, scaled: bool, tile_gate_up, tile_down):
+    """`fused_moe_triton`'s rows by the grouped kernels: [N * K, H] token-major."""
+    hidden, num_experts, inter = x.shape[1], gate_up.shape[0], gate_up.shape[1] // 2
+    order, token_of, ends = group_by_expert_triton(experts, num_experts)  # ends: [E] group ends, on the device
+    assignments = order.numel()
+    block_m = _block_m(assignments, num_experts)
+
+    hidden_act = torch.empty((assignments, inter), dtype=x.dtype, device=x.device)  # expert-sorted
+    default_gate_up, default_down = tiles_for(assignments, num_experts, fp8=gate_up.element_size() == 1)
+    # A tile may fix its rows per pass and programs per expert (tile sweeps); otherwise they follow the load.
+    t1 = {"BLOCK_M": block_m, "M_SPLITS": 1, "SWAP_AB": False, **_fit(tile_gate_up or default_gate_up, inter, hidden)}
+    launch(_gate_up_kernel, lambda t: (t["M_SPLITS"], num_experts, triton.cdiv(inter, t["BLOCK_N"])), t1, TILE_BLOCKS,
+           x, gate_up, gate_up_scale, token_of, ends, hidden_act, hidden, inter, SCALED=scaled,
+           EVEN_N=inter % t1["BLOCK_N"] == 0, EVEN_K=hidden % t1["BLOCK_K"] == 0)
+    out = torch.empty((assignments, hidden), dtype=x.dtype, device=x.device)  # token-major
+    t2 = {"BLOCK_M": block_m, "M_SPLITS": 1, "SWAP_AB": False, **_fit(tile_down or default_down, hidden, inter)}
+    launch(_down_kernel, lambda t: (t["M_SPLITS"], num_experts, triton.cdiv(hidden, t["BLOCK_N"])), t2, TILE_BLOCKS,
+           hidden_act, down, down_scale, order, ends, out, hidden, inter, SCALED=scaled,
+           EVEN_N=hidden % t2["BLOCK_N"] == 0, EVEN_K=inter % t2["BLOCK_K"] == 0)
     return out
 
 
@@ -265,22 +295,10 @@ def fused_moe_triton(
         raise ValueError("fused_moe needs contiguous x, gate_up and down")
     scaled = scales is not None
     gate_up_scale, down_scale = (s.float().contiguous() for s in scales) if scaled else (gate_up, down)  # unread
-    order, token_of, ends = group_by_expert_triton(experts, num_experts)  # ends: [E] group ends, on the device
-    assignments = order.numel()
-    block_m = _block_m(assignments, num_experts)
-
-    hidden_act = torch.empty((assignments, inter), dtype=x.dtype, device=x.device)  # expert-sorted
-    default_gate_up, default_down = tiles_for(assignments, num_experts, fp8=gate_up.element_size() == 1)
-    # A tile may fix its rows per pass and programs per expert (tile sweeps); otherwise they follow the load.
-    t1 = {"BLOCK_M": block_m, "M_SPLITS": 1, "SWAP_AB": False, **_fit(tile_gate_up or default_gate_up, inter, hidden)}
-    launch(_gate_up_kernel, lambda t: (t["M_SPLITS"], num_experts, triton.cdiv(inter, t["BLOCK_N"])), t1, TILE_BLOCKS,
-           x, gate_up, gate_up_scale, token_of, ends, hidden_act, hidden, inter, SCALED=scaled,
-           EVEN_N=inter % t1["BLOCK_N"] == 0, EVEN_K=hidden % t1["BLOCK_K"] == 0)
-    out = torch.empty((assignments, hidden), dtype=x.dtype, device=x.device)  # token-major
-    t2 = {"BLOCK_M": block_m, "M_SPLITS": 1, "SWAP_AB": False, **_fit(tile_down or default_down, hidden, inter)}
-    launch(_down_kernel, lambda t: (t["M_SPLITS"], num_experts, triton.cdiv(hidden, t["BLOCK_N"])), t2, TILE_BLOCKS,
-           hidden_act, down, down_scale, order, ends, out, hidden, inter, SCALED=scaled,
-           EVEN_N=hidden % t2["BLOCK_N"] == 0, EVEN_K=inter % t2["BLOCK_K"] == 0)
+    if experts.numel() <= GEMV_MAX_ASSIGNMENTS:  # a few tokens: no grouping, matrix-vector kernels
+        out = moe_gemv_rows(x, experts, gate_up, down, gate_up_scale, down_scale, scaled)
+    else:
+        out = _grouped_rows(x, experts, gate_up, down, gate_up_scale, down_scale, scaled, tile_gate_up, tile_down)
     if not combine:
         return out
     return combine_triton(out, weights)  # deterministic, float32 accumulation (as `combine` on CUDA)

@@ -125,7 +125,7 @@ class Layer(nn.Module):
 # Whether a layer's output kernel also sums the routed experts' K rows per token (in place of the MoE's combine
 # kernel), and also applies the next norm of the residual stream (in place of the next layer's input norm, or the
 # final norm): one launch fewer a layer each, the same arithmetic. Off until a GPU measures them
-# (scripts/fold_ab.py).
+# (scripts/flags_ab.py).
 FOLD_MOE_COMBINE = False
 FOLD_NEXT_NORM = False
 
