@@ -7,6 +7,8 @@ average and about half get more, so 128-row tiles stream those experts' weights 
 --down sweeps only the down kernel's tiles at light loads (e.g. --down --sizes 256).
 --splits times only the tiles in use with 64 or 128 rows per pass and 1 to 4 programs per expert (M_SPLITS), the
 sweep behind moe_tiles.LARGE_TILES' splits (seconds a size; e.g. --splits --sizes 2048,4096,8192).
+--tails times the tiles in use with each group's last rows in a shorter product (TAIL_M 0/16/32/64), at the
+tiles' programs per expert and one more (e.g. --tails --sizes 1024,2048,4096,8192).
 --fp8 times the kernels on FP8 weights (dgemma.model.fp8) against the same weights in bf16, with a short list of
 FP8 tiles for each kernel (the sweep behind moe_tiles.FP8_*_TILE; e.g. --fp8 --sizes 256,2048).
 """
@@ -43,6 +45,19 @@ def sweep_splits(run_fused, n: int) -> None:
         times.append((bench(lambda: run_fused(t1, t2)), bm, splits))
     for t, bm, splits in sorted(times):
         print(f"  BLOCK_M {bm} M_SPLITS {splits}: {t*1e3:.0f} us", flush=True)
+
+
+def sweep_tails(run_fused, n: int) -> None:
+    """The load's tiles with the group's last rows in a shorter product (TAIL_M rows; 0: none), at the tiles'
+    programs per expert and one more."""
+    gate_up, down = tiles_for(n * K, E)
+    times = []
+    for splits, tail in itertools.product({gate_up.get("M_SPLITS", 1), gate_up.get("M_SPLITS", 1) + 1},
+                                          (0, 16, 32, 64)):
+        t1, t2 = dict(gate_up, M_SPLITS=splits, TAIL_M=tail), dict(down, M_SPLITS=splits, TAIL_M=tail)
+        times.append((bench(lambda: run_fused(t1, t2)), splits, tail))
+    for t, splits, tail in sorted(times):
+        print(f"  M_SPLITS {splits} TAIL_M {tail}: {t*1e3:.0f} us", flush=True)
 
 
 def sweep_down(run_fused, n: int) -> None:
@@ -149,6 +164,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="time the default tiles only")
     p.add_argument("--splits", action="store_true", help="time rows per pass x programs per expert only")
+    p.add_argument("--tails", action="store_true", help="time tail passes (TAIL_M) with the tiles in use only")
     p.add_argument("--down", action="store_true", help="sweep the down kernel's tiles only (light loads)")
     p.add_argument("--fp8", action="store_true", help="FP8 weights against bf16, and a short FP8 tile sweep")
     p.add_argument("--best-out", default=None, help="with --fp8: write each size's best tiles to this JSON file")
@@ -189,7 +205,9 @@ def main() -> None:
             sweep_splits(run_fused, n)
         if args.down:
             sweep_down(run_fused, n)
-        if args.quick or args.splits or args.down:
+        if args.tails:
+            sweep_tails(run_fused, n)
+        if args.quick or args.splits or args.down or args.tails:
             continue
         # Tiles are swept per size, rows per pass (BLOCK_M) included: busier experts want taller tiles.
         best = (t_f, None)

@@ -117,7 +117,7 @@ def test_interpreted_fused_moe_reads_fp8_weights_and_their_scales(n, swap):
     weights, ids = torch.topk(torch.randn(n, 4, generator=gen).softmax(-1), 2)
     expected = experts_loop(x.float(), weights, ids, dequantize_rows(g8, gs, torch.float32),
                             dequantize_rows(d8, ds, torch.float32))
-    tiles = [dict(t, SWAP_AB=swap) for t in tiles_for(n * 2, 4, fp8=True)]
+    tiles = [dict(t, SWAP_AB=swap, TAIL_M=32) for t in tiles_for(n * 2, 4, fp8=True)]  # a tail pass where it fits
     got = fused_moe_triton(x, weights, ids, g8, d8, *tiles, scales=(gs, ds))
     assert got.dtype == torch.float16
     assert rel_err(got.float(), expected) < 4 * torch.finfo(torch.float16).eps  # float16 rounding only

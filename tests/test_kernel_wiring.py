@@ -165,9 +165,10 @@ def test_interpreted_fused_moe_matches_the_expert_loop(n, h, i, e, k):
 
 
 @interpreted
-def test_interpreted_fused_moe_with_256_row_tiles_or_split_passes_matches_the_expert_loop():
-    """Tiles taller than any expert's group (one pass over each expert's weights), or an expert's passes shared by
-    programs launched side by side, as a sweep may choose for batches of 8 canvases: same result as the loop."""
+def test_interpreted_fused_moe_with_256_row_tiles_split_or_tail_passes_matches_the_expert_loop():
+    """Tiles taller than any expert's group (one pass over each expert's weights), an expert's passes shared by
+    programs launched side by side, or a group's last rows taken by a shorter product (TAIL_M), as a sweep may choose
+    for batches of 8 canvases: same result as the loop."""
     from dgemma.kernels.fused_moe import fused_moe_triton
 
     gen = torch.Generator().manual_seed(0)
@@ -179,7 +180,8 @@ def test_interpreted_fused_moe_with_256_row_tiles_or_split_passes_matches_the_ex
     expected = experts_loop(x, weights, experts, gate_up, down).float()
     tall = dict(BLOCK_M=256, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=3)
     split = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, M_SPLITS=2)  # passes of 64 rows taken in turn by 2 programs
-    for tile in (tall, split):
+    tails = [dict(split, TAIL_M=tail) for tail in (16, 32)]  # a group's last rows in a shorter product
+    for tile in (tall, split, *tails):
         err = rel_err(fused_moe_triton(x, weights, experts, gate_up, down, tile, tile).float(), expected)
         assert err < ULPS * torch.finfo(torch.float16).eps, (tile, err)
 

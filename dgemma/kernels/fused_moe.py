@@ -54,9 +54,64 @@ from dgemma.kernels.routing import group_by_expert_triton
 
 
 @triton.jit
+def _gate_up_pass(m0, end, x_ptr, token_ptr, w_gate, w_up, w_n_mask, scale_ptr, e, offs_n, n_mask, offs_k, out_ptr,
+                  H, I, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
+                  EVEN_K: tl.constexpr, SCALED: tl.constexpr, SWAP_AB: tl.constexpr):
+    # Rows [m0, m0 + BLOCK_M) of expert e's group (those below `end`) times one gate and one up tile.
+    rows = m0 + tl.arange(0, BLOCK_M)
+    r_mask = rows < end
+    tokens = tl.load(token_ptr + rows, mask=r_mask, other=0).to(tl.int64)
+    a_ptrs = x_ptr + tokens[:, None] * H + offs_k[None, :]
+    dtype = out_ptr.dtype.element_ty
+    if SWAP_AB:  # accumulate the transposed product, [BLOCK_N, BLOCK_M]
+        acc_g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs + k0, mask=r_mask[:, None], other=0.0)
+            if EVEN_N:
+                wg = tl.load(w_gate + k0)
+                wu = tl.load(w_up + k0)
+            else:
+                wg = tl.load(w_gate + k0, mask=w_n_mask, other=0.0)
+                wu = tl.load(w_up + k0, mask=w_n_mask, other=0.0)
+        else:
+            k_mask = (k0 + offs_k) < H
+            a = tl.load(a_ptrs + k0, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+            if SWAP_AB:
+                w_mask = w_n_mask & k_mask[None, :]
+            else:
+                w_mask = w_n_mask & k_mask[:, None]
+            wg = tl.load(w_gate + k0, mask=w_mask, other=0.0)
+            wu = tl.load(w_up + k0, mask=w_mask, other=0.0)
+        if SCALED:  # widen float8 to the activations' dtype: exact (e4m3 values are bf16 and fp16 values)
+            wg = wg.to(dtype)
+            wu = wu.to(dtype)
+        if SWAP_AB:  # the widened weights as the first operand, which Hopper's MMA may read from registers
+            acc_g = tl.dot(wg, tl.trans(a), acc_g)
+            acc_u = tl.dot(wu, tl.trans(a), acc_u)
+        else:
+            acc_g = tl.dot(a, wg, acc_g)
+            acc_u = tl.dot(a, wu, acc_u)
+    if SWAP_AB:
+        acc_g = tl.trans(acc_g)
+        acc_u = tl.trans(acc_u)
+    if SCALED:  # FP8 weights: one scale per output row of gate and of up, applied to the float32 sums
+        acc_g = acc_g * tl.load(scale_ptr + e * 2 * I + offs_n, mask=n_mask, other=0.0)[None, :]
+        acc_u = acc_u * tl.load(scale_ptr + e * 2 * I + I + offs_n, mask=n_mask, other=0.0)[None, :]
+    gate = acc_g.to(dtype).to(tl.float32)
+    up = acc_u.to(dtype).to(tl.float32)
+    h = (_gelu_tanh(gate).to(dtype).to(tl.float32) * up).to(dtype)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * I + offs_n[None, :], h, mask=r_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, scale_ptr, token_ptr, ends_ptr, out_ptr, H, I, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                    M_SPLITS: tl.constexpr, SCALED: tl.constexpr, SWAP_AB: tl.constexpr):
+                    M_SPLITS: tl.constexpr, SCALED: tl.constexpr, SWAP_AB: tl.constexpr, TAIL_M: tl.constexpr):
     split = tl.program_id(0)
     e = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -75,65 +130,65 @@ def _gate_up_kernel(x_ptr, w_ptr, scale_ptr, token_ptr, ends_ptr, out_ptr, H, I,
         w_gate = w_base + offs_n[None, :].to(tl.int64) * H + offs_k[:, None]
         w_n_mask = n_mask[None, :]
     w_up = w_gate + I * H
-    dtype = out_ptr.dtype.element_ty
-    if SCALED:  # FP8 weights: one scale per output row of gate and of up, applied to the float32 sums
-        scale_gate = tl.load(scale_ptr + e * 2 * I + offs_n, mask=n_mask, other=0.0)
-        scale_up = tl.load(scale_ptr + e * 2 * I + I + offs_n, mask=n_mask, other=0.0)
     for m0 in range(start + split * BLOCK_M, end, BLOCK_M * M_SPLITS):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        r_mask = rows < end
-        tokens = tl.load(token_ptr + rows, mask=r_mask, other=0).to(tl.int64)
-        a_ptrs = x_ptr + tokens[:, None] * H + offs_k[None, :]
-        if SWAP_AB:  # accumulate the transposed product, [BLOCK_N, BLOCK_M]
-            acc_g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        if TAIL_M > 0:
+            if end - m0 <= TAIL_M:  # the group's last few rows: a shorter product wastes less
+                _gate_up_pass(m0, end, x_ptr, token_ptr, w_gate, w_up, w_n_mask, scale_ptr, e, offs_n, n_mask,
+                              offs_k, out_ptr, H, I, TAIL_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, SCALED, SWAP_AB)
+            else:
+                _gate_up_pass(m0, end, x_ptr, token_ptr, w_gate, w_up, w_n_mask, scale_ptr, e, offs_n, n_mask,
+                              offs_k, out_ptr, H, I, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, SCALED, SWAP_AB)
         else:
-            acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_ptrs + k0, mask=r_mask[:, None], other=0.0)
-                if EVEN_N:
-                    wg = tl.load(w_gate + k0)
-                    wu = tl.load(w_up + k0)
-                else:
-                    wg = tl.load(w_gate + k0, mask=w_n_mask, other=0.0)
-                    wu = tl.load(w_up + k0, mask=w_n_mask, other=0.0)
+            _gate_up_pass(m0, end, x_ptr, token_ptr, w_gate, w_up, w_n_mask, scale_ptr, e, offs_n, n_mask, offs_k,
+                          out_ptr, H, I, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, SCALED, SWAP_AB)
+
+
+@triton.jit
+def _down_pass(m0, end, h_ptr, w_ptrs, w_n_mask, scale_ptr, e, dest_ptr, offs_n, n_mask, offs_k, out_ptr, H, I,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
+               EVEN_K: tl.constexpr, SCALED: tl.constexpr, SWAP_AB: tl.constexpr):
+    # Rows [m0, m0 + BLOCK_M) of expert e's group times one down tile, scattered to their token-major slots.
+    rows = m0 + tl.arange(0, BLOCK_M)
+    r_mask = rows < end
+    a_ptrs = h_ptr + rows[:, None].to(tl.int64) * I + offs_k[None, :]
+    dtype = h_ptr.dtype.element_ty
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs + k0, mask=r_mask[:, None], other=0.0)
+            if EVEN_N:
+                w = tl.load(w_ptrs + k0)
             else:
-                k_mask = (k0 + offs_k) < H
-                a = tl.load(a_ptrs + k0, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-                if SWAP_AB:
-                    w_mask = w_n_mask & k_mask[None, :]
-                else:
-                    w_mask = w_n_mask & k_mask[:, None]
-                wg = tl.load(w_gate + k0, mask=w_mask, other=0.0)
-                wu = tl.load(w_up + k0, mask=w_mask, other=0.0)
-            if SCALED:  # widen float8 to the activations' dtype: exact (e4m3 values are bf16 and fp16 values)
-                wg = wg.to(dtype)
-                wu = wu.to(dtype)
-            if SWAP_AB:  # the widened weights as the first operand, which Hopper's MMA may read from registers
-                acc_g = tl.dot(wg, tl.trans(a), acc_g)
-                acc_u = tl.dot(wu, tl.trans(a), acc_u)
+                w = tl.load(w_ptrs + k0, mask=w_n_mask, other=0.0)
+        else:
+            k_mask = (k0 + offs_k) < I
+            a = tl.load(a_ptrs + k0, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+            if SWAP_AB:
+                w = tl.load(w_ptrs + k0, mask=w_n_mask & k_mask[None, :], other=0.0)
             else:
-                acc_g = tl.dot(a, wg, acc_g)
-                acc_u = tl.dot(a, wu, acc_u)
-        if SWAP_AB:
-            acc_g = tl.trans(acc_g)
-            acc_u = tl.trans(acc_u)
+                w = tl.load(w_ptrs + k0, mask=w_n_mask & k_mask[:, None], other=0.0)
         if SCALED:
-            acc_g = acc_g * scale_gate[None, :]
-            acc_u = acc_u * scale_up[None, :]
-        gate = acc_g.to(dtype).to(tl.float32)
-        up = acc_u.to(dtype).to(tl.float32)
-        h = (_gelu_tanh(gate).to(dtype).to(tl.float32) * up).to(dtype)
-        tl.store(out_ptr + rows[:, None].to(tl.int64) * I + offs_n[None, :], h,
-                 mask=r_mask[:, None] & n_mask[None, :])
+            w = w.to(dtype)
+        if SWAP_AB:
+            acc = tl.dot(w, tl.trans(a), acc)
+        else:
+            acc = tl.dot(a, w, acc)
+    if SWAP_AB:
+        acc = tl.trans(acc)
+    if SCALED:
+        acc = acc * tl.load(scale_ptr + e * H + offs_n, mask=n_mask, other=0.0)[None, :]
+    dest = tl.load(dest_ptr + rows, mask=r_mask, other=0).to(tl.int64)
+    tl.store(out_ptr + dest[:, None] * H + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=r_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
 def _down_kernel(h_ptr, w_ptr, scale_ptr, dest_ptr, ends_ptr, out_ptr, H, I, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                 M_SPLITS: tl.constexpr, SCALED: tl.constexpr, SWAP_AB: tl.constexpr):
+                 M_SPLITS: tl.constexpr, SCALED: tl.constexpr, SWAP_AB: tl.constexpr, TAIL_M: tl.constexpr):
     split = tl.program_id(0)
     e = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -149,44 +204,17 @@ def _down_kernel(h_ptr, w_ptr, scale_ptr, dest_ptr, ends_ptr, out_ptr, H, I, BLO
     else:
         w_ptrs = w_base + offs_n[None, :].to(tl.int64) * I + offs_k[:, None]  # [BK, BN]
         w_n_mask = n_mask[None, :]
-    dtype = h_ptr.dtype.element_ty
-    if SCALED:
-        scale = tl.load(scale_ptr + e * H + offs_n, mask=n_mask, other=0.0)
     for m0 in range(start + split * BLOCK_M, end, BLOCK_M * M_SPLITS):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        r_mask = rows < end
-        a_ptrs = h_ptr + rows[:, None].to(tl.int64) * I + offs_k[None, :]
-        if SWAP_AB:
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        if TAIL_M > 0:
+            if end - m0 <= TAIL_M:
+                _down_pass(m0, end, h_ptr, w_ptrs, w_n_mask, scale_ptr, e, dest_ptr, offs_n, n_mask, offs_k,
+                           out_ptr, H, I, TAIL_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, SCALED, SWAP_AB)
+            else:
+                _down_pass(m0, end, h_ptr, w_ptrs, w_n_mask, scale_ptr, e, dest_ptr, offs_n, n_mask, offs_k,
+                           out_ptr, H, I, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, SCALED, SWAP_AB)
         else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_ptrs + k0, mask=r_mask[:, None], other=0.0)
-                if EVEN_N:
-                    w = tl.load(w_ptrs + k0)
-                else:
-                    w = tl.load(w_ptrs + k0, mask=w_n_mask, other=0.0)
-            else:
-                k_mask = (k0 + offs_k) < I
-                a = tl.load(a_ptrs + k0, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-                if SWAP_AB:
-                    w = tl.load(w_ptrs + k0, mask=w_n_mask & k_mask[None, :], other=0.0)
-                else:
-                    w = tl.load(w_ptrs + k0, mask=w_n_mask & k_mask[:, None], other=0.0)
-            if SCALED:
-                w = w.to(dtype)
-            if SWAP_AB:
-                acc = tl.dot(w, tl.trans(a), acc)
-            else:
-                acc = tl.dot(a, w, acc)
-        if SWAP_AB:
-            acc = tl.trans(acc)
-        if SCALED:
-            acc = acc * scale[None, :]
-        dest = tl.load(dest_ptr + rows, mask=r_mask, other=0).to(tl.int64)
-        tl.store(out_ptr + dest[:, None] * H + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=r_mask[:, None] & n_mask[None, :])
+            _down_pass(m0, end, h_ptr, w_ptrs, w_n_mask, scale_ptr, e, dest_ptr, offs_n, n_mask, offs_k, out_ptr,
+                       H, I, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, SCALED, SWAP_AB)
 
 
 @triton.jit
@@ -239,6 +267,12 @@ def _fit(tile: dict, n: int, k: int) -> dict:
     return out
 
 
+def _with_tail(tile: dict) -> dict:
+    """A tail pass only where it is shorter than the tile's passes (and at least the 16 rows tl.dot needs)."""
+    tail = tile["TAIL_M"]
+    return dict(tile, TAIL_M=tail if 16 <= tail < tile["BLOCK_M"] else 0)
+
+
 def _grouped_rows(x, experts, gate_up, down, gate_up_scale, down_scale, scaled: bool, tile_gate_up, tile_down):
     """`fused_moe_triton`'s rows by the grouped kernels: [N * K, H] token-major."""
     hidden, num_experts, inter = x.shape[1], gate_up.shape[0], gate_up.shape[1] // 2
@@ -249,12 +283,14 @@ def _grouped_rows(x, experts, gate_up, down, gate_up_scale, down_scale, scaled: 
     hidden_act = torch.empty((assignments, inter), dtype=x.dtype, device=x.device)  # expert-sorted
     default_gate_up, default_down = tiles_for(assignments, num_experts, fp8=gate_up.element_size() == 1)
     # A tile may fix its rows per pass and programs per expert (tile sweeps); otherwise they follow the load.
-    t1 = {"BLOCK_M": block_m, "M_SPLITS": 1, "SWAP_AB": False, **_fit(tile_gate_up or default_gate_up, inter, hidden)}
+    t1 = _with_tail({"BLOCK_M": block_m, "M_SPLITS": 1, "SWAP_AB": False, "TAIL_M": 0,
+                     **_fit(tile_gate_up or default_gate_up, inter, hidden)})
     launch(_gate_up_kernel, lambda t: (t["M_SPLITS"], num_experts, triton.cdiv(inter, t["BLOCK_N"])), t1, TILE_BLOCKS,
            x, gate_up, gate_up_scale, token_of, ends, hidden_act, hidden, inter, SCALED=scaled,
            EVEN_N=inter % t1["BLOCK_N"] == 0, EVEN_K=hidden % t1["BLOCK_K"] == 0)
     out = torch.empty((assignments, hidden), dtype=x.dtype, device=x.device)  # token-major
-    t2 = {"BLOCK_M": block_m, "M_SPLITS": 1, "SWAP_AB": False, **_fit(tile_down or default_down, hidden, inter)}
+    t2 = _with_tail({"BLOCK_M": block_m, "M_SPLITS": 1, "SWAP_AB": False, "TAIL_M": 0,
+                     **_fit(tile_down or default_down, hidden, inter)})
     launch(_down_kernel, lambda t: (t["M_SPLITS"], num_experts, triton.cdiv(hidden, t["BLOCK_N"])), t2, TILE_BLOCKS,
            hidden_act, down, down_scale, order, ends, out, hidden, inter, SCALED=scaled,
            EVEN_N=hidden % t2["BLOCK_N"] == 0, EVEN_K=inter % t2["BLOCK_K"] == 0)
