@@ -55,6 +55,8 @@ def sweep_tails(run_fused, n: int) -> None:
     for splits, tail in itertools.product({gate_up.get("M_SPLITS", 1), gate_up.get("M_SPLITS", 1) + 1},
                                           (0, 16, 32, 64)):
         t1, t2 = dict(gate_up, M_SPLITS=splits, TAIL_M=tail), dict(down, M_SPLITS=splits, TAIL_M=tail)
+        if tail >= t1.get("BLOCK_M", 64):  # no shorter product than the tile's
+            continue
         times.append((bench(lambda: run_fused(t1, t2)), splits, tail))
     for t, splits, tail in sorted(times):
         print(f"  M_SPLITS {splits} TAIL_M {tail}: {t*1e3:.0f} us", flush=True)

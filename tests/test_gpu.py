@@ -297,6 +297,18 @@ def test_fused_moe_with_fp8_weights_matches_the_dequantized_experts_on_gpu():
         assert rel_err(got, expected) < 1e-2, (n, "SWAP_AB", rel_err(got, expected))
 
 
+def test_grouping_by_chunks_equals_the_stable_sort_on_gpu():
+    """Batches of 2 to 32 canvases (4096 to 65536 assignments) group by chunks: the same order as the stable sort."""
+    from dgemma.kernels.routing import group_by_expert_triton
+    from dgemma.model.moe import group_by_expert
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for n in (512, 2048, 8192):
+        experts = torch.topk(torch.rand(n, 128, device="cuda", generator=gen), 8).indices
+        for got, want in zip(group_by_expert_triton(experts, 128), group_by_expert(experts, 128)):
+            assert torch.equal(got, want), n
+
+
 def test_few_tokens_matrix_vector_experts_match_the_grouped_kernels_on_gpu(monkeypatch):
     """The matrix-vector path (`moe_gemv.py`, one to four tokens of the released shapes) computes what the grouped
     kernels compute, in bf16 and on FP8 weights, up to the order of float32 sums: within a few bf16 ulps

@@ -63,12 +63,15 @@ def test_fused_moe_runs_only_for_inference_with_at_most_512_assignments_per_expe
 
 
 def test_busier_experts_get_the_tiles_measured_for_their_load():
-    from dgemma.kernels.moe_tiles import DOWN_TILE, GATE_UP_TILE, LARGE_TILES, tiles_for
+    from dgemma.kernels.moe_tiles import DOWN_TILE, GATE_UP_TILE, LARGE_TILES, TAIL_ROWS, tiles_for
 
-    assert tiles_for(32 * 128, 128) == (GATE_UP_TILE, DOWN_TILE)  # a batch-2 canvas: the small-load tiles
+    def tail(tiles):  # every tile takes the tail passes' rows
+        return tuple(dict(t, TAIL_M=TAIL_ROWS) for t in tiles)
+
+    assert tiles_for(32 * 128, 128) == tail((GATE_UP_TILE, DOWN_TILE))  # a batch-2 canvas: the small-load tiles
     assert tiles_for(33 * 128, 128)[0]["BLOCK_M"] == 128
-    assert tiles_for(64 * 128, 128) == LARGE_TILES[0][1:]
-    assert tiles_for(128 * 128, 128) == LARGE_TILES[1][1:]
+    assert tiles_for(64 * 128, 128) == tail(LARGE_TILES[0][1:])
+    assert tiles_for(128 * 128, 128) == tail(LARGE_TILES[1][1:])
     assert tiles_for(512 * 128, 128)[0]["M_SPLITS"] == 4  # 32 canvases: 4 programs share each expert's passes
     assert LARGE_TILES[-1][0] == FUSED_MOE_MAX_ASSIGNMENTS_PER_EXPERT  # every load the model sends has a tile
 
@@ -327,9 +330,11 @@ def test_interpreted_model_with_the_kernels_is_as_accurate_as_eager(tiny_fp16, m
 
 
 @interpreted
-@pytest.mark.parametrize("n,k,e", [(7, 2, 8), (300, 8, 128), (1, 1, 4), (2000, 4, 16)])  # 2000 x 4: several blocks
+@pytest.mark.parametrize("n,k,e", [(7, 2, 8), (300, 8, 128), (1, 1, 4), (500, 8, 128),
+                                   (2000, 4, 16), (600, 8, 128), (1100, 4, 100)])  # the last three by chunks
 def test_interpreted_grouping_by_expert_equals_the_stable_sort(n, k, e):
-    """The kernel computes the same stable order as the eager argsort, so the grouped experts see identical rows."""
+    """The kernels compute the same stable order as the eager argsort, so the grouped experts see identical rows:
+    one program per expert, or from CHUNKED_MIN_ASSIGNMENTS on, two kernels over chunks of the assignments."""
     from dgemma.kernels.routing import group_by_expert_triton
     from dgemma.model.moe import group_by_expert
 

@@ -46,11 +46,16 @@ FP8_LARGE_TILES = ((64, _FP8_SWAPPED, _FP8_SWAPPED),
                    *LARGE_TILES[2:])
 
 
+# Rows of the shorter product that takes a group's last rows where they are this few (`fused_moe` TAIL_M; 0: none):
+# an expert with 130 assignments then runs one 128-row and one 16-row product instead of two 128-row ones.
+TAIL_ROWS = 0
+
+
 def tiles_for(assignments: int, num_experts: int, fp8: bool = False) -> tuple[dict, dict]:
     """(gate_up tile, down tile) for a call with this many token-expert assignments; `fp8`: one-byte weights."""
     per_expert = assignments / num_experts
+    tiles = (FP8_GATE_UP_TILE, FP8_DOWN_TILE) if fp8 else (GATE_UP_TILE, DOWN_TILE)
     if per_expert > 32:
-        for limit, gate_up, down in FP8_LARGE_TILES if fp8 else LARGE_TILES:
-            if per_expert <= limit:
-                return gate_up, down
-    return (FP8_GATE_UP_TILE, FP8_DOWN_TILE) if fp8 else (GATE_UP_TILE, DOWN_TILE)
+        tiles = next(((g, d) for limit, g, d in (FP8_LARGE_TILES if fp8 else LARGE_TILES) if per_expert <= limit),
+                     tiles)
+    return tuple(dict(t, TAIL_M=TAIL_ROWS) for t in tiles)
