@@ -123,23 +123,6 @@ def test_interpreted_fused_moe_reads_fp8_weights_and_their_scales(n, swap):
     assert rel_err(got.float(), expected) < 4 * torch.finfo(torch.float16).eps  # float16 rounding only
 
 
-@interpreted
-def test_interpreted_few_tokens_read_fp8_weights_and_their_scales_without_grouping(monkeypatch):
-    from dgemma.kernels import fused_moe
-
-    monkeypatch.setattr(fused_moe, "GEMV_MAX_ASSIGNMENTS", 8)  # the matrix-vector kernels of moe_gemv.py
-    gate_up, down = expert_weights(seed=3)
-    (g8, gs), (d8, ds) = quantize_rows(gate_up), quantize_rows(down)
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(3, 64, generator=gen).half()
-    weights, ids = torch.topk(torch.randn(3, 4, generator=gen).softmax(-1), 2)
-    expected = experts_loop(x.float(), weights, ids, dequantize_rows(g8, gs, torch.float32),
-                            dequantize_rows(d8, ds, torch.float32))
-    got = fused_moe.fused_moe_triton(x, weights, ids, g8, d8, scales=(gs, ds))
-    assert got.dtype == torch.float16
-    assert rel_err(got.float(), expected) < 4 * torch.finfo(torch.float16).eps  # float16 rounding only
-
-
 def test_fused_moe_refuses_scales_of_the_wrong_shape():
     pytest.importorskip("triton")
     from dgemma.kernels.fused_moe import fused_moe_triton

@@ -15,9 +15,6 @@ gathered copy of the inputs, a separate gelu*up pass and an un-permuting gather.
   It replaced a batched matmul of [N, 1, K] x [N, K, H], whose N products of one row each ran at a seventh of
   copy bandwidth (26 us a layer at a batch-1 step on an H200, 0.8 ms of the step).
 
-A call of a few tokens (autoregressive decoding, up to `GEMV_MAX_ASSIGNMENTS` assignments) skips the grouping and
-runs the matrix-vector kernels of `moe_gemv.py` instead, with the same output layout.
-
 Group bounds stay on the device (no host sync): the kernels are CUDA-graph capturable. Rounding follows the
 eager path (gate and up rounded to the activation dtype before the gelu product) up to one rounding of the
 product: results agree with torch._grouped_mm within bf16 tolerance, not bit for bit.
@@ -48,7 +45,6 @@ import triton.language as tl
 
 from dgemma.kernels.gated_gelu import gelu_tanh as _gelu_tanh
 from dgemma.kernels.launch import launch
-from dgemma.kernels.moe_gemv import moe_gemv_rows
 from dgemma.kernels.moe_tiles import tiles_for
 from dgemma.kernels.routing import group_by_expert_triton
 
@@ -247,10 +243,6 @@ def combine_triton(
     return y
 
 
-# Calls of at most this many token-expert assignments (one token: 8) skip the grouping and run the matrix-vector
-# kernels of `moe_gemv.py`; 0: never. Off until a GPU measures it (scripts/flags_ab.py).
-GEMV_MAX_ASSIGNMENTS = 0
-
 TILE_BLOCKS = ("BLOCK_K", "BLOCK_N", "BLOCK_M")  # what `launch` may halve where a tile does not fit the GPU
 
 
@@ -331,10 +323,7 @@ def fused_moe_triton(
         raise ValueError("fused_moe needs contiguous x, gate_up and down")
     scaled = scales is not None
     gate_up_scale, down_scale = (s.float().contiguous() for s in scales) if scaled else (gate_up, down)  # unread
-    if experts.numel() <= GEMV_MAX_ASSIGNMENTS:  # a few tokens: no grouping, matrix-vector kernels
-        out = moe_gemv_rows(x, experts, gate_up, down, gate_up_scale, down_scale, scaled)
-    else:
-        out = _grouped_rows(x, experts, gate_up, down, gate_up_scale, down_scale, scaled, tile_gate_up, tile_down)
+    out = _grouped_rows(x, experts, gate_up, down, gate_up_scale, down_scale, scaled, tile_gate_up, tile_down)
     if not combine:
         return out
     return combine_triton(out, weights)  # deterministic, float32 accumulation (as `combine` on CUDA)

@@ -18,6 +18,8 @@ DOWN_TILE = dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
 #   4096 tokens (256 per expert): M_SPLITS 3 1214 us vs 1667 us for torch._grouped_mm
 #   8192 tokens (512 per expert): M_SPLITS 4 2412 us vs 2837 us for torch._grouped_mm
 # At 1024 tokens splitting changed nothing (510 vs 514 us on an H200). Outputs are the same bits for any M_SPLITS.
+# 8192 tokens again with tail passes (`--tails`, one H100, 2026-12-07): M_SPLITS 5 2198 us vs 2369 for 4, and
+# 2170 us with TAIL_ROWS 32.
 # (max mean assignments per expert, gate_up tile, down tile), first match wins.
 LARGE_TILES = (
     (64, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
@@ -26,8 +28,8 @@ LARGE_TILES = (
      dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4, M_SPLITS=2)),
     (256, dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3, M_SPLITS=3),
      dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4, M_SPLITS=3)),
-    (512, dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3, M_SPLITS=4),
-     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4, M_SPLITS=4)),
+    (512, dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3, M_SPLITS=5),
+     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4, M_SPLITS=5)),
 )
 
 
@@ -47,8 +49,12 @@ FP8_LARGE_TILES = ((64, _FP8_SWAPPED, _FP8_SWAPPED),
 
 
 # Rows of the shorter product that takes a group's last rows where they are this few (`fused_moe` TAIL_M; 0: none):
-# an expert with 130 assignments then runs one 128-row and one 16-row product instead of two 128-row ones.
-TAIL_ROWS = 0
+# an expert with 150 assignments then runs one 128-row and one 32-row product instead of two 128-row ones.
+# `scripts/moe_kernel_sweep.py --tails`, one H100 (2026-12-07), both kernels of a layer: 1024 tokens 700 -> 702 us
+# (16/32) or 698 (64); 2048 tokens 816 -> 809 us; 8192 tokens 2198 -> 2170 us (M_SPLITS 5). In the whole step
+# (`scripts/flags_ab.py`, one round, same process): b8 54.51 -> 54.00 ms, b16 98.71 -> 98.17 ms, b1 and AR
+# unchanged (their tiles are shorter than 32 rows or hold no tail); 64 rows cost 0.5 ms at b1.
+TAIL_ROWS = 32
 
 
 def tiles_for(assignments: int, num_experts: int, fp8: bool = False) -> tuple[dict, dict]:

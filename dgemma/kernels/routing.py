@@ -9,9 +9,7 @@ on an H200). Both are tiny: 256 tokens choose 8 of 128 experts.
   per-expert scale.
 - `group_by_expert_triton`: one program per expert: the assignments to experts below it give its start, and a
   running prefix count over its own assignments their places, in assignment order. That is exactly the stable
-  sort `dgemma.model.moe.group_by_expert` computes, so the results are identical, not just close. From a few
-  thousand assignments the same places come from two kernels over chunks of the assignments: each chunk's count
-  per expert, then each chunk's places from those counts and a prefix count within the chunk.
+  sort `dgemma.model.moe.group_by_expert` computes, so the results are identical, not just close.
 """
 
 from __future__ import annotations
@@ -67,46 +65,6 @@ def _group_by_expert_kernel(experts_ptr, order_ptr, token_ptr, ends_ptr, M, K, B
     tl.store(ends_ptr + e, place)
 
 
-@triton.jit
-def _chunk_counts_kernel(experts_ptr, counts_ptr, M, E, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr):
-    # counts[c, e]: how many of the assignments [c * CHUNK, (c + 1) * CHUNK) go to expert e.
-    c = tl.program_id(0)
-    idx = c * CHUNK + tl.arange(0, CHUNK)
-    ex = tl.load(experts_ptr + idx, mask=idx < M, other=-1)
-    ids = tl.arange(0, BLOCK_E)
-    hits = (ex[:, None] == ids[None, :]).to(tl.int32)  # [CHUNK, BLOCK_E]
-    tl.store(counts_ptr + c * E + ids, tl.sum(hits, 0), mask=ids < E)
-
-
-@triton.jit
-def _chunk_place_kernel(experts_ptr, counts_ptr, order_ptr, token_ptr, ends_ptr, M, E, C, K,
-                        CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):
-    # An assignment's place: the assignments to lower experts, plus those to its expert in earlier chunks, plus
-    # those to its expert earlier in its chunk (the stable sort's order).
-    c = tl.program_id(0)
-    ids = tl.arange(0, BLOCK_E)
-    e_ok = ids < E
-    totals = tl.zeros((BLOCK_E,), dtype=tl.int32)
-    earlier = tl.zeros((BLOCK_E,), dtype=tl.int32)
-    for c0 in range(0, C, BLOCK_C):
-        chunks = c0 + tl.arange(0, BLOCK_C)
-        counts = tl.load(counts_ptr + chunks[:, None] * E + ids[None, :], mask=(chunks[:, None] < C) & e_ok[None, :],
-                         other=0)  # [BLOCK_C, BLOCK_E]
-        totals += tl.sum(counts, 0)
-        earlier += tl.sum(tl.where(chunks[:, None] < c, counts, 0), 0)
-    base = tl.cumsum(totals, 0) - totals + earlier  # [BLOCK_E]: the chunk's first place for each expert
-    idx = c * CHUNK + tl.arange(0, CHUNK)
-    ex = tl.load(experts_ptr + idx, mask=idx < M, other=-1)
-    hits = (ex[:, None] == ids[None, :]).to(tl.int32)  # [CHUNK, BLOCK_E]
-    before_in_chunk = tl.cumsum(hits, 0) - hits
-    slot = tl.sum(hits * (base[None, :] + before_in_chunk), 1)  # [CHUNK]
-    ok = idx < M
-    tl.store(order_ptr + slot, idx.to(tl.int64), mask=ok)
-    tl.store(token_ptr + slot, (idx // K).to(tl.int64), mask=ok)
-    if c == 0:
-        tl.store(ends_ptr + ids, tl.cumsum(totals, 0), mask=e_ok)
-
-
 def route_top_k(
     logits: torch.Tensor,  # [N, E] router logits (any float dtype)
     per_expert_scale: torch.Tensor,  # [E]
@@ -126,15 +84,8 @@ def route_top_k(
     return weights, experts
 
 
-# From this many assignments (a batch of two canvases: 4096) the grouping runs as two kernels over chunks of the
-# assignments instead of one program per expert scanning all of them twice: at eight canvases (16384 assignments)
-# the single kernel took 38 us a layer (1.1 ms a step, H100).
-CHUNKED_MIN_ASSIGNMENTS = 4096
-CHUNK = 128
-
-
 def group_by_expert_triton(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`dgemma.model.moe.group_by_expert` as Triton kernels: experts [N, K] -> order [N*K], token_of [N*K] (int64),
+    """`dgemma.model.moe.group_by_expert` as one kernel: experts [N, K] -> order [N*K], token_of [N*K] (int64),
     ends [E] (int32), with no host sync."""
     n, k = experts.shape
     m = n * k
@@ -142,14 +93,6 @@ def group_by_expert_triton(experts: torch.Tensor, num_experts: int) -> tuple[tor
     order = torch.empty(m, dtype=torch.int64, device=experts.device)
     token_of = torch.empty(m, dtype=torch.int64, device=experts.device)
     ends = torch.empty(num_experts, dtype=torch.int32, device=experts.device)
-    if m >= CHUNKED_MIN_ASSIGNMENTS:
-        chunks = triton.cdiv(m, CHUNK)
-        counts = torch.empty((chunks, num_experts), dtype=torch.int32, device=experts.device)  # [C, E]
-        block_e = triton.next_power_of_2(num_experts)
-        _chunk_counts_kernel[(chunks,)](flat, counts, m, num_experts, CHUNK=CHUNK, BLOCK_E=block_e, num_warps=4)
-        _chunk_place_kernel[(chunks,)](flat, counts, order, token_of, ends, m, num_experts, chunks, k, CHUNK=CHUNK,
-                                       BLOCK_E=block_e, BLOCK_C=32, num_warps=8)
-        return order, token_of, ends
     block = min(4096, max(16, triton.next_power_of_2(m)))
     _group_by_expert_kernel[(num_experts,)](flat, order, token_of, ends, m, k, BLOCK=block,
                                             num_warps=4 if block <= 1024 else 8)
