@@ -265,8 +265,18 @@ def _with_tail(tile: dict) -> dict:
     return dict(tile, TAIL_M=tail if 16 <= tail < tile["BLOCK_M"] else 0)
 
 
-def _grouped_rows(x, experts, gate_up, down, gate_up_scale, down_scale, scaled: bool, tile_gate_up, tile_down):
-    """`fused_moe_triton`'s rows by the grouped kernels: [N * K, H] token-major."""
+def _grouped_rows(
+    x: torch.Tensor,  # [N, H]
+    experts: torch.Tensor,  # [N, K]
+    gate_up: torch.Tensor,  # [E, 2I, H]
+    down: torch.Tensor,  # [E, H, I]
+    gate_up_scale: torch.Tensor,  # [E, 2I] float32 (read only if `scaled`)
+    down_scale: torch.Tensor,  # [E, H] float32
+    scaled: bool,
+    tile_gate_up: dict | None,
+    tile_down: dict | None,
+) -> torch.Tensor:
+    """Each token's K expert outputs, unsummed: [N * K, H] token-major (shapes checked by `fused_moe_triton`)."""
     hidden, num_experts, inter = x.shape[1], gate_up.shape[0], gate_up.shape[1] // 2
     order, token_of, ends = group_by_expert_triton(experts, num_experts)  # ends: [E] group ends, on the device
     assignments = order.numel()
