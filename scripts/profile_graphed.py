@@ -1,5 +1,5 @@
-"""Where the engine's graphed denoising step (batch 1, or --batches) and AR token spend their time: kernels grouped by kind, the kernels' sum
-against the wall time of the call, and the idle gap between them (the host's share).
+"""Where the engine's graphed denoising step (batch 1, or --batches) and AR token spend their time: kernels grouped
+by kind, the kernels' sum against the wall time of the call, and the idle gap between them (the host's share).
 
     python scripts/profile_graphed.py [--preset 26b-a4b] [--prefix 1024] [--rows 12] [--batches 1,8]
 

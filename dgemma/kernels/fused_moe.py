@@ -50,6 +50,31 @@ from dgemma.kernels.routing import group_by_expert_triton
 
 
 @triton.jit
+def _load_rows(a_ptrs, r_mask, k_mask, EVEN_K: tl.constexpr):
+    # A [BLOCK_M, BLOCK_K] slice of the pass's activation rows (zeros past the group and past K).
+    if EVEN_K:
+        a = tl.load(a_ptrs, mask=r_mask[:, None], other=0.0)
+    else:
+        a = tl.load(a_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+    return a
+
+
+@triton.jit
+def _load_weights(w_ptrs, w_n_mask, k_mask, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr):
+    # A weight tile's slice: [BLOCK_K, BLOCK_N], or with SWAP_AB [BLOCK_N, BLOCK_K] (zeros past N and past K).
+    if EVEN_K:
+        if EVEN_N:
+            w = tl.load(w_ptrs)
+        else:
+            w = tl.load(w_ptrs, mask=w_n_mask, other=0.0)
+    elif SWAP_AB:
+        w = tl.load(w_ptrs, mask=w_n_mask & k_mask[None, :], other=0.0)
+    else:
+        w = tl.load(w_ptrs, mask=w_n_mask & k_mask[:, None], other=0.0)
+    return w
+
+
+@triton.jit
 def _gate_up_pass(m0, end, x_ptr, token_ptr, w_gate, w_up, w_n_mask, scale_ptr, e, offs_n, n_mask, offs_k, out_ptr,
                   H, I, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
                   EVEN_K: tl.constexpr, SCALED: tl.constexpr, SWAP_AB: tl.constexpr):
@@ -66,23 +91,10 @@ def _gate_up_pass(m0, end, x_ptr, token_ptr, w_gate, w_up, w_n_mask, scale_ptr, 
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs + k0, mask=r_mask[:, None], other=0.0)
-            if EVEN_N:
-                wg = tl.load(w_gate + k0)
-                wu = tl.load(w_up + k0)
-            else:
-                wg = tl.load(w_gate + k0, mask=w_n_mask, other=0.0)
-                wu = tl.load(w_up + k0, mask=w_n_mask, other=0.0)
-        else:
-            k_mask = (k0 + offs_k) < H
-            a = tl.load(a_ptrs + k0, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-            if SWAP_AB:
-                w_mask = w_n_mask & k_mask[None, :]
-            else:
-                w_mask = w_n_mask & k_mask[:, None]
-            wg = tl.load(w_gate + k0, mask=w_mask, other=0.0)
-            wu = tl.load(w_up + k0, mask=w_mask, other=0.0)
+        k_mask = (k0 + offs_k) < H
+        a = _load_rows(a_ptrs + k0, r_mask, k_mask, EVEN_K)
+        wg = _load_weights(w_gate + k0, w_n_mask, k_mask, EVEN_N, EVEN_K, SWAP_AB)
+        wu = _load_weights(w_up + k0, w_n_mask, k_mask, EVEN_N, EVEN_K, SWAP_AB)
         if SCALED:  # widen float8 to the activations' dtype: exact (e4m3 values are bf16 and fp16 values)
             wg = wg.to(dtype)
             wu = wu.to(dtype)
@@ -153,19 +165,9 @@ def _down_pass(m0, end, h_ptr, w_ptrs, w_n_mask, scale_ptr, e, dest_ptr, offs_n,
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs + k0, mask=r_mask[:, None], other=0.0)
-            if EVEN_N:
-                w = tl.load(w_ptrs + k0)
-            else:
-                w = tl.load(w_ptrs + k0, mask=w_n_mask, other=0.0)
-        else:
-            k_mask = (k0 + offs_k) < I
-            a = tl.load(a_ptrs + k0, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-            if SWAP_AB:
-                w = tl.load(w_ptrs + k0, mask=w_n_mask & k_mask[None, :], other=0.0)
-            else:
-                w = tl.load(w_ptrs + k0, mask=w_n_mask & k_mask[:, None], other=0.0)
+        k_mask = (k0 + offs_k) < I
+        a = _load_rows(a_ptrs + k0, r_mask, k_mask, EVEN_K)
+        w = _load_weights(w_ptrs + k0, w_n_mask, k_mask, EVEN_N, EVEN_K, SWAP_AB)
         if SCALED:
             w = w.to(dtype)
         if SWAP_AB:
@@ -214,16 +216,25 @@ def _down_kernel(h_ptr, w_ptr, scale_ptr, dest_ptr, ends_ptr, out_ptr, H, I, BLO
 
 
 @triton.jit
+def weighted_rows_sum(rows_ptr, w_ptr, token, cols, mask, H, dtype: tl.constexpr, K: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """Columns `cols` of sum_k w[token, k] * rows[token * K + k] in float32 ([BLOCK]): the combine's arithmetic,
+    shared with the layer's output kernel that folds it in (`dgemma.kernels.residual_norms`)."""
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k in tl.static_range(K):
+        # The weight rounds to the activation dtype first, as the batched matmul the combine replaced read it.
+        w = tl.load(w_ptr + token * K + k).to(dtype).to(tl.float32)
+        acc += w * tl.load(rows_ptr + (token * K + k) * H + cols, mask=mask, other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
 def _combine_kernel(rows_ptr, w_ptr, y_ptr, H, K: tl.constexpr, BLOCK_H: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = cols < H
     dtype = y_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    for k in tl.static_range(K):
-        # The weight rounds to the activation dtype first, as the batched matmul it replaced read it.
-        w = tl.load(w_ptr + n * K + k).to(dtype).to(tl.float32)
-        acc += w * tl.load(rows_ptr + (n * K + k) * H + cols, mask=mask, other=0.0).to(tl.float32)
+    acc = weighted_rows_sum(rows_ptr, w_ptr, n, cols, mask, H, dtype, K, BLOCK_H)
     tl.store(y_ptr + n * H + cols, acc.to(dtype), mask=mask)
 
 

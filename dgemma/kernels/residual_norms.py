@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dgemma.kernels.fused_moe import weighted_rows_sum
+
 
 @triton.jit
 def _rms(v, D, eps):
@@ -66,10 +68,7 @@ def _layer_output_kernel(h_ptr, dense_ptr, routed_ptr, route_w_ptr, w_dense_ptr,
     if K == 0:
         routed = tl.load(routed_ptr + row + cols, mask=mask, other=0.0).to(tl.float32)
     else:  # the experts' K rows of this token, summed as `fused_moe.combine_triton` sums them
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for k in tl.static_range(K):
-            w = tl.load(route_w_ptr + index.to(tl.int64) * K + k).to(dtype).to(tl.float32)
-            acc += w * tl.load(routed_ptr + (index.to(tl.int64) * K + k) * D + cols, mask=mask, other=0.0).to(tl.float32)
+        acc = weighted_rows_sum(routed_ptr, route_w_ptr, index.to(tl.int64), cols, mask, D, dtype, K, BLOCK)
         routed = acc.to(dtype).to(tl.float32)
     w_dense = tl.load(w_dense_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     w_routed = tl.load(w_routed_ptr + cols, mask=mask, other=0.0).to(tl.float32)
