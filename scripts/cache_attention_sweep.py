@@ -3,6 +3,7 @@ replaces and the one it competes with. Needs a GPU:
 
     python scripts/cache_attention_sweep.py [--quick] [--model-ab]
     python scripts/cache_attention_sweep.py --full [--model-ab]   # full layers at the bench's short caches
+    python scripts/cache_attention_sweep.py --full-dv   # full layers: all 512 output columns in one program
 
 Cases: a canvas (256 queries) on a sliding layer whose cache is a ring of W - 1 + 2048 slots (prefix 4096), batch
 1 and 8: the kernel vs SDPA with a mask over the whole ring (what the model ran before) and vs flash attention over
@@ -150,6 +151,17 @@ def model_ab(tile: dict) -> None:
 def main() -> None:
     quick = "--quick" in sys.argv
     print(torch.cuda.get_device_name(), flush=True)
+    if "--full-dv" in sys.argv:
+        # One program for all 512 output columns computes each score once; two programs of 256 compute it twice.
+        wide = [dict(block_m=bm, block_n=bn, block_d=512, block_dv=512, num_warps=nw, num_stages=ns)
+                for bm, bn, nw, ns in ((64, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 1),
+                                       (64, 16, 8, 3), (32, 32, 4, 2))]
+        for b in (1, 8):
+            for prefix in (1024, 2048):
+                times = full_case(b, wide + [FULL_TILE_FEW_ROWS, FULL_TILE], prefix)
+                for cfg, t in sorted(times.items(), key=lambda kv: kv[1]):
+                    print(f"    {t:.1f} us {cfg}", flush=True)
+        return
     if "--full" in sys.argv:  # full layers at the bench's short caches: whole-head-dim scores vs chunks
         full = [dict(block_m=bm, block_n=bn, block_d=bd, block_dv=dv, num_warps=nw, num_stages=ns)
                 for bm, bn, bd, dv, nw, ns in itertools.product((64, 128), (32, 64), (128, 512), (128, 256), (4, 8),

@@ -9,6 +9,9 @@ average and about half get more, so 128-row tiles stream those experts' weights 
 sweep behind moe_tiles.LARGE_TILES' splits (seconds a size; e.g. --splits --sizes 2048,4096,8192).
 --tails times the tiles in use with each group's last rows in a shorter product (TAIL_M 0/16/32/64), at the
 tiles' programs per expert and one more (e.g. --tails --sizes 1024,2048,4096,8192).
+--large times wider tiles (more output columns per program, fewer re-reads of the gathered rows from L2) and deeper
+pipelines for busier experts, each kernel with the other's tile in use, at the tiles' rows per pass, programs per
+expert and tail (e.g. --large --sizes 2048,4096).
 --fp8 times the kernels on FP8 weights (dgemma.model.fp8) against the same weights in bf16, with a short list of
 FP8 tiles for each kernel (the sweep behind moe_tiles.FP8_*_TILE; e.g. --fp8 --sizes 256,2048).
 """
@@ -74,6 +77,34 @@ def sweep_down(run_fused, n: int) -> None:
             print("  down", t2, "failed", type(exc).__name__)
     for t, tile in sorted(times)[:8]:
         print(f"  down {tile}: {t*1e3:.0f} us (both kernels)", flush=True)
+
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, M_SPLITS or None for the tile's) for --large. gate_up with 64 columns
+# re-reads an expert's gathered rows once per 64 of its 1408 output columns (~1 GB of L2 reads a layer at 2048
+# tokens, as much as its weights); 128 columns halve that at the same registers per thread as down's 256.
+LARGE_GATE_UP_CANDIDATES = [(64, 64, 8, 3, None), (128, 64, 8, 3, None), (128, 64, 8, 2, None), (128, 32, 8, 4, None),
+                            (128, 32, 8, 5, None), (128, 64, 8, 3, 3), (64, 128, 8, 3, None), (128, 128, 8, 2, None)]
+LARGE_DOWN_CANDIDATES = [(256, 64, 8, 4, None), (256, 32, 8, 6, None), (256, 64, 8, 3, None), (256, 128, 8, 2, None),
+                         (128, 64, 4, 3, None), (128, 128, 8, 3, None), (256, 64, 8, 4, 3), (128, 64, 8, 4, None)]
+
+
+def sweep_large(run_fused, n: int) -> None:
+    """Each kernel's candidates with the other kernel's tile in use; the rest of the tile (rows per pass, programs per
+    expert, tail) as moe_tiles gives it for this load."""
+    gate_up, down = tiles_for(n * K, E)
+    for label, base, candidates in (("gate_up", gate_up, LARGE_GATE_UP_CANDIDATES),
+                                    ("down", down, LARGE_DOWN_CANDIDATES)):
+        times = []
+        for bn, bk, nw, ns, splits in candidates:
+            tile = dict(base, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns,
+                        M_SPLITS=splits or base.get("M_SPLITS", 1))
+            pair = (tile, down) if label == "gate_up" else (gate_up, tile)
+            try:
+                times.append((bench(lambda: run_fused(*pair)), str(tile)))
+            except Exception as exc:  # out of shared memory or registers
+                print(f"  {label}", tile, "failed", type(exc).__name__, flush=True)
+        for t, tile in sorted(times):
+            print(f"  {label} {tile}: {t*1e3:.0f} us (both kernels)", flush=True)
 
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, SWAP_AB): one-byte weights want about twice the K of the bf16 tiles per
@@ -168,6 +199,7 @@ def main() -> None:
     p.add_argument("--splits", action="store_true", help="time rows per pass x programs per expert only")
     p.add_argument("--tails", action="store_true", help="time tail passes (TAIL_M) with the tiles in use only")
     p.add_argument("--down", action="store_true", help="sweep the down kernel's tiles only (light loads)")
+    p.add_argument("--large", action="store_true", help="wider tiles and deeper pipelines for busier experts only")
     p.add_argument("--fp8", action="store_true", help="FP8 weights against bf16, and a short FP8 tile sweep")
     p.add_argument("--best-out", default=None, help="with --fp8: write each size's best tiles to this JSON file")
     p.add_argument("--sizes", default="256,512,1024,2048", help="token counts (x top-8 assignments)")
@@ -209,7 +241,9 @@ def main() -> None:
             sweep_down(run_fused, n)
         if args.tails:
             sweep_tails(run_fused, n)
-        if args.quick or args.splits or args.down or args.tails:
+        if args.large:
+            sweep_large(run_fused, n)
+        if args.quick or args.splits or args.down or args.tails or args.large:
             continue
         # Tiles are swept per size, rows per pass (BLOCK_M) included: busier experts want taller tiles.
         best = (t_f, None)

@@ -20,6 +20,10 @@ DOWN_TILE = dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
 # At 1024 tokens splitting changed nothing (510 vs 514 us on an H200). Outputs are the same bits for any M_SPLITS.
 # 8192 tokens again with tail passes (`--tails`, one H100, 2026-12-07): M_SPLITS 5 2198 us vs 2369 for 4, and
 # 2170 us with TAIL_ROWS 32.
+# Wider or deeper tiles for these loads, `--large --sizes 2048,4096` (one H100, 2026-12-07, both kernels; the tiles
+# below 779 / 1168 us): gate_up with 128 output columns (half the re-reads of each expert's gathered rows from L2)
+# 836 / 1228 us, with BLOCK_K 32 and 4-5 stages 953 / 1325 us; down with BLOCK_K 32 and 6 stages 861 / 1246 us,
+# 128 columns with 4 warps 845 / 1324 us, a third program per expert 778 / 1168 us. None kept.
 # (max mean assignments per expert, gate_up tile, down tile), first match wins.
 LARGE_TILES = (
     (64, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
