@@ -29,6 +29,7 @@ KINDS = [  # first match wins: (label, substrings of the kernel name)
     ("norms, RoPE, residual", ("residual", "layer_output", "norm", "rope")),
     ("sampler", ("sample",)),
     ("attention: other (sdpa, bmm, softmax)", ("fmha", "cudnn", "softmax", "attention")),
+    ("dense GEMVs (few rows, Triton)", ("gemv",)),
     ("dense GEMMs (cuBLAS)", ("gemm", "sm90", "cutlass", "nvjet", "xmma")),
 ]
 

@@ -228,6 +228,65 @@ def test_folds_into_the_output_kernel_change_no_result_on_gpu(monkeypatch):
     assert folded_tokens == tokens
 
 
+def test_programmatic_dependent_launch_changes_no_result_on_gpu(monkeypatch):
+    """PDL (`dgemma.kernels.launch`) only lets a kernel's programs start before the kernel ahead of it ends, and each
+    waits for that kernel's writes before it reads or stores anything: on a slice of the released shapes, bf16
+    logits and KV cache (eager), a graphed engine's tokens and graphed autoregressive tokens are bit-identical with
+    PDL on and off. A kernel that read before its wait would race and show here as differing bits."""
+    from dgemma.engine.autoregressive import generate_ar
+    from dgemma.engine.engine import Engine
+    from dgemma.engine.request import Request
+    from dgemma.engine.scheduler import SchedulerConfig
+    from dgemma.kernels import launch
+    from dgemma.sampling.params import SamplingParams
+
+    config = replace(preset("26b-a4b"), layer_types=[SLIDING, FULL, SLIDING])
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, config.vocab_size, (1, 300), generator=gen)
+    canvas = torch.randint(0, config.vocab_size, (1, config.canvas_length), generator=gen)
+    soft_logits = 3 * torch.randn(1, config.canvas_length, config.vocab_size, generator=gen)
+    model = build_random_model(config, "bfloat16", "cuda", seed=1, scale=InitScale(embed_std=0.02, perturb=0.1))
+    model.prepare_inference()
+    params = SamplingParams(max_new_tokens=512, max_denoising_steps=4, ignore_eos=True, adaptive_stopping=False)
+    results = []
+    for pdl in (False, True):
+        monkeypatch.setattr(launch, "PDL", pdl)
+        engine = Engine(model, SchedulerConfig(max_num_seqs=2, max_model_len=1024, canvas_length=256))
+        reqs = [Request(str(i), list(range(5 + i, 305 + 9 * i)), params.with_overrides(seed=i)) for i in range(2)]
+        for r in reqs:
+            engine.add_request(r)
+        while engine.has_work:
+            engine.step()
+        ar = generate_ar(model, [list(range(7, 307)), list(range(11, 200))], 48, ignore_eos=True)
+        results.append((*run(model, prompt, canvas, soft_logits), [r.output_ids for r in reqs],
+                        [r.token_ids for r in ar]))
+    (cache, logits, tokens, ar_tokens), (pdl_cache, pdl_logits, pdl_tokens, pdl_ar_tokens) = results
+    assert torch.equal(pdl_logits, logits)
+    assert all(torch.equal(a, b) for a, b in zip(pdl_cache.keys + pdl_cache.values, cache.keys + cache.values))
+    assert pdl_tokens == tokens
+    assert pdl_ar_tokens == ar_tokens and all(len(t) == 48 for t in ar_tokens)
+
+
+def test_few_row_products_match_f_linear_in_bf16_on_gpu():
+    """`dgemma.kernels.gemv` on every dense shape of an autoregressive token of the released model, 1 and 4 rows:
+    float32 sums of the same bf16 products as F.linear in another order, so the outputs differ by the final bf16
+    rounding (relative L2 ~ 2^-9 / sqrt(3)) and no more; a wrong row, chunk or stride gives errors of order 1."""
+    import torch.nn.functional as F
+
+    from dgemma.kernels.gemv import gemv_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for n, k in [(8192, 2816), (9216, 2816), (2816, 4096), (2816, 8192), (4224, 2816), (2816, 2112), (128, 2816),
+                 (262144, 2816)]:
+        w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+        for rows in (1, 4):
+            x = torch.randn(rows, k, device="cuda", generator=gen).to(torch.bfloat16)
+            want = F.linear(x.float(), w.float())
+            got = gemv_triton(x, w)
+            assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+            assert rel_err(got.float(), want) < 2e-3, (n, k, rows)
+
+
 def test_fused_norm_rope_matches_torch_on_gpu():
     """The kernel rounds the rotation once where the eager path rounds three times, and its normalised value may
     differ by one rounding: errors stay within a few bf16 ulps of the largest normalised value (a wrong rotation

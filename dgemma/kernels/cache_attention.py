@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dgemma.kernels.launch import launch
+from dgemma.kernels.launch import launch, pdl_options, wait_for_inputs
 
 
 @triton.jit
@@ -66,7 +66,8 @@ def _attend_tile(n0, q_all, q_rows, r_ok, start, end, block_end, k_base, v_base,
 def _cache_attention_kernel(q_ptr, k_ptr, v_ptr, rows_ptr, start_ptr, end_ptr, out_ptr, part_ptr, stats_ptr, T,
                             HQ, HKV, G, k_row_stride, ring, D: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                            HAS_START: tl.constexpr, RING: tl.constexpr, SPLITS: tl.constexpr):
+                            HAS_START: tl.constexpr, RING: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     pid_bh = tl.program_id(0)
     b = pid_bh // HKV
     kv = pid_bh - b * HKV
@@ -123,7 +124,8 @@ def _cache_attention_kernel(q_ptr, k_ptr, v_ptr, rows_ptr, start_ptr, end_ptr, o
 
 @triton.jit
 def _merge_splits_kernel(part_ptr, stats_ptr, out_ptr, D: tl.constexpr, SPLITS: tl.constexpr,
-                         BLOCK_DV: tl.constexpr):
+                         BLOCK_DV: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     # One (row, token, head) and one block of D: the softmax over all keys from each slice's max m, sum l and
     # unnormalised output, rescaled to the largest max (an empty slice has m = -inf and contributes nothing).
     query = tl.program_id(0).to(tl.int64)
@@ -145,7 +147,10 @@ def _merge_splits_kernel(part_ptr, stats_ptr, out_ptr, D: tl.constexpr, SPLITS: 
 # full layout: 45.6 + 150.2 us). Full layers (head_dim 512), `--full`, 64 tiles at batch 1 and 8 over 1024- and
 # 2048-token prefixes: scores as one product over the whole head_dim win everywhere; the best summed over the four
 # cases, 105.3 + 174.7 + 423.2 + 715.7 us (the two batched matmuls: 229.0 + 387.2 + 1416.0 + 2575.3 us). At batch
-# 1 its 128-row tiles leave SMs idle (64 programs): 64-row tiles took 64.0 and 104.4 us there.
+# 1 its 128-row tiles leave SMs idle (64 programs): 64-row tiles took 64.0 and 104.4 us there. One program for all
+# 512 output columns (scores computed once instead of twice; `--full-dv`, one H100, 2026-12-07) lost everywhere: at
+# batch 8 over 1024 / 2048 positions 516 / 901 us against 427 / 725 us, at batch 1 133 / 223 against 68 / 101 us
+# (its [rows, 512] float32 accumulator leaves too few registers).
 SLIDING_TILE = dict(block_m=128, block_n=64, block_d=64, block_dv=256, num_warps=8, num_stages=2)
 FULL_TILE = dict(block_m=128, block_n=32, block_d=512, block_dv=256, num_warps=8, num_stages=2)
 FULL_TILE_FEW_ROWS = dict(block_m=64, block_n=32, block_d=512, block_dv=256, num_warps=4, num_stages=3)
@@ -214,9 +219,10 @@ def cache_attention_triton(
     launch(_cache_attention_kernel, grid, blocks, ("BLOCK_D", "BLOCK_DV", "BLOCK_M", "BLOCK_N"),
            q, keys, values, rows, key_start.contiguous() if key_start is not None else key_end, key_end, out,
            part, stats, t, hq, hkv, g, keys.stride(0), ring or 1, D=d, HAS_START=key_start is not None,
-           RING=ring is not None, SPLITS=splits)
+           RING=ring is not None, SPLITS=splits, **pdl_options(q.device, b * t))
     if splits > 1:
         merge_dv = max(16, min(d, 8192 // splits))  # at most 64 float32 partials per thread of 4 warps
         _merge_splits_kernel[(b * t * hq, triton.cdiv(d, merge_dv))](part, stats, out, D=d, SPLITS=splits,
-                                                                     BLOCK_DV=merge_dv, num_warps=4)
+                                                                     BLOCK_DV=merge_dv, num_warps=4,
+                                                                     **pdl_options(q.device, b * t))
     return out

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from dgemma.kernels.gated_gelu import gelu_tanh as _gelu_tanh
-from dgemma.kernels.launch import launch
+from dgemma.kernels.launch import launch, pdl_options, wait_for_inputs
 from dgemma.kernels.moe_tiles import tiles_for
 from dgemma.kernels.routing import group_by_expert_triton
 
@@ -119,7 +119,9 @@ def _gate_up_pass(m0, end, x_ptr, token_ptr, w_gate, w_up, w_n_mask, scale_ptr, 
 @triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, scale_ptr, token_ptr, ends_ptr, out_ptr, H, I, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                    M_SPLITS: tl.constexpr, SCALED: tl.constexpr, SWAP_AB: tl.constexpr, TAIL_M: tl.constexpr):
+                    M_SPLITS: tl.constexpr, SCALED: tl.constexpr, SWAP_AB: tl.constexpr, TAIL_M: tl.constexpr,
+                    PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     split = tl.program_id(0)
     e = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -186,7 +188,9 @@ def _down_pass(m0, end, h_ptr, w_ptrs, w_n_mask, scale_ptr, e, dest_ptr, offs_n,
 @triton.jit
 def _down_kernel(h_ptr, w_ptr, scale_ptr, dest_ptr, ends_ptr, out_ptr, H, I, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                 M_SPLITS: tl.constexpr, SCALED: tl.constexpr, SWAP_AB: tl.constexpr, TAIL_M: tl.constexpr):
+                 M_SPLITS: tl.constexpr, SCALED: tl.constexpr, SWAP_AB: tl.constexpr, TAIL_M: tl.constexpr,
+                 PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     split = tl.program_id(0)
     e = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -229,7 +233,8 @@ def weighted_rows_sum(rows_ptr, w_ptr, token, cols, mask, H, dtype: tl.constexpr
 
 
 @triton.jit
-def _combine_kernel(rows_ptr, w_ptr, y_ptr, H, K: tl.constexpr, BLOCK_H: tl.constexpr):
+def _combine_kernel(rows_ptr, w_ptr, y_ptr, H, K: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     n = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = cols < H
@@ -250,7 +255,7 @@ def combine_triton(
     y = torch.empty((n_tokens, hidden), dtype=rows.dtype, device=rows.device)
     block_h = min(1024, triton.next_power_of_2(hidden))
     _combine_kernel[(n_tokens, triton.cdiv(hidden, block_h))](rows, weights.contiguous(), y, hidden, K=k,
-                                                              BLOCK_H=block_h)
+                                                              BLOCK_H=block_h, **pdl_options(rows.device, n_tokens))
     return y
 
 
@@ -300,13 +305,13 @@ def _grouped_rows(
                      **_fit(tile_gate_up or default_gate_up, inter, hidden)})
     launch(_gate_up_kernel, lambda t: (t["M_SPLITS"], num_experts, triton.cdiv(inter, t["BLOCK_N"])), t1, TILE_BLOCKS,
            x, gate_up, gate_up_scale, token_of, ends, hidden_act, hidden, inter, SCALED=scaled,
-           EVEN_N=inter % t1["BLOCK_N"] == 0, EVEN_K=hidden % t1["BLOCK_K"] == 0)
+           EVEN_N=inter % t1["BLOCK_N"] == 0, EVEN_K=hidden % t1["BLOCK_K"] == 0, **pdl_options(x.device, len(x)))
     out = torch.empty((assignments, hidden), dtype=x.dtype, device=x.device)  # token-major
     t2 = _with_tail({"BLOCK_M": block_m, "M_SPLITS": 1, "SWAP_AB": False, "TAIL_M": 0,
                      **_fit(tile_down or default_down, hidden, inter)})
     launch(_down_kernel, lambda t: (t["M_SPLITS"], num_experts, triton.cdiv(hidden, t["BLOCK_N"])), t2, TILE_BLOCKS,
            hidden_act, down, down_scale, order, ends, out, hidden, inter, SCALED=scaled,
-           EVEN_N=hidden % t2["BLOCK_N"] == 0, EVEN_K=inter % t2["BLOCK_K"] == 0)
+           EVEN_N=hidden % t2["BLOCK_N"] == 0, EVEN_K=inter % t2["BLOCK_K"] == 0, **pdl_options(x.device, len(x)))
     return out
 
 

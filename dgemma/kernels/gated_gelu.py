@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dgemma.kernels.launch import pdl_options, wait_for_inputs
 from dgemma.kernels.tanh import INTERPRETED, tanh
 
 
@@ -22,7 +23,8 @@ def gelu_tanh(x, LIBDEVICE: tl.constexpr = False):
 
 
 @triton.jit
-def _gelu_mul_kernel(x_ptr, out_ptr, I, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
+def _gelu_mul_kernel(x_ptr, out_ptr, I, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < I
@@ -42,5 +44,6 @@ def gelu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     flat = gate_up.view(-1, two_i)
     out = torch.empty((flat.shape[0], i), dtype=gate_up.dtype, device=gate_up.device)
     block = min(1024, triton.next_power_of_2(i))
-    _gelu_mul_kernel[(flat.shape[0], triton.cdiv(i, block))](flat, out, i, LIBDEVICE=not INTERPRETED, BLOCK=block)
+    _gelu_mul_kernel[(flat.shape[0], triton.cdiv(i, block))](flat, out, i, LIBDEVICE=not INTERPRETED, BLOCK=block,
+                                                            **pdl_options(out.device, flat.shape[0]))
     return out.view(*gate_up.shape[:-1], i)

@@ -6,14 +6,24 @@ with Triton's OutOfResources. `launch` then tries smaller tiles, fewer pipeline 
 sizes, and remembers the first that fits for that kernel, tile and device: later calls, and the CUDA graphs that
 capture them, launch it directly. Every tile computes the same function (blocks only split the same loops), so
 nothing but speed changes.
+
+It also holds the one switch of programmatic dependent launch (PDL, Hopper and later): a kernel launched with
+`pdl_options` may have its programs scheduled while the kernel before it on the stream finishes, and waits in
+`wait_for_inputs` until that kernel's writes are visible. An autoregressive token runs ~20 small kernels a layer
+back to back; each otherwise pays its launch and ramp after the previous one has drained (measured in
+`scripts/pdl_probe.py`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator
 
 import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.runtime.errors import OutOfResources
 
 log = logging.getLogger(__name__)
@@ -67,3 +77,38 @@ def launch(kernel, grid: Callable[[dict], tuple], tile: dict, blocks: tuple[str,
         _FITTED[key] = candidate
         return candidate
     raise first_error
+
+
+# Programmatic dependent launch for the kernels that take `pdl_options` (False: plain launches, for A/Bs), in
+# forwards of at most PDL_MAX_ROWS tokens. Read at launch time: a CUDA graph keeps what was on when captured.
+# `python scripts/flags_ab.py`, one H100, one process, two rounds (2026-12-07), PDL at every size: AR 241.8 / 241.7
+# -> 256.7 / 256.9 tok/s (with the few-row products), step b1 21.94 / 22.03 -> 21.89 / 21.88 ms, but b8 53.55 /
+# 53.42 -> 54.31 / 54.51 ms: there the next kernel's waiting programs hold SMs that the side stream's dense MLP
+# would use. Hence the row limit: a batch-1 canvas (256 rows) and decoded tokens, not larger batches.
+PDL = True
+PDL_MAX_ROWS = 256
+
+
+@functools.cache
+def _pdl_capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+def pdl_options(device: torch.device, rows: int) -> dict:
+    """The PDL constant and launch option of a kernel whose first statement is `wait_for_inputs(PDL)`, for a call
+    over `rows` tokens: on for CUDA devices of compute capability 9.0 and later (while `PDL`, up to PDL_MAX_ROWS
+    rows), off elsewhere (the Triton interpreter included)."""
+    if not (PDL and rows <= PDL_MAX_ROWS and device.type == "cuda"):
+        return {"PDL": False}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return {"PDL": True, "launch_pdl": True} if _pdl_capable(index) else {"PDL": False}
+
+
+@triton.jit
+def wait_for_inputs(PDL: tl.constexpr):
+    """A PDL kernel's first statement: let the next kernel's programs be scheduled, then wait until every write of
+    the kernel before has landed. Nothing may read another kernel's output or store before it (a store could
+    overwrite what the previous kernel still reads)."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()

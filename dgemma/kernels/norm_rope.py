@@ -19,11 +19,14 @@ import torch
 import triton
 import triton.language as tl
 
+from dgemma.kernels.launch import pdl_options, wait_for_inputs
+
 
 @triton.jit
 def _norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rows_ptr, slots_ptr, heads, token_stride, tokens,
                       cache_row_stride, eps, D: tl.constexpr, HALF: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                      ROPE: tl.constexpr, TO_CACHE: tl.constexpr):
+                      ROPE: tl.constexpr, TO_CACHE: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)  # one (token, head) row of D values
     token = row // heads
     head = row - token * heads
@@ -99,5 +102,6 @@ def norm_rope_triton(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Te
     _norm_rope_kernel[(b * t * heads,)](x, weight if weight is not None else x, cos if rope else x,
                                         sin if rope else x, out, rows, slots, heads, x.stride(1), t,
                                         out.stride(0), eps, D=d, HALF=d // 2, HAS_WEIGHT=weight is not None,
-                                        ROPE=rope, TO_CACHE=into is not None, num_warps=2 if d <= 256 else 4)
+                                        ROPE=rope, TO_CACHE=into is not None, num_warps=2 if d <= 256 else 4,
+                                        **pdl_options(x.device, b * t))
     return out if into is None else None

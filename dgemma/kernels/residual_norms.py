@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from dgemma.kernels.fused_moe import weighted_rows_sum
+from dgemma.kernels.launch import pdl_options, wait_for_inputs
 
 
 @triton.jit
@@ -34,7 +35,8 @@ def _rms(v, D, eps):
 @triton.jit
 def _attention_residual_kernel(x_ptr, attn_ptr, w_post_ptr, w_dense_ptr, w_experts_ptr, router_scale_ptr,
                                h_ptr, dense_ptr, router_ptr, experts_ptr, D, eps, router_factor,
-                               BLOCK: tl.constexpr):
+                               BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64) * D
     cols = tl.arange(0, BLOCK)
     mask = cols < D
@@ -58,7 +60,8 @@ def _attention_residual_kernel(x_ptr, attn_ptr, w_post_ptr, w_dense_ptr, w_exper
 @triton.jit
 def _layer_output_kernel(h_ptr, dense_ptr, routed_ptr, route_w_ptr, w_dense_ptr, w_routed_ptr, w_out_ptr, scalar_ptr,
                          out_ptr, w_next_ptr, next_ptr, D, eps, tokens_per_scalar, K: tl.constexpr,
-                         NEXT: tl.constexpr, BLOCK: tl.constexpr):
+                         NEXT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     index = tl.program_id(0)
     row = index.to(tl.int64) * D
     cols = tl.arange(0, BLOCK)
@@ -90,9 +93,9 @@ def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
     return flat if flat.is_contiguous() else flat.contiguous()
 
 
-def _launch_options(d: int) -> dict:
+def _launch_options(d: int, device: torch.device, rows: int) -> dict:
     block = triton.next_power_of_2(d)
-    return {"BLOCK": block, "num_warps": 4 if block <= 1024 else 8}
+    return {"BLOCK": block, "num_warps": 4 if block <= 1024 else 8, **pdl_options(device, rows)}
 
 
 def attention_residual_triton(
@@ -119,7 +122,7 @@ def attention_residual_triton(
     h, dense, router, experts = (torch.empty_like(xs) for _ in range(4))
     _attention_residual_kernel[(xs.shape[0],)](xs, attns, w_post_attn, w_dense, w_experts, router_scale,
                                                h, dense, router, experts, d, eps, router_factor,
-                                               **_launch_options(d))
+                                               **_launch_options(d, x.device, xs.shape[0]))
     return h.view(x.shape), dense.view(x.shape), router.view(x.shape), experts.view(x.shape)
 
 
@@ -165,7 +168,7 @@ def layer_output_triton(
     _layer_output_kernel[(hs.shape[0],)](hs, _rows(dense, d), _rows(routed, d), route_w, w_dense, w_routed, w_out,
                                          scalar.reshape(-1).contiguous(), out,
                                          w_next if w_next is not None else w_out, normed, d, eps, scalar.numel(),
-                                         K=k, NEXT=w_next is not None, **_launch_options(d))
+                                         K=k, NEXT=w_next is not None, **_launch_options(d, h.device, hs.shape[0]))
     if w_next is None:
         return out.view(h.shape)
     return out.view(h.shape), normed.view(h.shape)

@@ -10,10 +10,13 @@ import torch
 import triton
 import triton.language as tl
 
+from dgemma.kernels.launch import pdl_options, wait_for_inputs
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, stride_x, stride_out, eps, HAS_WEIGHT: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < D
@@ -38,6 +41,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float) ->
     _rms_norm_kernel[(flat.shape[0],)](
         flat, weight if weight is not None else flat, out, d, flat.stride(0), out.stride(0), eps,
         HAS_WEIGHT=weight is not None, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+        **pdl_options(x.device, flat.shape[0]),
     )
     return out.view(x.shape)
 

@@ -18,10 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
+from dgemma.kernels.launch import pdl_options, wait_for_inputs
+
 
 @triton.jit
 def _route_top_k_kernel(logits_ptr, scale_ptr, weights_ptr, experts_ptr, E, K: tl.constexpr,
-                        BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     ids = tl.arange(0, BLOCK_E)
     valid = ids < E
@@ -46,7 +49,8 @@ def _route_top_k_kernel(logits_ptr, scale_ptr, weights_ptr, experts_ptr, E, K: t
 
 
 @triton.jit
-def _group_by_expert_kernel(experts_ptr, order_ptr, token_ptr, ends_ptr, M, K, BLOCK: tl.constexpr):
+def _group_by_expert_kernel(experts_ptr, order_ptr, token_ptr, ends_ptr, M, K, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     e = tl.program_id(0)
     before = 0
     for m0 in range(0, M, BLOCK):
@@ -80,7 +84,8 @@ def route_top_k(
     experts = torch.empty((n, k), dtype=torch.int64, device=logits.device)
     block_e = triton.next_power_of_2(e)
     _route_top_k_kernel[(n,)](logits, per_expert_scale, weights, experts, e, K=k, BLOCK_E=block_e,
-                              BLOCK_K=triton.next_power_of_2(k), num_warps=1 if block_e <= 256 else 4)
+                              BLOCK_K=triton.next_power_of_2(k), num_warps=1 if block_e <= 256 else 4,
+                              **pdl_options(logits.device, n))
     return weights, experts
 
 
@@ -95,5 +100,5 @@ def group_by_expert_triton(experts: torch.Tensor, num_experts: int) -> tuple[tor
     ends = torch.empty(num_experts, dtype=torch.int32, device=experts.device)
     block = min(4096, max(16, triton.next_power_of_2(m)))
     _group_by_expert_kernel[(num_experts,)](flat, order, token_of, ends, m, k, BLOCK=block,
-                                            num_warps=4 if block <= 1024 else 8)
+                                            num_warps=4 if block <= 1024 else 8, **pdl_options(experts.device, n))
     return order, token_of, ends

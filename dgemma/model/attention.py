@@ -20,6 +20,7 @@ from dgemma.model.kv_cache import KVCache, ring_positions
 from dgemma.model.side_stream import SideStream
 from dgemma.model.layers import (
     RMSNorm,
+    linear,
     norm_heads,
     norm_rope,
     pack_linears,
@@ -230,13 +231,20 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         d, hkv = self.spec.head_dim, self.spec.num_kv_heads
         if still_packed(self.packed, self._projections()):
-            parts = F.linear(x, self.packed).split([p.weight.shape[0] for p in self._projections()], dim=-1)
+            sizes = [p.weight.shape[0] for p in self._projections()]
+            parts = linear(x, self.packed, self.kernel_devices).split(sizes, dim=-1)
             q_raw, k_raw = parts[0].view(b, t, self.num_heads, d), parts[1].view(b, t, hkv, d)
             v_raw = parts[2].view(b, t, hkv, d) if self.v_proj is not None else k_raw
             return q_raw, k_raw, v_raw
-        q_raw = self.q_proj(x).view(b, t, self.num_heads, d)
-        k_raw = self.k_proj(x).view(b, t, hkv, d)
-        return q_raw, k_raw, self.v_proj(x).view(b, t, hkv, d) if self.v_proj is not None else k_raw
+        q_raw = linear(x, self.q_proj.weight, self.kernel_devices).view(b, t, self.num_heads, d)
+        k_raw = linear(x, self.k_proj.weight, self.kernel_devices).view(b, t, hkv, d)
+        if self.v_proj is None:
+            return q_raw, k_raw, k_raw
+        return q_raw, k_raw, linear(x, self.v_proj.weight, self.kernel_devices).view(b, t, hkv, d)
+
+    def project_out(self, out: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs [B, T, Hq * D] -> [B, T, H]."""
+        return linear(out, self.o_proj.weight, self.kernel_devices)
 
     def forward(
         self,
@@ -263,26 +271,26 @@ class Attention(nn.Module):
         keys, values = cache.keys[layer], cache.values[layer]  # [rows, slots + 1, Hkv, D]
         if use_canvas_attention(q, batch, kind, cache, self.kernel_devices):
             out = canvas_attention(q, keys, values, *batch.flash_bounds(keys.shape[1]))  # [B, T, Hq, D]
-            return self.o_proj(out.reshape(b, t, self.num_heads * d))
+            return self.project_out(out.reshape(b, t, self.num_heads * d))
         if use_cache_attention(q, batch, kind, cache, self.kernel_devices):
             from dgemma.kernels.cache_attention import cache_attention_triton  # no mask over the whole ring
 
             sliding = kind == SLIDING  # a window (on a ring: position p in slot p % S); full layers: all before
             out = cache_attention_triton(q, keys, values, batch.rows, batch.key_start if sliding else None,
                                          batch.key_end, cache.sliding_slots if sliding and cache.ring else None)
-            return self.o_proj(out.reshape(b, t, self.num_heads * d))
+            return self.project_out(out.reshape(b, t, self.num_heads * d))
         keys, values = read_slots(keys, batch, kind, cache), read_slots(values, batch, kind, cache)
 
         mask = batch.masks[kind]
         if q.is_cuda and d > 256:
             # No fused kernel takes head_dim 512 (full layers); SDPA would fall back to float32 math.
-            return self.o_proj(grouped_attention(q, keys, values, mask).reshape(b, t, self.num_heads * d))
+            return self.project_out(grouped_attention(q, keys, values, mask).reshape(b, t, self.num_heads * d))
         # Gemma 4 attention has scale 1.0: q and k are RMS-normalised instead of scaled by 1/sqrt(d).
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
             attn_mask=mask, scale=1.0, enable_gqa=True,
         )  # [B, Hq, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * d))
+        return self.project_out(out.transpose(1, 2).reshape(b, t, self.num_heads * d))
 
     def write_kv(self, k_raw: torch.Tensor, v_raw: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  batch: AttentionBatch, kind: str, cache: KVCache, layer: int) -> None:

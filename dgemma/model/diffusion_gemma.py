@@ -20,7 +20,7 @@ from torch import nn
 from dgemma.config import FULL, SLIDING, ModelConfig
 from dgemma.model.attention import Attention, AttentionBatch
 from dgemma.model.kv_cache import KVCache
-from dgemma.model.layers import GatedMLP, RMSNorm, rms_norm, rope_cos_sin, rope_inv_freq
+from dgemma.model.layers import GatedMLP, RMSNorm, linear, rms_norm, rope_cos_sin, rope_inv_freq
 from dgemma.model.moe import Experts, Router
 from dgemma.model.side_stream import SideStream
 
@@ -165,6 +165,7 @@ class DiffusionGemma(nn.Module):
         self.self_conditioning = SelfConditioning(config)
         self.encoder_layer_scalars = nn.Parameter(torch.ones(config.num_layers))
         self.embed_scale = math.sqrt(config.hidden_size)
+        self.kernel_devices: tuple[str, ...] = ("cuda",)  # where the LM head of a few rows runs `linear`'s kernel
         self.reset_buffers(None)
 
     def reset_buffers(self, device: torch.device | None) -> None:
@@ -309,6 +310,6 @@ class DiffusionGemma(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied LM head with final softcapping: hidden [..., H] -> float32 logits [..., V]."""
-        logits = (hidden @ self.embed_tokens.weight.T).float()
+        logits = linear(hidden, self.embed_tokens.weight, self.kernel_devices).float()
         cap = self.config.final_logit_softcapping
         return cap * torch.tanh(logits / cap) if cap else logits

@@ -42,6 +42,32 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
+# Inference products of at most this many rows (autoregressive tokens) run as `dgemma.kernels.gemv` on a kernel
+# device; 0: always F.linear. `python scripts/flags_ab.py`, one H100, one process, two rounds (2026-12-07): AR at
+# batch 1 236.1 / 237.2 -> 241.8 / 241.7 tok/s without PDL, 248.5 / 247.9 -> 256.7 / 256.9 with it.
+GEMV_MAX_ROWS = 4
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, kernel_devices: tuple[str, ...] = ("cuda",)) -> torch.Tensor:
+    """F.linear(x, weight) without bias: x [..., K], weight [N, K] -> [..., N]; a few rows in inference go through
+    the few-row kernel (`use_gemv`)."""
+    if use_gemv(x, weight, kernel_devices):
+        from dgemma.kernels.gemv import gemv_triton  # Triton: imported only where it runs
+
+        return gemv_triton(x, weight)
+    return F.linear(x, weight)
+
+
+def use_gemv(x: torch.Tensor, weight: torch.Tensor, kernel_devices: tuple[str, ...]) -> bool:
+    """Whether `linear` runs `gemv_triton`: at most GEMV_MAX_ROWS rows, inference in a float dtype shared with a
+    contiguous weight, on a kernel device. Shapes, dtypes and flags only: a captured graph keeps the choice."""
+    return (x.numel() <= GEMV_MAX_ROWS * x.shape[-1]
+            and x.device.type in kernel_devices
+            and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and weight.dtype == x.dtype
+            and weight.is_contiguous()
+            and not torch.is_grad_enabled())
+
+
 def pack_linears(linears: list[nn.Linear]) -> torch.Tensor:
     """Inference: the weights of linears that read the same input, concatenated into one [sum(out), in] tensor that
     each linear's weight then views (no second copy). One GEMM over it replaces one per linear: fewer launches, and
@@ -90,15 +116,15 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., H]
         if still_packed(self.packed, [self.gate_proj, self.up_proj]):
-            gate_up = F.linear(x, self.packed)  # [..., 2I]
+            gate_up = linear(x, self.packed, self.kernel_devices)  # [..., 2I]
             if use_gelu_mul_kernel(gate_up, self.kernel_devices):
                 from dgemma.kernels.gated_gelu import gelu_mul_triton  # Triton: imported only where it runs
 
-                return self.down_proj(gelu_mul_triton(gate_up))
+                return linear(gelu_mul_triton(gate_up), self.down_proj.weight, self.kernel_devices)
             gate, up = gate_up.chunk(2, dim=-1)  # [..., I] each
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        return linear(F.gelu(gate, approximate="tanh") * up, self.down_proj.weight, self.kernel_devices)
 
 
 def use_gelu_mul_kernel(gate_up: torch.Tensor, kernel_devices: tuple[str, ...]) -> bool:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dgemma.model.fp8 import FP8, dequantize_rows, fp8_kernel_supported, quantize_rows
-from dgemma.model.layers import rms_norm
+from dgemma.model.layers import linear, rms_norm
 
 
 class Router(nn.Module):
@@ -33,7 +33,7 @@ class Router(nn.Module):
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """z: [N, H] from `normalize` -> weights [N, K] float32, expert ids [N, K]."""
-        logits = self.proj(z)  # [N, E]
+        logits = linear(z, self.proj.weight, self.kernel_devices)  # [N, E]
         if z.device.type in self.kernel_devices and not torch.is_grad_enabled():
             from dgemma.kernels.routing import route_top_k  # one kernel instead of six
 
