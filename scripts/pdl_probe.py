@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from dgemma.bench.measure import graph_us
+
 H, QKV, O_IN, GU, D_IN, LAYERS = 2816, 8192, 4096, 4224, 2112, 8
 
 
@@ -100,27 +102,9 @@ def main() -> None:
         return b["x"].clone()
 
     def timed(variant):
-        out = chain(variant)  # compile, and the result to compare
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            chain(variant)
-        torch.cuda.current_stream().wait_stream(s)
-        with torch.cuda.graph(g):
-            chain(variant)
-        for _ in range(3):
-            g.replay()
-        torch.cuda.synchronize()
-        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(50):
-            g.replay()
-        e.record()
-        torch.cuda.synchronize()
-        replayed = bufs["x"].clone()
-        return a.elapsed_time(e) / 50 / LAYERS * 1e3, out, replayed
+        out = chain(variant)  # compiles, and gives the result to compare
+        us = graph_us(lambda: chain(variant), replays=50) / LAYERS  # a graph of the chain over all 8 layers
+        return us, out, bufs["x"].clone()  # the last replay's result
 
     print(torch.cuda.get_device_name(), f"floor {nbytes / 3.0e6:.1f} us a layer at 3.0 TB/s ({nbytes / 1e6:.1f} MB)")
     base_t, base_out, _ = timed(("cublas",))

@@ -193,39 +193,58 @@ def test_side_stream_changes_no_result_on_gpu():
         del model
 
 
-def test_folds_into_the_output_kernel_change_no_result_on_gpu(monkeypatch):
-    """`FOLD_MOE_COMBINE` and `FOLD_NEXT_NORM`: the layer's output kernel sums the experts' rows as the combine kernel
-    does and applies the next norm as the norm kernel does, so a slice of the released shapes gives bit-identical
-    bf16 logits and KV cache with the folds on and off (eager, and in the graphed engine's tokens)."""
+def results_off_and_on(switch, layer_types: list[str], device: str = "cuda") -> list[dict]:
+    """What a switch must not change, with switch(False) then switch(True), on a slice of the released shapes (bf16,
+    the same random weights): the eager KV cache and logits of one prompt and canvas, a graphed engine's tokens for
+    two requests, and graphed greedy autoregressive tokens for two prompts."""
+    from dgemma.engine.autoregressive import generate_ar
     from dgemma.engine.engine import Engine
     from dgemma.engine.request import Request
     from dgemma.engine.scheduler import SchedulerConfig
-    from dgemma.model import diffusion_gemma
     from dgemma.sampling.params import SamplingParams
 
-    config = replace(preset("26b-a4b"), layer_types=[SLIDING, FULL])
+    config = replace(preset("26b-a4b"), layer_types=layer_types)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, config.vocab_size, (1, 300), generator=gen)
     canvas = torch.randint(0, config.vocab_size, (1, config.canvas_length), generator=gen)
     soft_logits = 3 * torch.randn(1, config.canvas_length, config.vocab_size, generator=gen)
-    model = build_random_model(config, "bfloat16", "cuda", seed=1, scale=InitScale(embed_std=0.02, perturb=0.1))
+    model = build_random_model(config, "bfloat16", device, seed=1, scale=InitScale(embed_std=0.02, perturb=0.1))
     model.prepare_inference()
     params = SamplingParams(max_new_tokens=512, max_denoising_steps=4, ignore_eos=True, adaptive_stopping=False)
     results = []
-    for fold in (False, True):
-        monkeypatch.setattr(diffusion_gemma, "FOLD_MOE_COMBINE", fold)
-        monkeypatch.setattr(diffusion_gemma, "FOLD_NEXT_NORM", fold)
+    for on in (False, True):
+        switch(on)
         engine = Engine(model, SchedulerConfig(max_num_seqs=2, max_model_len=1024, canvas_length=256))
         reqs = [Request(str(i), list(range(5 + i, 305 + 9 * i)), params.with_overrides(seed=i)) for i in range(2)]
         for r in reqs:
             engine.add_request(r)
         while engine.has_work:
             engine.step()
-        results.append((*run(model, prompt, canvas, soft_logits), [r.output_ids for r in reqs]))
-    (cache, logits, tokens), (folded_cache, folded_logits, folded_tokens) = results
-    assert torch.equal(folded_logits, logits)
-    assert all(torch.equal(a, b) for a, b in zip(folded_cache.keys + folded_cache.values, cache.keys + cache.values))
-    assert folded_tokens == tokens
+        cache, logits = run(model, prompt, canvas, soft_logits)
+        ar = generate_ar(model, [list(range(7, 307)), list(range(11, 200))], 48, ignore_eos=True)
+        results.append(dict(cache=cache.keys + cache.values, logits=logits, tokens=[r.output_ids for r in reqs],
+                            ar_tokens=[r.token_ids for r in ar]))
+    return results
+
+
+def assert_bit_identical(off: dict, on: dict) -> None:
+    assert torch.equal(on["logits"], off["logits"])
+    assert all(torch.equal(a, b) for a, b in zip(on["cache"], off["cache"]))
+    assert on["tokens"] == off["tokens"]
+    assert on["ar_tokens"] == off["ar_tokens"] and all(len(t) == 48 for t in off["ar_tokens"])
+
+
+def test_folds_into_the_output_kernel_change_no_result_on_gpu(monkeypatch):
+    """`FOLD_MOE_COMBINE` and `FOLD_NEXT_NORM`: the layer's output kernel sums the experts' rows as the combine kernel
+    does and applies the next norm as the norm kernel does, so a slice of the released shapes gives bit-identical
+    bf16 logits and KV cache with the folds on and off (eager, and in the graphed engine's and AR tokens)."""
+    from dgemma.model import diffusion_gemma
+
+    def fold(on: bool) -> None:
+        monkeypatch.setattr(diffusion_gemma, "FOLD_MOE_COMBINE", on)
+        monkeypatch.setattr(diffusion_gemma, "FOLD_NEXT_NORM", on)
+
+    assert_bit_identical(*results_off_and_on(fold, [SLIDING, FULL]))
 
 
 def test_programmatic_dependent_launch_changes_no_result_on_gpu(monkeypatch):
@@ -233,38 +252,10 @@ def test_programmatic_dependent_launch_changes_no_result_on_gpu(monkeypatch):
     waits for that kernel's writes before it reads or stores anything: on a slice of the released shapes, bf16
     logits and KV cache (eager), a graphed engine's tokens and graphed autoregressive tokens are bit-identical with
     PDL on and off. A kernel that read before its wait would race and show here as differing bits."""
-    from dgemma.engine.autoregressive import generate_ar
-    from dgemma.engine.engine import Engine
-    from dgemma.engine.request import Request
-    from dgemma.engine.scheduler import SchedulerConfig
     from dgemma.kernels import launch
-    from dgemma.sampling.params import SamplingParams
 
-    config = replace(preset("26b-a4b"), layer_types=[SLIDING, FULL, SLIDING])
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, config.vocab_size, (1, 300), generator=gen)
-    canvas = torch.randint(0, config.vocab_size, (1, config.canvas_length), generator=gen)
-    soft_logits = 3 * torch.randn(1, config.canvas_length, config.vocab_size, generator=gen)
-    model = build_random_model(config, "bfloat16", "cuda", seed=1, scale=InitScale(embed_std=0.02, perturb=0.1))
-    model.prepare_inference()
-    params = SamplingParams(max_new_tokens=512, max_denoising_steps=4, ignore_eos=True, adaptive_stopping=False)
-    results = []
-    for pdl in (False, True):
-        monkeypatch.setattr(launch, "PDL", pdl)
-        engine = Engine(model, SchedulerConfig(max_num_seqs=2, max_model_len=1024, canvas_length=256))
-        reqs = [Request(str(i), list(range(5 + i, 305 + 9 * i)), params.with_overrides(seed=i)) for i in range(2)]
-        for r in reqs:
-            engine.add_request(r)
-        while engine.has_work:
-            engine.step()
-        ar = generate_ar(model, [list(range(7, 307)), list(range(11, 200))], 48, ignore_eos=True)
-        results.append((*run(model, prompt, canvas, soft_logits), [r.output_ids for r in reqs],
-                        [r.token_ids for r in ar]))
-    (cache, logits, tokens, ar_tokens), (pdl_cache, pdl_logits, pdl_tokens, pdl_ar_tokens) = results
-    assert torch.equal(pdl_logits, logits)
-    assert all(torch.equal(a, b) for a, b in zip(pdl_cache.keys + pdl_cache.values, cache.keys + cache.values))
-    assert pdl_tokens == tokens
-    assert pdl_ar_tokens == ar_tokens and all(len(t) == 48 for t in ar_tokens)
+    assert_bit_identical(*results_off_and_on(lambda on: monkeypatch.setattr(launch, "PDL", on),
+                                             [SLIDING, FULL, SLIDING]))
 
 
 def test_few_row_products_match_f_linear_in_bf16_on_gpu():
