@@ -41,6 +41,7 @@ def test_linear_without_the_kernel_is_f_linear():
 
 
 def test_the_few_row_kernel_rejects_a_weight_that_does_not_fit():
+    pytest.importorskip("triton")
     from dgemma.kernels.gemv import gemv_triton
 
     with pytest.raises(ValueError, match="contiguous \\[N, 16\\] weight"):
@@ -50,6 +51,7 @@ def test_the_few_row_kernel_rejects_a_weight_that_does_not_fit():
 
 
 def test_launches_on_a_cpu_never_ask_for_programmatic_dependent_launch():
+    pytest.importorskip("triton")
     from dgemma.kernels.launch import pdl_options
 
     assert pdl_options(torch.device("cpu"), 1) == {"PDL": False}
