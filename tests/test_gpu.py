@@ -318,6 +318,27 @@ def test_fused_moe_matches_grouped_mm_on_gpu():
         assert rel_err(got, expected) < 1e-2, (n, h, i, e, k, rel_err(got, expected))
 
 
+def test_fused_moe_with_a_program_per_assignment_matches_the_grouped_kernels_on_gpu(monkeypatch):
+    """`DIRECT_MAX_ASSIGNMENTS` (decoded tokens): 1 and 4 tokens of the released expert shapes, each assignment in its
+    own program, give the grouped kernels' rows. Each row's products are the same instructions whichever rows share
+    its 16-row tile, so they should agree bit for bit; the bound allows one bf16 rounding."""
+    from dgemma.kernels import fused_moe
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    h, i, e, k = 2816, 704, 128, 8
+    gate_up = (torch.randn(e, 2 * i, h, device="cuda", generator=gen) * h**-0.5).to(torch.bfloat16)
+    down = (torch.randn(e, h, i, device="cuda", generator=gen) * i**-0.5).to(torch.bfloat16)
+    for n in (1, 4):
+        x = torch.randn(n, h, device="cuda", generator=gen).to(torch.bfloat16)
+        weights, experts = torch.topk(torch.randn(n, e, device="cuda", generator=gen).softmax(-1), k)
+        experts[1:, :2] = experts[0, :2]  # tokens sharing experts: their weights are read once per assignment
+        monkeypatch.setattr(fused_moe, "DIRECT_MAX_ASSIGNMENTS", 0)
+        grouped = fused_moe.fused_moe_triton(x, weights, experts, gate_up, down, combine=False).float()
+        monkeypatch.setattr(fused_moe, "DIRECT_MAX_ASSIGNMENTS", n * k)
+        direct = fused_moe.fused_moe_triton(x, weights, experts, gate_up, down, combine=False).float()
+        assert rel_err(direct, grouped) < 2**-9, (n, rel_err(direct, grouped))
+
+
 def test_fused_moe_with_fp8_weights_matches_the_dequantized_experts_on_gpu():
     """FP8 weights widened in the kernel and scaled per row compute the dequantized weights' products: within bf16
     rounding of torch._grouped_mm over the dequantized bf16 weights (relative L2 < 1%), for the small-load and the

@@ -190,6 +190,31 @@ def test_interpreted_fused_moe_with_256_row_tiles_split_or_tail_passes_matches_t
 
 
 @interpreted
+@pytest.mark.parametrize("n", [1, 4])  # one decoded token; four whose experts repeat (top-2 of 4)
+def test_interpreted_fused_moe_with_a_program_per_assignment_matches_the_grouped_kernels(n, monkeypatch):
+    """`DIRECT_MAX_ASSIGNMENTS`: decoded tokens' assignments each in their own program, with no grouping, give the
+    rows the grouped kernels give (the same products row by row), unsummed and summed."""
+    from dgemma.kernels import fused_moe
+
+    gen = torch.Generator().manual_seed(n)
+    h, i, e, k = 64, 48, 4, 2
+    x = torch.randn(n, h, generator=gen).half()
+    gate_up = (torch.randn(e, 2 * i, h, generator=gen) * h**-0.5).half()
+    down = (torch.randn(e, h, i, generator=gen) * i**-0.5).half()
+    weights, experts = torch.topk(torch.randn(n, e, generator=gen).softmax(-1), k)
+    grouped = fused_moe.fused_moe_triton(x, weights, experts, gate_up, down, combine=False)
+    calls = []
+    monkeypatch.setattr(fused_moe, "group_by_expert_triton", lambda *a: calls.append(a))  # must not run
+    monkeypatch.setattr(fused_moe, "DIRECT_MAX_ASSIGNMENTS", n * k)
+    direct = fused_moe.fused_moe_triton(x, weights, experts, gate_up, down, combine=False)
+    assert not calls and direct.shape == grouped.shape == (n * k, h)
+    assert rel_err(direct.float(), grouped.float()) < ULPS * torch.finfo(torch.float16).eps
+    expected = experts_loop(x, weights, experts, gate_up, down).float()
+    summed = fused_moe.fused_moe_triton(x, weights, experts, gate_up, down)
+    assert rel_err(summed.float(), expected) < ULPS * torch.finfo(torch.float16).eps
+
+
+@interpreted
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_interpreted_combine_is_the_weighted_sum_of_each_tokens_rows(dtype):
     """Each token's K expert rows, weighted (weights rounded to the activation dtype) and summed in float32."""

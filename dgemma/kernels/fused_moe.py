@@ -8,6 +8,8 @@ gathered copy of the inputs, a separate gelu*up pass and an un-permuting gather.
   with one pass over x, and writes gelu_tanh(gate) * up: [N*K, I] in expert-sorted order.
 - `down` kernel, grid (split, expert, H-tile): multiplies by down_proj and scatters each row straight to its
   token-major slot (token * K + k), so the weighted sum over K needs no gather.
+- With at most `DIRECT_MAX_ASSIGNMENTS` assignments (decoded tokens) the second grid axis is the assignment, not
+  the expert: each program takes one token-major row and the expert the routing chose for it, with no grouping.
 - Both grids have a first axis of M_SPLITS programs (1 by default) that share an expert's tile and take its
   passes of BLOCK_M rows in turn: an expert just over one tile's rows is then read by two programs launched side by
   side (the second read can come from L2) instead of twice by one program in sequence. For tile sweeps.
@@ -75,13 +77,32 @@ def _load_weights(w_ptrs, w_n_mask, k_mask, EVEN_N: tl.constexpr, EVEN_K: tl.con
 
 
 @triton.jit
+def _program_rows(pid, ends_ptr, experts_ptr, DIRECT: tl.constexpr):
+    # (expert, first row, one past the last row) of the program's rows: expert pid's group in the sorted order, or
+    # with DIRECT assignment pid alone (token-major), whose expert the routing chose.
+    if DIRECT:
+        e = tl.load(experts_ptr + pid)
+        start = pid
+        end = pid + 1
+    else:
+        e = pid
+        end = tl.load(ends_ptr + pid)
+        start = tl.load(ends_ptr + pid - 1, mask=pid > 0, other=0)
+    return e, start, end
+
+
+@triton.jit
 def _gate_up_pass(m0, end, x_ptr, token_ptr, w_gate, w_up, w_n_mask, scale_ptr, e, offs_n, n_mask, offs_k, out_ptr,
-                  H, I, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
-                  EVEN_K: tl.constexpr, SCALED: tl.constexpr, SWAP_AB: tl.constexpr):
+                  H, I, K_ROUTE, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SCALED: tl.constexpr, SWAP_AB: tl.constexpr,
+                  DIRECT: tl.constexpr):
     # Rows [m0, m0 + BLOCK_M) of expert e's group (those below `end`) times one gate and one up tile.
     rows = m0 + tl.arange(0, BLOCK_M)
     r_mask = rows < end
-    tokens = tl.load(token_ptr + rows, mask=r_mask, other=0).to(tl.int64)
+    if DIRECT:  # rows are token-major assignments (token * K_ROUTE + k): no grouping
+        tokens = (rows // K_ROUTE).to(tl.int64)
+    else:
+        tokens = tl.load(token_ptr + rows, mask=r_mask, other=0).to(tl.int64)
     a_ptrs = x_ptr + tokens[:, None] * H + offs_k[None, :]
     dtype = out_ptr.dtype.element_ty
     if SWAP_AB:  # accumulate the transposed product, [BLOCK_N, BLOCK_M]
@@ -117,16 +138,14 @@ def _gate_up_pass(m0, end, x_ptr, token_ptr, w_gate, w_up, w_n_mask, scale_ptr, 
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w_ptr, scale_ptr, token_ptr, ends_ptr, out_ptr, H, I, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                    M_SPLITS: tl.constexpr, SCALED: tl.constexpr, SWAP_AB: tl.constexpr, TAIL_M: tl.constexpr,
-                    PDL: tl.constexpr):
+def _gate_up_kernel(x_ptr, w_ptr, scale_ptr, token_ptr, ends_ptr, experts_ptr, out_ptr, H, I, K_ROUTE,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
+                    EVEN_K: tl.constexpr, M_SPLITS: tl.constexpr, SCALED: tl.constexpr, SWAP_AB: tl.constexpr,
+                    TAIL_M: tl.constexpr, DIRECT: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
     split = tl.program_id(0)
-    e = tl.program_id(1)
     pid_n = tl.program_id(2)
-    end = tl.load(ends_ptr + e)
-    start = tl.load(ends_ptr + e - 1, mask=e > 0, other=0)
+    e, start, end = _program_rows(tl.program_id(1), ends_ptr, experts_ptr, DIRECT)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < I
@@ -144,19 +163,21 @@ def _gate_up_kernel(x_ptr, w_ptr, scale_ptr, token_ptr, ends_ptr, out_ptr, H, I,
         if TAIL_M > 0:
             if end - m0 <= TAIL_M:  # the group's last few rows: a shorter product wastes less
                 _gate_up_pass(m0, end, x_ptr, token_ptr, w_gate, w_up, w_n_mask, scale_ptr, e, offs_n, n_mask,
-                              offs_k, out_ptr, H, I, TAIL_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, SCALED, SWAP_AB)
+                              offs_k, out_ptr, H, I, K_ROUTE, TAIL_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, SCALED,
+                              SWAP_AB, DIRECT)
             else:
                 _gate_up_pass(m0, end, x_ptr, token_ptr, w_gate, w_up, w_n_mask, scale_ptr, e, offs_n, n_mask,
-                              offs_k, out_ptr, H, I, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, SCALED, SWAP_AB)
+                              offs_k, out_ptr, H, I, K_ROUTE, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, SCALED,
+                              SWAP_AB, DIRECT)
         else:
             _gate_up_pass(m0, end, x_ptr, token_ptr, w_gate, w_up, w_n_mask, scale_ptr, e, offs_n, n_mask, offs_k,
-                          out_ptr, H, I, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, SCALED, SWAP_AB)
+                          out_ptr, H, I, K_ROUTE, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, SCALED, SWAP_AB, DIRECT)
 
 
 @triton.jit
 def _down_pass(m0, end, h_ptr, w_ptrs, w_n_mask, scale_ptr, e, dest_ptr, offs_n, n_mask, offs_k, out_ptr, H, I,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
-               EVEN_K: tl.constexpr, SCALED: tl.constexpr, SWAP_AB: tl.constexpr):
+               EVEN_K: tl.constexpr, SCALED: tl.constexpr, SWAP_AB: tl.constexpr, DIRECT: tl.constexpr):
     # Rows [m0, m0 + BLOCK_M) of expert e's group times one down tile, scattered to their token-major slots.
     rows = m0 + tl.arange(0, BLOCK_M)
     r_mask = rows < end
@@ -180,22 +201,23 @@ def _down_pass(m0, end, h_ptr, w_ptrs, w_n_mask, scale_ptr, e, dest_ptr, offs_n,
         acc = tl.trans(acc)
     if SCALED:
         acc = acc * tl.load(scale_ptr + e * H + offs_n, mask=n_mask, other=0.0)[None, :]
-    dest = tl.load(dest_ptr + rows, mask=r_mask, other=0).to(tl.int64)
+    if DIRECT:  # rows already token-major
+        dest = rows.to(tl.int64)
+    else:
+        dest = tl.load(dest_ptr + rows, mask=r_mask, other=0).to(tl.int64)
     tl.store(out_ptr + dest[:, None] * H + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=r_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
-def _down_kernel(h_ptr, w_ptr, scale_ptr, dest_ptr, ends_ptr, out_ptr, H, I, BLOCK_M: tl.constexpr,
+def _down_kernel(h_ptr, w_ptr, scale_ptr, dest_ptr, ends_ptr, experts_ptr, out_ptr, H, I, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                  M_SPLITS: tl.constexpr, SCALED: tl.constexpr, SWAP_AB: tl.constexpr, TAIL_M: tl.constexpr,
-                 PDL: tl.constexpr):
+                 DIRECT: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
     split = tl.program_id(0)
-    e = tl.program_id(1)
     pid_n = tl.program_id(2)
-    end = tl.load(ends_ptr + e)
-    start = tl.load(ends_ptr + e - 1, mask=e > 0, other=0)
+    e, start, end = _program_rows(tl.program_id(1), ends_ptr, experts_ptr, DIRECT)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns, within H
     offs_k = tl.arange(0, BLOCK_K)  # within I
     n_mask = offs_n < H
@@ -210,13 +232,13 @@ def _down_kernel(h_ptr, w_ptr, scale_ptr, dest_ptr, ends_ptr, out_ptr, H, I, BLO
         if TAIL_M > 0:
             if end - m0 <= TAIL_M:
                 _down_pass(m0, end, h_ptr, w_ptrs, w_n_mask, scale_ptr, e, dest_ptr, offs_n, n_mask, offs_k,
-                           out_ptr, H, I, TAIL_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, SCALED, SWAP_AB)
+                           out_ptr, H, I, TAIL_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, SCALED, SWAP_AB, DIRECT)
             else:
                 _down_pass(m0, end, h_ptr, w_ptrs, w_n_mask, scale_ptr, e, dest_ptr, offs_n, n_mask, offs_k,
-                           out_ptr, H, I, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, SCALED, SWAP_AB)
+                           out_ptr, H, I, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, SCALED, SWAP_AB, DIRECT)
         else:
             _down_pass(m0, end, h_ptr, w_ptrs, w_n_mask, scale_ptr, e, dest_ptr, offs_n, n_mask, offs_k, out_ptr,
-                       H, I, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, SCALED, SWAP_AB)
+                       H, I, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, SCALED, SWAP_AB, DIRECT)
 
 
 @triton.jit
@@ -261,6 +283,12 @@ def combine_triton(
 
 TILE_BLOCKS = ("BLOCK_K", "BLOCK_N", "BLOCK_M")  # what `launch` may halve where a tile does not fit the GPU
 
+# Calls of at most this many token-expert assignments (8 per decoded token) run one program per assignment, whose
+# expert the routing chose, instead of one per expert over the grouped assignments: no grouping kernel, and 8
+# programs a tile instead of 128 of which 120 find no rows. Prepared for decoded tokens, not yet measured on a GPU:
+# 0 (off) until then.
+DIRECT_MAX_ASSIGNMENTS = 0
+
 
 def _block_m(assignments: int, num_experts: int) -> int:
     """Rows per tile: about twice the mean tokens per expert, so most experts take one pass over their weights."""
@@ -294,23 +322,30 @@ def _grouped_rows(
 ) -> torch.Tensor:
     """Each token's K expert outputs, unsummed: [N * K, H] token-major (shapes checked by `fused_moe_triton`)."""
     hidden, num_experts, inter = x.shape[1], gate_up.shape[0], gate_up.shape[1] // 2
-    order, token_of, ends = group_by_expert_triton(experts, num_experts)  # ends: [E] group ends, on the device
-    assignments = order.numel()
-    block_m = _block_m(assignments, num_experts)
+    assignments, k = experts.numel(), experts.shape[1]
+    direct = assignments <= DIRECT_MAX_ASSIGNMENTS
+    flat_experts = experts.reshape(-1).contiguous()  # [N*K] token-major
+    if direct:  # one program per assignment, rows token-major: no grouping kernel
+        order = token_of = ends = flat_experts  # unread
+        programs, block_m = assignments, 16
+    else:
+        order, token_of, ends = group_by_expert_triton(experts, num_experts)  # ends: [E] group ends, on the device
+        programs, block_m = num_experts, _block_m(assignments, num_experts)
 
-    hidden_act = torch.empty((assignments, inter), dtype=x.dtype, device=x.device)  # expert-sorted
+    hidden_act = torch.empty((assignments, inter), dtype=x.dtype, device=x.device)  # expert-sorted (direct: by token)
     default_gate_up, default_down = tiles_for(assignments, num_experts, fp8=gate_up.element_size() == 1)
     # A tile may fix its rows per pass and programs per expert (tile sweeps); otherwise they follow the load.
     t1 = _with_tail({"BLOCK_M": block_m, "M_SPLITS": 1, "SWAP_AB": False, "TAIL_M": 0,
                      **_fit(tile_gate_up or default_gate_up, inter, hidden)})
-    launch(_gate_up_kernel, lambda t: (t["M_SPLITS"], num_experts, triton.cdiv(inter, t["BLOCK_N"])), t1, TILE_BLOCKS,
-           x, gate_up, gate_up_scale, token_of, ends, hidden_act, hidden, inter, SCALED=scaled,
-           EVEN_N=inter % t1["BLOCK_N"] == 0, EVEN_K=hidden % t1["BLOCK_K"] == 0, **pdl_options(x.device, len(x)))
+    launch(_gate_up_kernel, lambda t: (t["M_SPLITS"], programs, triton.cdiv(inter, t["BLOCK_N"])), t1, TILE_BLOCKS,
+           x, gate_up, gate_up_scale, token_of, ends, flat_experts, hidden_act, hidden, inter, k, SCALED=scaled,
+           DIRECT=direct, EVEN_N=inter % t1["BLOCK_N"] == 0, EVEN_K=hidden % t1["BLOCK_K"] == 0,
+           **pdl_options(x.device, len(x)))
     out = torch.empty((assignments, hidden), dtype=x.dtype, device=x.device)  # token-major
     t2 = _with_tail({"BLOCK_M": block_m, "M_SPLITS": 1, "SWAP_AB": False, "TAIL_M": 0,
                      **_fit(tile_down or default_down, hidden, inter)})
-    launch(_down_kernel, lambda t: (t["M_SPLITS"], num_experts, triton.cdiv(hidden, t["BLOCK_N"])), t2, TILE_BLOCKS,
-           hidden_act, down, down_scale, order, ends, out, hidden, inter, SCALED=scaled,
+    launch(_down_kernel, lambda t: (t["M_SPLITS"], programs, triton.cdiv(hidden, t["BLOCK_N"])), t2, TILE_BLOCKS,
+           hidden_act, down, down_scale, order, ends, flat_experts, out, hidden, inter, SCALED=scaled, DIRECT=direct,
            EVEN_N=hidden % t2["BLOCK_N"] == 0, EVEN_K=inter % t2["BLOCK_K"] == 0, **pdl_options(x.device, len(x)))
     return out
 
