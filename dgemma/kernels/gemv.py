@@ -43,7 +43,9 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_x, stride_y, M: tl.constexpr,
     k = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + n[:, None].to(tl.int64) * K  # [BLOCK_N, 1]
     first_mask = n_ok[:, None] & (k < K)[None, :]
-    if PRELOAD:  # no kernel writes weights: the first chunk may be read before the previous kernel ends
+    # No kernel of a forward writes weights, and a forward never starts with this kernel (the embedding or a norm
+    # comes first), so the weights may be read before the previous kernel's writes are visible.
+    if PRELOAD:
         w_first = tl.load(w_rows + k[None, :], mask=first_mask, other=0.0)  # [BLOCK_N, BK]
     wait_for_inputs(PDL)
     if not PRELOAD:

@@ -95,8 +95,8 @@ def _pdl_capable(device_index: int) -> bool:
 
 
 def pdl_options(device: torch.device, rows: int) -> dict:
-    """The PDL constant and launch option of a kernel whose first statement is `wait_for_inputs(PDL)`, for a call
-    over `rows` tokens: on for CUDA devices of compute capability 9.0 and later (while `PDL`, up to PDL_MAX_ROWS
+    """The PDL constant and launch option of a kernel that calls `wait_for_inputs(PDL)` before it reads another
+    kernel's output or stores anything, for a call over `rows` tokens: on for CUDA devices of compute capability 9.0 and later (while `PDL`, up to PDL_MAX_ROWS
     rows), off elsewhere (the Triton interpreter included)."""
     if not (PDL and rows <= PDL_MAX_ROWS and device.type == "cuda"):
         return {"PDL": False}
@@ -106,9 +106,9 @@ def pdl_options(device: torch.device, rows: int) -> dict:
 
 @triton.jit
 def wait_for_inputs(PDL: tl.constexpr):
-    """A PDL kernel's first statement: let the next kernel's programs be scheduled, then wait until every write of
-    the kernel before has landed. Nothing may read another kernel's output or store before it (a store could
-    overwrite what the previous kernel still reads)."""
+    """Let the next kernel's programs be scheduled, then wait until every write of the kernel before has landed.
+    A PDL kernel calls it before it reads another kernel's output or stores anything (a store could overwrite what
+    the previous kernel still reads); only data no kernel writes, such as weights, may be read earlier."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
