@@ -53,25 +53,6 @@ def model(config):
     return small_window_model(config)
 
 
-@pytest.mark.parametrize("ring", [False, True])
-def test_lazy_masks_are_built_only_where_read_and_equal_the_eager_ones(config, ring, monkeypatch):
-    """`LAZY_MASKS`: a batch's masks are built on first read, not with the batch, and are the same masks (the full
-    layout and a sliding ring, an encoder chunk and a canvas)."""
-    from dgemma.model import attention
-
-    cache = KVCache(config, 2, 96, torch.float32, CPU, max_write_tokens=C if ring else None)
-    make = [lambda: AttentionBatch.for_decoder([0, 1], [20, 37], C, W, cache),
-            lambda: AttentionBatch.for_encoder([0, 1], [5, 30], [3, 1], W, cache)]
-    for build in make:
-        monkeypatch.setattr(attention, "LAZY_MASKS", False)
-        eager = build()
-        assert "masks" in eager.__dict__  # built with the batch
-        monkeypatch.setattr(attention, "LAZY_MASKS", True)
-        lazy = build()
-        assert "masks" not in lazy.__dict__  # nothing built until read
-        assert all(torch.equal(lazy.masks[k], eager.masks[k]) for k in (FULL, SLIDING))
-
-
 def full_layout(monkeypatch, module) -> None:
     """Make `module` build its caches with the full layout, whatever it asks for."""
     monkeypatch.setattr(module, "KVCache", lambda *args, max_write_tokens=None, **kwargs: KVCache(*args, **kwargs))

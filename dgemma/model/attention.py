@@ -9,7 +9,6 @@ a cache whose sliding layers keep a ring (kv_cache.py) has its masks built from 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -28,12 +27,6 @@ from dgemma.model.layers import (
     still_packed,
     use_fused_norm_rope,
 )
-
-
-# Whether a forward's attention masks are built only where a masked path reads them. The flash and cache-attention
-# kernels read bounds instead, so a decoded token or a canvas would skip ~15 small kernels a forward. Prepared, not
-# yet measured on a GPU: off (built in every forward) until then.
-LAZY_MASKS = False
 
 
 def visible_positions(
@@ -63,7 +56,7 @@ class AttentionBatch:
     # Layer type -> the slots [start, end) that are read, in this order; on a sliding ring end may pass the ring's
     # size S, and slots wrap around (slot i is i mod S), so a window read across the end stays in position order.
     kv_range: dict[str, tuple[int, int]]
-    mask_builder: Callable[[], dict[str, torch.Tensor]]  # `masks`, built on first use (see LAZY_MASKS)
+    masks: dict[str, torch.Tensor]  # layer type -> [B, 1, T, end - start] bool, True = may attend
     row_range: tuple[int, int] | None  # rows are the contiguous range [a, b): read the cache in place, no gather
     # Decoder canvases only: per row, the positions [start, end) every query of the row sees on sliding layers
     # ([B] each). One contiguous key range per row lets attention skip the mask (`canvas_attention`).
@@ -73,11 +66,6 @@ class AttentionBatch:
     key_start: torch.Tensor | None = None
     key_end: torch.Tensor | None = None
     _flash_bounds: dict = field(default_factory=dict, repr=False)  # slots per row -> `flash_bounds`
-
-    @functools.cached_property
-    def masks(self) -> dict[str, torch.Tensor]:
-        """Layer type -> [B, 1, T, end - start] bool, True = may attend (what the masked attention paths read)."""
-        return self.mask_builder()
 
     def flash_bounds(self, slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`canvas_attention`'s offsets into a cache flattened to [rows * slots, Hkv, D]: (cu_q [B + 1], cu_k
@@ -108,36 +96,28 @@ class AttentionBatch:
     ) -> "AttentionBatch":
         """Masks computed on the device from per-query bounds in positions: usable inside a CUDA graph capture."""
         device = positions.device
-        ring = cache.sliding_slots if cache.ring else None
-        if ring is None:
+        full_slots = torch.arange(kv_len, device=device)  # [K]: slot = position
+        masks = {FULL: (full_slots < key_end[..., None])[:, None]}  # [B, 1, T, K]
+        if not cache.ring:
             start, end = sliding_range or (0, kv_len)
+            held = torch.arange(start, end, device=device)  # [K'] the position a slot holds is the slot
             sliding_slots = write_slots
         else:
+            ring = cache.sliding_slots
             start, end = sliding_range or (0, ring)
+            # Each slot read is judged by the position it holds, with the full layout's rule (`ring_positions`
+            # proves the slot really holds that position wherever the window can open it); held >= 0 keeps
+            # slots this request never wrote closed.
+            read = torch.remainder(torch.arange(start, end, device=device), ring)  # [K'] slots in reading order
+            held = ring_positions(written_end, ring)[:, read][:, None, :]  # [B, 1, K']
             padding = write_slots == cache.trash_slot
             sliding_slots = torch.where(padding, ring, torch.remainder(write_slots, ring))  # ring: its trash slot
-
-        def masks() -> dict[str, torch.Tensor]:
-            full_slots = torch.arange(kv_len, device=device)  # [K]: slot = position
-            if ring is None:
-                held = torch.arange(start, end, device=device)  # [K'] the position a slot holds is the slot
-            else:
-                # Each slot read is judged by the position it holds, with the full layout's rule (`ring_positions`
-                # proves the slot really holds that position wherever the window can open it); held >= 0 keeps
-                # slots this request never wrote closed.
-                read = torch.remainder(torch.arange(start, end, device=device), ring)  # [K'] slots in reading order
-                held = ring_positions(written_end, ring)[:, read][:, None, :]  # [B, 1, K']
-            return {FULL: (full_slots < key_end[..., None])[:, None],  # [B, 1, T, K]
-                    SLIDING: ((held < key_end[..., None]) & (held >= key_start_sliding[..., None])
-                              & (held >= 0))[:, None]}  # [B, 1, T, K']
-
+        masks[SLIDING] = ((held < key_end[..., None]) & (held >= key_start_sliding[..., None])
+                          & (held >= 0))[:, None]  # [B, 1, T, K']
         canvas_keys = (key_start_sliding[:, 0].clamp(min=0), key_end[:, 0]) if canvas else None
-        batch = cls(rows, positions, {FULL: write_slots, SLIDING: sliding_slots},
-                    {FULL: (0, kv_len), SLIDING: (start, end)}, masks, row_range, canvas_keys, key_start_sliding,
-                    key_end)
-        if not LAZY_MASKS:
-            batch.masks  # noqa: B018 (built now, as every forward did before LAZY_MASKS)
-        return batch
+        return cls(rows, positions, {FULL: write_slots, SLIDING: sliding_slots},
+                   {FULL: (0, kv_len), SLIDING: (start, end)}, masks, row_range, canvas_keys, key_start_sliding,
+                   key_end)
 
     @classmethod
     def _build(cls, rows: list[int], positions, write_slots, key_start_sliding, key_end, written_end: list[int],
