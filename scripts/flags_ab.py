@@ -4,8 +4,8 @@ prompt, 128 tokens, greedy). The first variant is the baseline; every variant st
 
     python scripts/flags_ab.py [--preset 26b-a4b] [--rounds 2] [--batches 1,8] \\
         --variant "default:" \\
-        --variant "folds:dgemma.model.diffusion_gemma.FOLD_MOE_COMBINE=True,dgemma.model.diffusion_gemma.FOLD_NEXT_NORM=True" \\
-        --variant "tail32:dgemma.kernels.moe_tiles.TAIL_ROWS=32"          # needs a CUDA GPU
+        --variant "no_pdl:dgemma.kernels.launch.PDL=False" \\
+        --variant "no_gemv:dgemma.model.layers.GEMV_MAX_ROWS=0,dgemma.kernels.launch.PDL=False"   # needs a CUDA GPU
 
 A variant is `NAME:MODULE.CONSTANT=VALUE,...` (VALUE a Python literal); graphs are captured afresh for each
 measurement, so every switch read at capture time takes effect.

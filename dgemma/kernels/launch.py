@@ -96,8 +96,8 @@ def _pdl_capable(device_index: int) -> bool:
 
 def pdl_options(device: torch.device, rows: int) -> dict:
     """The PDL constant and launch option of a kernel that calls `wait_for_inputs(PDL)` before it reads another
-    kernel's output or stores anything, for a call over `rows` tokens: on for CUDA devices of compute capability 9.0 and later (while `PDL`, up to PDL_MAX_ROWS
-    rows), off elsewhere (the Triton interpreter included)."""
+    kernel's output or stores anything, for a call over `rows` tokens: on for CUDA devices of compute capability 9.0
+    and later (while `PDL`, up to PDL_MAX_ROWS rows), off elsewhere (the Triton interpreter included)."""
     if not (PDL and rows <= PDL_MAX_ROWS and device.type == "cuda"):
         return {"PDL": False}
     index = device.index if device.index is not None else torch.cuda.current_device()
