@@ -1,6 +1,6 @@
 """Engine switches (module constants) set variant by variant in one process on the same random weights, each
 measured as `dgemma bench` measures: the graphed denoising step at each batch size, and AR tok/s (1024-token
-prompt, 128 tokens, greedy). The first variant is the baseline; every variant starts from the defaults.
+prompt, 128 tokens or --ar-tokens, greedy). The first variant is the baseline; every variant starts from the defaults.
 
     python scripts/flags_ab.py [--preset 26b-a4b] [--rounds 2] [--batches 1,8] \\
         --variant "default:" \\
@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--preset", default="26b-a4b")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--batches", default="1,8", help="denoising step batch sizes")
+    p.add_argument("--ar-tokens", type=int, default=128, help="tokens of the AR request (1024-token prompt)")
     p.add_argument("--variant", action="append", required=True, help="NAME:MODULE.CONSTANT=VALUE,...")
     args = p.parse_args()
     variants = [parse_variant(v) for v in args.variant]
@@ -61,7 +62,7 @@ def main() -> None:
             for module, const, value in settings:
                 setattr(module, const, value)
             steps = ", ".join(f"b{b} {decoder_step_ms(model, int(b), 1024):.2f}" for b in args.batches.split(","))
-            ar = ar_decode(model, 1024, 128)
+            ar = ar_decode(model, 1024, args.ar_tokens)
             print(f"round {r}, {name:{width}s}: step ms {steps} | AR "
                   f"{ar.tokens_per_s:.1f} tok/s ({ar.decode_ms / len(ar.token_ids):.2f} ms/token)", flush=True)
     for (module, const), value in defaults.items():

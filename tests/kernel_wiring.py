@@ -12,7 +12,7 @@ from dgemma.config import FULL, SLIDING
 from dgemma.model import attention
 from dgemma.model.attention import AttentionBatch
 from dgemma.model.kv_cache import KVCache
-from dgemma.model.layers import rope_cos_sin
+from dgemma.model.layers import Rotation
 
 # Tests that run Triton kernels on a CPU (through the interpreter) run only when asked.
 interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -29,6 +29,7 @@ def spy_on_kernels(monkeypatch) -> dict[str, int]:
 
     calls = {}
     for module, name, key in ((fused_moe, "fused_moe_triton", "fused_moe"), (norm_rope, "norm_rope_triton", "norm_rope"),
+                              (norm_rope, "qkv_norm_rope_triton", "qkv_norm_rope"),
                               (routing, "route_top_k", "route_top_k"),
                               (residual_norms, "attention_residual_triton", "attention_residual"),
                               (residual_norms, "layer_output_triton", "layer_output"),
@@ -67,11 +68,11 @@ def attention_kernel_off_and_on(model, layer: int, x: torch.Tensor) -> list[tupl
     for devices in ((), (x.device.type,)):
         cache = KVCache(cfg, 1, t, model.dtype, x.device)
         batch = AttentionBatch.for_encoder([0], [0], [t], cfg.sliding_window, cache)
-        cos, sin = rope_cos_sin(batch.positions, model.inv_freq_full if kind == FULL else model.inv_freq_sliding,
-                                model.dtype)  # [1, T, D] each
+        rotation = Rotation(batch.positions, model.inv_freq_full if kind == FULL else model.inv_freq_sliding,
+                            model.dtype)
         attn.kernel_devices = devices
         with torch.no_grad():
-            out = attn(x, cos, sin, batch, kind, cache, layer)
+            out = attn(x, rotation, batch, kind, cache, layer)
         results.append((out.float(), cache.keys[layer][:, :t].float()))
     return results
 
@@ -89,13 +90,13 @@ def ring_canvas(model, prefix: int, max_write: int):
     batch = AttentionBatch.for_decoder([0, 1], [prefix, prefix - 7], c, cfg.sliding_window, cache)
     layer = cfg.layer_types.index(SLIDING)
     attn = model.layers[layer].self_attn
-    cos, sin = rope_cos_sin(batch.positions, model.inv_freq_sliding, model.dtype)  # [2, C, D] each
+    rotation = Rotation(batch.positions, model.inv_freq_sliding, model.dtype)
     x = torch.randn(2, c, cfg.hidden_size, generator=torch.Generator().manual_seed(0)).to(model.device, model.dtype)
 
     def attend(devices: tuple[str, ...]) -> torch.Tensor:
         attn.kernel_devices = devices
         with torch.no_grad():
-            return attn(x, cos, sin, batch, SLIDING, cache, layer).float()
+            return attn(x, rotation, batch, SLIDING, cache, layer).float()
 
     return cache, attend
 
@@ -158,11 +159,10 @@ def _attention_over_random_prefixes(model, layer: int, rows: list[int], capacity
         t.copy_(torch.randn(t.shape, generator=gen).to(t.dtype))
     x = torch.randn(len(rows), tokens, cfg.hidden_size, generator=gen).to(device, model.dtype)
     batch = make_batch(cache)
-    cos, sin = rope_cos_sin(batch.positions, model.inv_freq_full if kind == FULL else model.inv_freq_sliding,
-                            model.dtype)  # [B, tokens, D] each
+    rotation = Rotation(batch.positions, model.inv_freq_full if kind == FULL else model.inv_freq_sliding, model.dtype)
     results = []
     for devices in ((), (device.type,)):
         attn.kernel_devices = devices
         with torch.no_grad():
-            results.append(attn(x, cos, sin, batch, kind, cache, layer).float())
+            results.append(attn(x, rotation, batch, kind, cache, layer).float())
     return results

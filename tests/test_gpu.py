@@ -258,6 +258,17 @@ def test_programmatic_dependent_launch_changes_no_result_on_gpu(monkeypatch):
                                              [SLIDING, FULL, SLIDING]))
 
 
+def test_one_launch_of_the_head_norms_changes_no_result_on_gpu(monkeypatch):
+    """`FUSED_QKV_NORM`: one kernel normalises and rotates the queries and writes the keys and values, computing the
+    rotation's angles as `rope_cos_sin` computes its tables (the CUDA math library's float32 cos and sin, rounded to
+    bf16), in place of three kernels over the tables. The same roundings: bit-identical logits, KV cache, graphed
+    engine tokens and graphed AR tokens on a slice of the released shapes (a sliding and a full layer)."""
+    from dgemma.model import attention
+
+    assert_bit_identical(*results_off_and_on(lambda on: monkeypatch.setattr(attention, "FUSED_QKV_NORM", on),
+                                             [SLIDING, FULL]))
+
+
 def test_few_row_products_match_f_linear_in_bf16_on_gpu():
     """`dgemma.kernels.gemv` on every dense shape of an autoregressive token of the released model, 1 and 4 rows:
     float32 sums of the same bf16 products as F.linear in another order, so the outputs differ by the final bf16
@@ -454,7 +465,7 @@ def test_attention_and_experts_with_fused_kernels_match_eager_on_gpu(config, sca
         x = torch.randn(n, h, generator=gen).to("cuda", torch.bfloat16)
         eager, fused = experts_kernel_off_and_on(model, 0, x)
         assert rel_err(fused, eager) < tol, (per_expert, rel_err(fused, eager))
-    assert calls == {"norm_rope": 6, "fused_moe": 5, "route_top_k": 5, "attention_residual": 0, "layer_output": 0,
+    assert calls == {"norm_rope": 6, "qkv_norm_rope": 0, "fused_moe": 5, "route_top_k": 5, "attention_residual": 0, "layer_output": 0,
                      "gelu_mul": 0, "cache_attention": int(config.full.head_dim > 256)}  # a head_dim-512 full layer's
 
 
@@ -503,12 +514,12 @@ def test_model_with_fused_kernels_is_as_accurate_as_eager_on_gpu(config, scale, 
     set_kernel_devices(model, ("cuda",))
     model.prepare_inference()  # as an LLM runs it
     fused = logits_of(model)
-    # Every layer's q, k and v in both passes; the experts wherever a pass has <= 32 assignments per expert (all here);
+    # Every layer's q, k and v in both passes (three launches: FUSED_QKV_NORM is off); the experts wherever a pass has <= 32 assignments per expert (all here);
     # every layer's routing, residual norms and dense MLP activation; the attention of every full layer of head_dim
     # 512.
     per_pass = 2 * config.num_layers * draws
     full_attention = 2 * config.layer_types.count(FULL) * draws if config.full.head_dim > 256 else 0
-    assert calls == {"norm_rope": 3 * per_pass, "fused_moe": per_pass, "route_top_k": per_pass,
+    assert calls == {"norm_rope": 3 * per_pass, "qkv_norm_rope": 0, "fused_moe": per_pass, "route_top_k": per_pass,
                      "attention_residual": per_pass, "layer_output": per_pass, "gelu_mul": per_pass,
                      "cache_attention": full_attention}, calls
     report = {"fused": rel_err(fused, truth), "eager": rel_err(eager, truth),

@@ -28,6 +28,9 @@ from kernel_wiring import (
 )
 
 from dgemma.checkpoint.random_init import InitScale, build_random_model, preset
+from dgemma.config import FULL, SLIDING
+from dgemma.model import attention
+from dgemma.model.attention import AttentionBatch
 from dgemma.model.layers import (
     apply_rope,
     rms_norm,
@@ -244,12 +247,15 @@ def tiny_fp16():
 
 
 @interpreted
+@pytest.mark.parametrize("fused_qkv", [True, False], ids=["one_norm_kernel", "three_norm_kernels"])
 @pytest.mark.parametrize("layer", [0, 5])  # a sliding layer; a full one (head_dim 32, proportional RoPE, k-as-v)
-def test_interpreted_attention_with_the_kernel_matches_eager(tiny_fp16, layer, monkeypatch):
+def test_interpreted_attention_with_the_kernel_matches_eager(tiny_fp16, layer, fused_qkv, monkeypatch):
+    monkeypatch.setattr(attention, "FUSED_QKV_NORM", fused_qkv)
     calls = spy_on_kernels(monkeypatch)
     x = torch.randn(1, 40, tiny_fp16.config.hidden_size, generator=torch.Generator().manual_seed(layer)).half()
     (out_eager, keys_eager), (out_fused, keys_fused) = attention_kernel_off_and_on(tiny_fp16, layer, x)
-    assert calls["norm_rope"] == 3  # queries, keys and values
+    # queries, keys and values: in one launch, or one each
+    assert (calls["qkv_norm_rope"], calls["norm_rope"]) == ((1, 0) if fused_qkv else (0, 3))
     assert rel_err(keys_fused, keys_eager) < ULPS * torch.finfo(torch.float16).eps
     assert rel_err(out_fused, out_eager) < ULPS * torch.finfo(torch.float16).eps
 
@@ -318,10 +324,10 @@ def test_interpreted_model_with_the_kernels_is_as_accurate_as_eager(tiny_fp16, m
     fused_model = copy.deepcopy(tiny_fp16)
     fused_model.pack_projections()  # as an LLM runs it: the kernels read q, k and v as views of one GEMM
     _, fused = run(fused_model, prompt, canvas, soft_logits)
-    # 6 layers, encoder and decoder: q, k and v of each; experts of each (40 and 32 tokens, top-2 of 8: <= 32
+    # 6 layers, encoder and decoder: q, k and v of each (three launches: FUSED_QKV_NORM is off); experts of each (40 and 32 tokens, top-2 of 8: <= 32
     # each); the routing, the two residual norms and the dense MLP's activation of each (no ring and head_dim <= 256
     # here: no cache_attention).
-    assert calls == {"norm_rope": 36, "fused_moe": 12, "route_top_k": 12, "attention_residual": 12,
+    assert calls == {"norm_rope": 36, "qkv_norm_rope": 0, "fused_moe": 12, "route_top_k": 12, "attention_residual": 12,
                      "layer_output": 12, "cache_attention": 0, "gelu_mul": 12}
     report = {"fused": rel_err(fused, truth), "eager": rel_err(eager, truth),
               "fused_argmax_agree": argmax_agreement(fused, truth), "eager_argmax_agree": argmax_agreement(eager, truth)}
@@ -507,6 +513,37 @@ def test_interpreted_head_norm_reads_views_of_a_packed_projection_in_place(rope)
     assert rel_err(got.float(), expected.float()) < ULPS * torch.finfo(torch.float16).eps
 
 
+@interpreted
+@pytest.mark.parametrize("k_as_v", [False, True])  # a sliding layer's q, k, v; a full layer's values are its keys
+def test_interpreted_one_launch_of_the_three_head_norms_equals_the_three_launches(k_as_v):
+    """One launch normalises and rotates the queries, and writes the keys (rotated) and values into the cache at each
+    token's row and slot, computing the angles itself: the same rows as three launches over `rope_cos_sin`'s
+    tables."""
+    from dgemma.config import AttentionSpec
+    from dgemma.kernels.norm_rope import norm_rope_triton, qkv_norm_rope_triton
+
+    gen = torch.Generator().manual_seed(0)
+    b, t, hq, hkv, d = 2, 3, 4, 2, 32
+    packed = torch.randn(b, t, (hq + 2 * hkv) * d, generator=gen).half()  # [B, T, (Hq + 2 Hkv) * D], one GEMM
+    q_raw = packed[..., : hq * d].view(b, t, hq, d)
+    k_raw = packed[..., hq * d : (hq + hkv) * d].view(b, t, hkv, d)
+    v_raw = k_raw if k_as_v else packed[..., (hq + hkv) * d :].view(b, t, hkv, d)
+    qw, kw = ((1 + 0.1 * torch.randn(d, generator=gen)).half() for _ in range(2))
+    spec = AttentionSpec(head_dim=d, num_kv_heads=hkv, rope_theta=10_000.0, partial_rotary_factor=1.0)
+    positions = torch.randint(0, 5000, (b, t), generator=gen)
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(spec), torch.float16)
+    rows, slots = torch.tensor([3, 1]), torch.tensor([[0, 1, 2], [7, 5, 9]])  # rows in any order, slots anywhere
+    caches = [[torch.zeros(4, 10, hkv, d, dtype=torch.float16) for _ in range(2)] for _ in range(2)]
+    q = qkv_norm_rope_triton(q_raw, k_raw, v_raw, qw, kw, positions, rope_inv_freq(spec), 1e-6,
+                             (*caches[0], rows, slots))
+    want_q = norm_rope_triton(q_raw, qw, cos, sin, 1e-6)
+    norm_rope_triton(k_raw, kw, cos, sin, 1e-6, into=(caches[1][0], rows, slots))
+    norm_rope_triton(v_raw, None, None, None, 1e-6, into=(caches[1][1], rows, slots))
+    assert torch.equal(q, want_q)
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+    assert int((caches[0][0] != 0).any(dim=(2, 3)).sum()) == b * t  # the six slots named, nothing else
+
+
 def cache_attention_case(dtype, b: int, t: int, hq: int, hkv: int, d: int, window: int | None, ring: int | None,
                          seed: int):
     """Queries [B, T, Hq, D] over a 4-row cache of 50 written positions, with per-query bounds (a window when
@@ -616,6 +653,25 @@ def test_interpreted_decoded_token_attends_through_the_split_kernel(tiny_fp16, l
     masked, kernel = decode_attention_kernel_off_and_on(tiny_fp16, layer, [2, 0], [w + 37, 5])
     assert calls["cache_attention"] == 1
     assert rel_err(kernel, masked) < ULPS * torch.finfo(torch.float16).eps
+
+
+@interpreted
+def test_a_decoded_token_through_the_kernels_builds_no_attention_mask(tiny_fp16):
+    """The kernels read each query's bounds, so a forward whose every layer takes them builds no mask (~15 small
+    kernels); eager attention builds each layer type's mask once, on first use."""
+    from dgemma.model.kv_cache import KVCache
+
+    model = copy.deepcopy(tiny_fp16)
+    cfg = model.config
+    built = []
+    for devices in (("cpu",), ()):
+        set_kernel_devices(model, devices)
+        cache = KVCache(cfg, 1, 40, model.dtype, torch.device("cpu"))
+        batch = AttentionBatch.for_encoder([0], [30], [1], cfg.sliding_window, cache)
+        with torch.no_grad():
+            model.encode(torch.tensor([[5]]), batch, cache)
+        built.append(sorted(batch._masks))
+    assert built == [[], sorted({FULL, SLIDING})]
 
 
 @interpreted

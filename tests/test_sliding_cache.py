@@ -131,7 +131,7 @@ class TagRing:
         tag = batch.positions.float() + (0.5 if scratch_from is not None else 0.0)
         keys[batch.rows[:, None], batch.write_slots[SLIDING], 0, 0] = tag  # write, then attend
         seen = read_slots(keys, batch, SLIDING, self.cache)[..., 0, 0]  # [B, K]
-        mask = batch.masks[SLIDING][:, 0]  # [B, T, K]
+        mask = batch.mask(SLIDING)[:, 0]  # [B, T, K]
         for b in range(valid.shape[0]):
             for t in range(valid.shape[1]):
                 if not valid[b, t]:
@@ -404,7 +404,7 @@ def test_a_decoder_batch_names_the_key_range_its_masks_open(config):
     for batch in batches:
         start, end = batch.canvas_keys
         first, _ = batch.kv_range[SLIDING]
-        mask = batch.masks[SLIDING][:, 0]  # [B, C, K]: slot first + k
+        mask = batch.mask(SLIDING)[:, 0]  # [B, C, K]: slot first + k
         for b, prefix in enumerate(prefixes):
             assert (start[b].item(), end[b].item()) == (max(0, prefix - (W - 1)), prefix + C)
             opened = (mask[b].nonzero()[:, 1] + first).unique().tolist()

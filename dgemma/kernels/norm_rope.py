@@ -18,8 +18,33 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from dgemma.kernels.launch import pdl_options, wait_for_inputs
+from dgemma.kernels.tanh import INTERPRETED
+
+
+@triton.jit
+def _norm_rope_row(src, dst, w_ptr, c_lo, c_hi, s_lo, s_hi, eps, D: tl.constexpr, HALF: tl.constexpr,
+                   HAS_WEIGHT: tl.constexpr, ROPE: tl.constexpr):
+    # One head of one token: D values at src -> normalised (and rotated by cos c, sin s, float32 [HALF] per half)
+    # at dst.
+    lo = tl.arange(0, HALF)
+    x_lo = tl.load(src + lo).to(tl.float32)
+    x_hi = tl.load(src + HALF + lo).to(tl.float32)
+    inv = 1.0 / tl.sqrt((tl.sum(x_lo * x_lo, 0) + tl.sum(x_hi * x_hi, 0)) / D + eps)
+    dtype = dst.dtype.element_ty
+    y_lo = x_lo * inv
+    y_hi = x_hi * inv
+    if HAS_WEIGHT:
+        y_lo = y_lo * tl.load(w_ptr + lo).to(tl.float32)
+        y_hi = y_hi * tl.load(w_ptr + HALF + lo).to(tl.float32)
+    if ROPE:
+        y_lo = y_lo.to(dtype).to(tl.float32)
+        y_hi = y_hi.to(dtype).to(tl.float32)
+        y_lo, y_hi = y_lo * c_lo - y_hi * s_lo, y_hi * c_hi + y_lo * s_hi
+    tl.store(dst + lo, y_lo.to(dtype))
+    tl.store(dst + HALF + lo, y_hi.to(dtype))
 
 
 @triton.jit
@@ -37,25 +62,51 @@ def _norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rows_ptr, slots_p
     else:
         dst = out_ptr + row * D
     lo = tl.arange(0, HALF)
-    x_lo = tl.load(src + lo).to(tl.float32)
-    x_hi = tl.load(src + HALF + lo).to(tl.float32)
-    inv = 1.0 / tl.sqrt((tl.sum(x_lo * x_lo, 0) + tl.sum(x_hi * x_hi, 0)) / D + eps)
-    dtype = out_ptr.dtype.element_ty
-    y_lo = x_lo * inv
-    y_hi = x_hi * inv
-    if HAS_WEIGHT:
-        y_lo = y_lo * tl.load(w_ptr + lo).to(tl.float32)
-        y_hi = y_hi * tl.load(w_ptr + HALF + lo).to(tl.float32)
+    c_lo = tl.zeros((HALF,), dtype=tl.float32)  # unused without ROPE
+    c_hi, s_lo, s_hi = c_lo, c_lo, c_lo
     if ROPE:
-        y_lo = y_lo.to(dtype).to(tl.float32)
-        y_hi = y_hi.to(dtype).to(tl.float32)
         c_lo = tl.load(cos_ptr + token * D + lo).to(tl.float32)
         c_hi = tl.load(cos_ptr + token * D + HALF + lo).to(tl.float32)
         s_lo = tl.load(sin_ptr + token * D + lo).to(tl.float32)
         s_hi = tl.load(sin_ptr + token * D + HALF + lo).to(tl.float32)
-        y_lo, y_hi = y_lo * c_lo - y_hi * s_lo, y_hi * c_hi + y_lo * s_hi
-    tl.store(dst + lo, y_lo.to(dtype))
-    tl.store(dst + HALF + lo, y_hi.to(dtype))
+    _norm_rope_row(src, dst, w_ptr, c_lo, c_hi, s_lo, s_hi, eps, D, HALF, HAS_WEIGHT, ROPE)
+
+
+@triton.jit
+def _qkv_norm_rope_kernel(q_ptr, k_ptr, v_ptr, q_stride, k_stride, v_stride, qw_ptr, kw_ptr, pos_ptr, inv_freq_ptr,
+                          q_out_ptr, keys_ptr, values_ptr, rows_ptr, slots_ptr, HQ, HKV, tokens, cache_row_stride,
+                          eps, D: tl.constexpr, HALF: tl.constexpr, LIBDEVICE: tl.constexpr, PDL: tl.constexpr):
+    # cos and sin are computed here, as `rope_cos_sin` computes its tables: the angle position * inv_freq in
+    # float32, its cos and sin (the CUDA math library's, which torch calls) rounded to the activation dtype. Both
+    # halves of a head rotate by the same angles.
+    wait_for_inputs(PDL)
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)  # [0, HQ): a query head; [HQ, HQ + HKV): a key head; then a value head
+    lo = tl.arange(0, HALF)
+    angle = tl.load(inv_freq_ptr + lo) * tl.load(pos_ptr + token).to(tl.float32)  # [HALF]
+    if LIBDEVICE:
+        c, s = libdevice.cos(angle), libdevice.sin(angle)
+    else:
+        c, s = tl.cos(angle), tl.sin(angle)
+    dtype = q_out_ptr.dtype.element_ty
+    c = c.to(dtype).to(tl.float32)
+    s = s.to(dtype).to(tl.float32)
+    if head < HQ:
+        _norm_rope_row(q_ptr + token * q_stride + head * D, q_out_ptr + (token * HQ + head) * D, qw_ptr, c, c, s, s,
+                       eps, D, HALF, True, True)
+    else:
+        cache_row = tl.load(rows_ptr + token // tokens)
+        slot = tl.load(slots_ptr + token)
+        if head < HQ + HKV:
+            kv = head - HQ
+            at = cache_row * cache_row_stride + (slot * HKV + kv) * D
+            _norm_rope_row(k_ptr + token * k_stride + kv * D, keys_ptr + at, kw_ptr, c, c, s, s, eps, D, HALF, True,
+                           True)
+        else:
+            kv = head - HQ - HKV
+            at = cache_row * cache_row_stride + (slot * HKV + kv) * D
+            _norm_rope_row(v_ptr + token * v_stride + kv * D, values_ptr + at, kw_ptr, c, c, s, s, eps, D, HALF,
+                           False, False)
 
 
 def norm_rope_triton(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor | None,
@@ -105,3 +156,49 @@ def norm_rope_triton(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Te
                                         ROPE=rope, TO_CACHE=into is not None, num_warps=2 if d <= 256 else 4,
                                         **pdl_options(x.device, b * t))
     return out if into is None else None
+
+
+def qkv_norm_rope_triton(q_raw: torch.Tensor, k_raw: torch.Tensor, v_raw: torch.Tensor, q_weight: torch.Tensor,
+                         k_weight: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, eps: float,
+                         cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """An attention layer's three norms as one launch: the queries normalised and rotated into a new [B, T, Hq, D];
+    the keys normalised and rotated, the values normalised (no weight), both written straight into the cache.
+
+    q_raw [B, T, Hq, D], k_raw and v_raw [B, T, Hkv, D] (views of one packed projection, read in place; v_raw may be
+    k_raw: k-as-v); positions [B, T] and inv_freq [D / 2] float32 (the rotation: `rope_cos_sin`'s tables, computed
+    in the kernel); cache = (keys, values [rows, slots, Hkv, D] in q_raw's dtype, rows [B], slots [B, T]). The same
+    rows as `norm_rope_triton` three times: one kernel instead of three (two of them on a side stream), so a decoded
+    token's attention waits on one short kernel, and no cos/sin tables (~14 small kernels a forward)."""
+    keys, values, rows, slots = cache
+    b, t, hq, d = q_raw.shape
+    hkv = k_raw.shape[2]
+    if (k_raw.shape != (b, t, hkv, d) or v_raw.shape != k_raw.shape or q_weight.shape != (d,)
+            or k_weight.shape != (d,) or positions.shape != (b, t) or inv_freq.shape != (d // 2,)
+            or inv_freq.dtype != torch.float32):
+        raise ValueError(f"qkv_norm_rope: q {tuple(q_raw.shape)}, k {tuple(k_raw.shape)}, v {tuple(v_raw.shape)}, "
+                         f"weights {tuple(q_weight.shape)} {tuple(k_weight.shape)}, positions {tuple(positions.shape)}"
+                         f", inv_freq {tuple(inv_freq.shape)} {inv_freq.dtype} do not fit")
+    if d % 2 or d & (d - 1):
+        raise ValueError(f"qkv_norm_rope needs a power-of-two head_dim, got {d}")
+    if (keys.shape[2:] != (hkv, d) or values.shape != keys.shape or keys.dtype != q_raw.dtype
+            or values.dtype != q_raw.dtype or not (keys.is_contiguous() and values.is_contiguous())
+            or rows.shape != (b,) or slots.shape != (b, t)):
+        raise ValueError(f"qkv_norm_rope: cache {tuple(keys.shape)} {keys.dtype}, rows {tuple(rows.shape)} and slots "
+                         f"{tuple(slots.shape)} do not fit q {tuple(q_raw.shape)} {q_raw.dtype}")
+    parts = []
+    for x in (q_raw, k_raw, v_raw):
+        evenly_spaced = x.stride(3) == 1 and x.stride(2) == d and (b == 1 or x.stride(0) == t * x.stride(1))
+        parts.append(x if evenly_spaced else x.contiguous())
+    q_raw, k_raw, v_raw = parts
+    q = torch.empty((b, t, hq, d), dtype=q_raw.dtype, device=q_raw.device)
+    _qkv_norm_rope_kernel[(b * t, hq + 2 * hkv)](
+        q_raw, k_raw, v_raw, q_raw.stride(1), k_raw.stride(1), v_raw.stride(1), q_weight, k_weight,
+        positions.contiguous(), inv_freq, q, keys, values, rows, slots.contiguous(), hq, hkv, t, keys.stride(0), eps,
+        D=d, HALF=d // 2, LIBDEVICE=not INTERPRETED, num_warps=2 if d <= 256 else 4,
+        **(pdl_options(q_raw.device, b * t) if QKV_PDL else {"PDL": False}))
+    return q
+
+
+# Whether the one-launch norms take programmatic dependent launch (`dgemma.kernels.launch`) like the other kernels:
+# a switch for the A/B that the AR slowdown of `attention.FUSED_QKV_NORM` asks for (see there).
+QKV_PDL = True

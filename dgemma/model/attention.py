@@ -20,6 +20,7 @@ from dgemma.model.kv_cache import KVCache, ring_positions
 from dgemma.model.side_stream import SideStream
 from dgemma.model.layers import (
     RMSNorm,
+    Rotation,
     linear,
     norm_heads,
     norm_rope,
@@ -56,7 +57,6 @@ class AttentionBatch:
     # Layer type -> the slots [start, end) that are read, in this order; on a sliding ring end may pass the ring's
     # size S, and slots wrap around (slot i is i mod S), so a window read across the end stays in position order.
     kv_range: dict[str, tuple[int, int]]
-    masks: dict[str, torch.Tensor]  # layer type -> [B, 1, T, end - start] bool, True = may attend
     row_range: tuple[int, int] | None  # rows are the contiguous range [a, b): read the cache in place, no gather
     # Decoder canvases only: per row, the positions [start, end) every query of the row sees on sliding layers
     # ([B] each). One contiguous key range per row lets attention skip the mask (`canvas_attention`).
@@ -65,7 +65,34 @@ class AttentionBatch:
     # what `dgemma.kernels.cache_attention` reads instead of the masks.
     key_start: torch.Tensor | None = None
     key_end: torch.Tensor | None = None
+    written_end: torch.Tensor | None = None  # [B] one past each row's last written position (places a ring's slots)
+    ring: int | None = None  # the sliding layers' ring size S (position p in slot p % S); None: the full layout
     _flash_bounds: dict = field(default_factory=dict, repr=False)  # slots per row -> `flash_bounds`
+    _masks: dict = field(default_factory=dict, repr=False)  # layer type -> `mask`
+
+    def mask(self, kind: str) -> torch.Tensor:
+        """Which slots of `kv_range[kind]` each query may attend to: [B, 1, T, end - start] bool, True = may attend.
+        Built on first use, once per forward: only the masked attention paths read it (the flash and cache-attention
+        kernels read the bounds), so a decoded token or a canvas on a GPU builds none (~15 small kernels)."""
+        if kind not in self._masks:
+            start, end = self.kv_range[kind]
+            device = self.positions.device
+            if kind == FULL:  # slot = position
+                held = torch.arange(start, end, device=device)  # [K]
+                visible = held < self.key_end[..., None]  # [B, T, K]
+            else:
+                if self.ring is None:
+                    held = torch.arange(start, end, device=device)  # [K'] the position a slot holds is the slot
+                else:
+                    # Each slot read is judged by the position it holds, with the full layout's rule
+                    # (`ring_positions` proves the slot really holds that position wherever the window can open it);
+                    # held >= 0 keeps slots this request never wrote closed.
+                    read = torch.remainder(torch.arange(start, end, device=device), self.ring)  # [K'] reading order
+                    held = ring_positions(self.written_end, self.ring)[:, read][:, None, :]  # [B, 1, K']
+                visible = ((held < self.key_end[..., None]) & (held >= self.key_start[..., None])
+                           & (held >= 0))  # [B, T, K']
+            self._masks[kind] = visible[:, None]
+        return self._masks[kind]
 
     def flash_bounds(self, slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`canvas_attention`'s offsets into a cache flattened to [rows * slots, Hkv, D]: (cu_q [B + 1], cu_k
@@ -94,30 +121,19 @@ class AttentionBatch:
         row_range: tuple[int, int] | None = None,
         canvas: bool = False,  # every query of a row has the same bounds (a decoder canvas)
     ) -> "AttentionBatch":
-        """Masks computed on the device from per-query bounds in positions: usable inside a CUDA graph capture."""
-        device = positions.device
-        full_slots = torch.arange(kv_len, device=device)  # [K]: slot = position
-        masks = {FULL: (full_slots < key_end[..., None])[:, None]}  # [B, 1, T, K]
+        """Bounds on the device, from which masks are computed (`mask`): usable inside a CUDA graph capture."""
         if not cache.ring:
             start, end = sliding_range or (0, kv_len)
-            held = torch.arange(start, end, device=device)  # [K'] the position a slot holds is the slot
             sliding_slots = write_slots
         else:
             ring = cache.sliding_slots
             start, end = sliding_range or (0, ring)
-            # Each slot read is judged by the position it holds, with the full layout's rule (`ring_positions`
-            # proves the slot really holds that position wherever the window can open it); held >= 0 keeps
-            # slots this request never wrote closed.
-            read = torch.remainder(torch.arange(start, end, device=device), ring)  # [K'] slots in reading order
-            held = ring_positions(written_end, ring)[:, read][:, None, :]  # [B, 1, K']
             padding = write_slots == cache.trash_slot
             sliding_slots = torch.where(padding, ring, torch.remainder(write_slots, ring))  # ring: its trash slot
-        masks[SLIDING] = ((held < key_end[..., None]) & (held >= key_start_sliding[..., None])
-                          & (held >= 0))[:, None]  # [B, 1, T, K']
         canvas_keys = (key_start_sliding[:, 0].clamp(min=0), key_end[:, 0]) if canvas else None
         return cls(rows, positions, {FULL: write_slots, SLIDING: sliding_slots},
-                   {FULL: (0, kv_len), SLIDING: (start, end)}, masks, row_range, canvas_keys, key_start_sliding,
-                   key_end)
+                   {FULL: (0, kv_len), SLIDING: (start, end)}, row_range, canvas_keys, key_start_sliding, key_end,
+                   written_end, cache.sliding_slots if cache.ring else None)
 
     @classmethod
     def _build(cls, rows: list[int], positions, write_slots, key_start_sliding, key_end, written_end: list[int],
@@ -249,8 +265,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [B, T, H]
-        cos: torch.Tensor,  # [B, T, D]
-        sin: torch.Tensor,  # [B, T, D]
+        rotation: Rotation,  # the batch's positions and this layer type's frequencies
         batch: AttentionBatch,
         kind: str,  # layer type: selects the mask and the slots read
         cache: KVCache,
@@ -259,16 +274,18 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         d = self.spec.head_dim
         q_raw, k_raw, v_raw = self.project(x)  # [B, T, Hq, D], [B, T, Hkv, D] x 2
-        # Write first, then attend: the canvas (and a causal chunk) attends to its own keys through the cache.
-        side = SideStream.active(self.side_stream)
-        if side:  # the keys' and values' kernels run beside the queries' (two short chains instead of one longer)
-            side.fork(self.write_kv, k_raw, v_raw, cos, sin, batch, kind, cache, layer)
-        q = norm_rope(q_raw, self.q_norm.weight, cos, sin, self.eps, self.kernel_devices)
-        if side:
-            side.join()
-        else:
-            self.write_kv(k_raw, v_raw, cos, sin, batch, kind, cache, layer)
         keys, values = cache.keys[layer], cache.values[layer]  # [rows, slots + 1, Hkv, D]
+        # Write first, then attend: the canvas (and a causal chunk) attends to its own keys through the cache.
+        if (FUSED_QKV_NORM and keys.dtype == k_raw.dtype == rotation.dtype and rotation.inv_freq.dtype == torch.float32
+                and use_fused_norm_rope(k_raw, None, None, self.kernel_devices)):
+            from dgemma.kernels.norm_rope import qkv_norm_rope_triton
+
+            q = qkv_norm_rope_triton(q_raw, k_raw, v_raw, self.q_norm.weight, self.k_norm.weight, rotation.positions,
+                                     rotation.inv_freq, self.eps,
+                                     (keys, values, batch.rows, batch.write_slots[kind]))  # [B, T, Hq, D]
+        else:
+            cos, sin = rotation.tables()  # [B, T, D] each
+            q = self.norm_and_write(q_raw, k_raw, v_raw, cos, sin, batch, kind, cache, layer)
         if use_canvas_attention(q, batch, kind, cache, self.kernel_devices):
             out = canvas_attention(q, keys, values, *batch.flash_bounds(keys.shape[1]))  # [B, T, Hq, D]
             return self.project_out(out.reshape(b, t, self.num_heads * d))
@@ -281,7 +298,7 @@ class Attention(nn.Module):
             return self.project_out(out.reshape(b, t, self.num_heads * d))
         keys, values = read_slots(keys, batch, kind, cache), read_slots(values, batch, kind, cache)
 
-        mask = batch.masks[kind]
+        mask = batch.mask(kind)
         if q.is_cuda and d > 256:
             # No fused kernel takes head_dim 512 (full layers); SDPA would fall back to float32 math.
             return self.project_out(grouped_attention(q, keys, values, mask).reshape(b, t, self.num_heads * d))
@@ -291,6 +308,20 @@ class Attention(nn.Module):
             attn_mask=mask, scale=1.0, enable_gqa=True,
         )  # [B, Hq, T, D]
         return self.project_out(out.transpose(1, 2).reshape(b, t, self.num_heads * d))
+
+    def norm_and_write(self, q_raw: torch.Tensor, k_raw: torch.Tensor, v_raw: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, batch: AttentionBatch, kind: str, cache: KVCache, layer: int) -> torch.Tensor:
+        """The queries normalised and rotated ([B, T, Hq, D], returned) and the keys and values into the cache, in
+        three norms: the path of eager devices, and of GPUs with `FUSED_QKV_NORM` off."""
+        side = SideStream.active(self.side_stream)
+        if side:  # the keys' and values' kernels run beside the queries' (two short chains instead of one longer)
+            side.fork(self.write_kv, k_raw, v_raw, cos, sin, batch, kind, cache, layer)
+        q = norm_rope(q_raw, self.q_norm.weight, cos, sin, self.eps, self.kernel_devices)
+        if side:
+            side.join()
+        else:
+            self.write_kv(k_raw, v_raw, cos, sin, batch, kind, cache, layer)
+        return q
 
     def write_kv(self, k_raw: torch.Tensor, v_raw: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  batch: AttentionBatch, kind: str, cache: KVCache, layer: int) -> None:
@@ -307,6 +338,16 @@ class Attention(nn.Module):
         v = norm_heads(v_raw, self.eps, self.kernel_devices)
         keys[batch.rows[:, None], slots] = k.to(keys.dtype)  # autocast may compute k in float32
         values[batch.rows[:, None], slots] = v.to(values.dtype)
+
+
+# Whether a layer's query, key and value norms run as one kernel that also computes the rotation's angles
+# (`qkv_norm_rope_triton`) where the fused norms run, instead of three kernels (the keys' and values' on the side
+# stream) over cos/sin tables built each forward. Bit-identical either way (tests/test_gpu.py). Off: on one H100
+# (`scripts/flags_ab.py`, two rounds, 2026-12-07) the one launch made an AR token slower, 266.5 / 270.4 -> 254.5 /
+# 257.0 tok/s, for a batch-1 step 23.24 / 23.15 -> 23.17 / 22.88 ms and the same batch-8 step. Not yet explained:
+# the likeliest cause is that without the side stream's join before attention, PDL lets the attention, merge and o
+# projection launch early one after the other while the projections still run (A/B: norm_rope.QKV_PDL=False).
+FUSED_QKV_NORM = False
 
 
 # Where `cache_attention` runs, from measurements on an H100 (docs/benchmarks.md):

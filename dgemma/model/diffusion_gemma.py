@@ -20,7 +20,7 @@ from torch import nn
 from dgemma.config import FULL, SLIDING, ModelConfig
 from dgemma.model.attention import Attention, AttentionBatch
 from dgemma.model.kv_cache import KVCache
-from dgemma.model.layers import GatedMLP, RMSNorm, linear, rms_norm, rope_cos_sin, rope_inv_freq
+from dgemma.model.layers import GatedMLP, RMSNorm, Rotation, linear, rms_norm, rope_inv_freq
 from dgemma.model.moe import Experts, Router
 from dgemma.model.side_stream import SideStream
 
@@ -52,12 +52,12 @@ class Layer(nn.Module):
         self.side_stream = None  # the stream belongs to the device the layer leaves
         return super()._apply(fn, recurse)
 
-    def forward(self, x, cos, sin, batch: AttentionBatch, cache: KVCache, scalar: torch.Tensor,
+    def forward(self, x, rotation: Rotation, batch: AttentionBatch, cache: KVCache, scalar: torch.Tensor,
                 x_normed: torch.Tensor | None = None, next_norm: RMSNorm | None = None):
         """x [B, T, H] -> (out [B, T, H], next_norm(out) or None); scalar: [1], or [T, 1] when encoder and decoder
         tokens share the forward. x_normed: this layer's input norm of x, where the layer before wrote it
         (`FOLD_NEXT_NORM`); next_norm: the norm the layer after applies to out, which this one may apply for it."""
-        attn = self.self_attn(x_normed if x_normed is not None else self.input_layernorm(x), cos, sin, batch,
+        attn = self.self_attn(x_normed if x_normed is not None else self.input_layernorm(x), rotation, batch,
                               self.kind, cache, self.index)
         return self.feed_forward(x, attn, scalar, next_norm)
 
@@ -244,16 +244,13 @@ class DiffusionGemma(nn.Module):
         """The layers over x [B, T, H] whose first `encoder_tokens` tokens are the encoder's (T: `encode`, 0: the
         decoder, between: `encode_and_decode_hidden`), then the final norm of tokens [keep_from, T): [B, T', H].
         The batch's bounds say what each token attends to."""
-        rope = {
-            SLIDING: rope_cos_sin(batch.positions, self.inv_freq_sliding, x.dtype),
-            FULL: rope_cos_sin(batch.positions, self.inv_freq_full, x.dtype),
-        }
+        rotations = {SLIDING: Rotation(batch.positions, self.inv_freq_sliding, x.dtype),
+                     FULL: Rotation(batch.positions, self.inv_freq_full, x.dtype)}
         normed = None  # the next layer's input norm of x, where the layer before computed it
         for i, layer in enumerate(self.layers):
-            cos, sin = rope[layer.kind]
             next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
-            x, normed = layer(x, cos, sin, batch, cache, self._layer_scalar(i, encoder_tokens, x.shape[1]), normed,
-                              next_norm)
+            x, normed = layer(x, rotations[layer.kind], batch, cache,
+                              self._layer_scalar(i, encoder_tokens, x.shape[1]), normed, next_norm)
         return normed[:, keep_from:] if normed is not None else self.norm(x[:, keep_from:])
 
     def encode(self, ids: torch.Tensor, batch: AttentionBatch, cache: KVCache) -> torch.Tensor:

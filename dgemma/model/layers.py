@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -156,6 +158,24 @@ def rope_cos_sin(
     freqs = positions[..., None].float() * inv_freq.to(positions.device)  # [B, T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+@dataclass
+class Rotation:
+    """How one forward rotates its tokens on one layer type: their positions and the type's inverse frequencies.
+    The cos/sin tables are built on first use (`tables`): the one-launch head norms of a GPU forward
+    (`dgemma.kernels.norm_rope.qkv_norm_rope_triton`) compute the angles themselves and build none."""
+
+    positions: torch.Tensor  # [B, T]
+    inv_freq: torch.Tensor  # [D / 2] float32
+    dtype: torch.dtype  # the tables' (the activations')
+    _tables: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: [B, T, D] each (`rope_cos_sin`), once per forward."""
+        if self._tables is None:
+            self._tables = rope_cos_sin(self.positions, self.inv_freq, self.dtype)
+        return self._tables
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
