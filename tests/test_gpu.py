@@ -465,7 +465,8 @@ def test_attention_and_experts_with_fused_kernels_match_eager_on_gpu(config, sca
         x = torch.randn(n, h, generator=gen).to("cuda", torch.bfloat16)
         eager, fused = experts_kernel_off_and_on(model, 0, x)
         assert rel_err(fused, eager) < tol, (per_expert, rel_err(fused, eager))
-    assert calls == {"norm_rope": 6, "qkv_norm_rope": 0, "fused_moe": 5, "route_top_k": 5, "attention_residual": 0, "layer_output": 0,
+    assert calls == {"norm_rope": 6, "qkv_norm_rope": 0, "fused_moe": 5, "route_top_k": 5, "attention_residual": 0,
+                     "layer_output": 0,
                      "gelu_mul": 0, "cache_attention": int(config.full.head_dim > 256)}  # a head_dim-512 full layer's
 
 
@@ -514,9 +515,9 @@ def test_model_with_fused_kernels_is_as_accurate_as_eager_on_gpu(config, scale, 
     set_kernel_devices(model, ("cuda",))
     model.prepare_inference()  # as an LLM runs it
     fused = logits_of(model)
-    # Every layer's q, k and v in both passes (three launches: FUSED_QKV_NORM is off); the experts wherever a pass has <= 32 assignments per expert (all here);
-    # every layer's routing, residual norms and dense MLP activation; the attention of every full layer of head_dim
-    # 512.
+    # Every layer's q, k and v in both passes (three launches: FUSED_QKV_NORM is off); the experts wherever a pass
+    # has <= 32 assignments per expert (all here); every layer's routing, residual norms and dense MLP activation; the
+    # attention of every full layer of head_dim 512.
     per_pass = 2 * config.num_layers * draws
     full_attention = 2 * config.layer_types.count(FULL) * draws if config.full.head_dim > 256 else 0
     assert calls == {"norm_rope": 3 * per_pass, "qkv_norm_rope": 0, "fused_moe": per_pass, "route_top_k": per_pass,

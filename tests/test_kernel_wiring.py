@@ -324,9 +324,9 @@ def test_interpreted_model_with_the_kernels_is_as_accurate_as_eager(tiny_fp16, m
     fused_model = copy.deepcopy(tiny_fp16)
     fused_model.pack_projections()  # as an LLM runs it: the kernels read q, k and v as views of one GEMM
     _, fused = run(fused_model, prompt, canvas, soft_logits)
-    # 6 layers, encoder and decoder: q, k and v of each (three launches: FUSED_QKV_NORM is off); experts of each (40 and 32 tokens, top-2 of 8: <= 32
-    # each); the routing, the two residual norms and the dense MLP's activation of each (no ring and head_dim <= 256
-    # here: no cache_attention).
+    # 6 layers, encoder and decoder: q, k and v of each (three launches: FUSED_QKV_NORM is off); experts of each (40
+    # and 32 tokens, top-2 of 8: <= 32 each); the routing, the two residual norms and the dense MLP's activation of
+    # each (no ring and head_dim <= 256 here: no cache_attention).
     assert calls == {"norm_rope": 36, "qkv_norm_rope": 0, "fused_moe": 12, "route_top_k": 12, "attention_residual": 12,
                      "layer_output": 12, "cache_attention": 0, "gelu_mul": 12}
     report = {"fused": rel_err(fused, truth), "eager": rel_err(eager, truth),

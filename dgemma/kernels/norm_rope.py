@@ -6,6 +6,9 @@ products, sum) per tensor; at batch 1 the step spends more time launching them t
 normalised value is rounded to the activation dtype (as the eager norm returns it), then rotated in float32
 and rounded once: within bf16 rounding of `apply_rope(rms_norm(x, w), cos, sin)`.
 
+`qkv_norm_rope_triton` runs a layer's three (queries, keys, values) as one launch that also computes the rotation's
+angles (`dgemma.model.attention.FUSED_QKV_NORM` says where, and why it is off).
+
 Measured (scripts/moe_kernel_sweep.py, H200, 256 tokens, eager timings include launch gaps): 8.2 us vs 155 us for
 16 heads of 256; 8.6 vs 132 us for 16 heads of 512. `dgemma.model.layers.norm_rope` decides when it runs.
 
