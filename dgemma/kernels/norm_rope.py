@@ -112,6 +112,14 @@ def _qkv_norm_rope_kernel(q_ptr, k_ptr, v_ptr, q_stride, k_stride, v_stride, qw_
                            False, False)
 
 
+def _heads_in_place(x: torch.Tensor) -> torch.Tensor:
+    """x [B, T, heads, D] as the kernels read it: itself where each token's heads are contiguous and tokens evenly
+    spaced (a view of a packed projection), else a contiguous copy."""
+    b, t, _, d = x.shape
+    evenly_spaced = x.stride(3) == 1 and x.stride(2) == d and (b == 1 or x.stride(0) == t * x.stride(1))
+    return x if evenly_spaced else x.contiguous()
+
+
 def norm_rope_triton(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor | None,
                      sin: torch.Tensor | None, eps: float,
                      into: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -140,9 +148,7 @@ def norm_rope_triton(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Te
         if not (cos.device == x.device and sin.device == x.device):
             raise ValueError("norm_rope tensors must all be on one device (CUDA, or CPU under TRITON_INTERPRET=1)")
         cos, sin = cos.contiguous(), sin.contiguous()
-    evenly_spaced = x.stride(3) == 1 and x.stride(2) == d and (b == 1 or x.stride(0) == t * x.stride(1))
-    if not evenly_spaced:
-        x = x.contiguous()
+    x = _heads_in_place(x)
     if into is None:
         out = torch.empty((b, t, heads, d), dtype=x.dtype, device=x.device)
         rows = slots = x  # unused
@@ -188,11 +194,7 @@ def qkv_norm_rope_triton(q_raw: torch.Tensor, k_raw: torch.Tensor, v_raw: torch.
             or rows.shape != (b,) or slots.shape != (b, t)):
         raise ValueError(f"qkv_norm_rope: cache {tuple(keys.shape)} {keys.dtype}, rows {tuple(rows.shape)} and slots "
                          f"{tuple(slots.shape)} do not fit q {tuple(q_raw.shape)} {q_raw.dtype}")
-    parts = []
-    for x in (q_raw, k_raw, v_raw):
-        evenly_spaced = x.stride(3) == 1 and x.stride(2) == d and (b == 1 or x.stride(0) == t * x.stride(1))
-        parts.append(x if evenly_spaced else x.contiguous())
-    q_raw, k_raw, v_raw = parts
+    q_raw, k_raw, v_raw = (_heads_in_place(x) for x in (q_raw, k_raw, v_raw))
     q = torch.empty((b, t, hq, d), dtype=q_raw.dtype, device=q_raw.device)
     _qkv_norm_rope_kernel[(b * t, hq + 2 * hkv)](
         q_raw, k_raw, v_raw, q_raw.stride(1), k_raw.stride(1), v_raw.stride(1), q_weight, k_weight,

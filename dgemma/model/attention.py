@@ -76,21 +76,17 @@ class AttentionBatch:
         kernels read the bounds), so a decoded token or a canvas on a GPU builds none (~15 small kernels)."""
         if kind not in self._masks:
             start, end = self.kv_range[kind]
-            device = self.positions.device
-            if kind == FULL:  # slot = position
-                held = torch.arange(start, end, device=device)  # [K]
-                visible = held < self.key_end[..., None]  # [B, T, K]
+            read = torch.arange(start, end, device=self.positions.device)  # [K] slots in reading order
+            if kind == SLIDING and self.ring is not None:
+                # Each slot read is judged by the position it holds, with the full layout's rule (`ring_positions`
+                # proves the slot really holds that position wherever the window can open it); held >= 0 keeps slots
+                # this request never wrote closed.
+                held = ring_positions(self.written_end, self.ring)[:, read % self.ring][:, None, :]  # [B, 1, K]
             else:
-                if self.ring is None:
-                    held = torch.arange(start, end, device=device)  # [K'] the position a slot holds is the slot
-                else:
-                    # Each slot read is judged by the position it holds, with the full layout's rule
-                    # (`ring_positions` proves the slot really holds that position wherever the window can open it);
-                    # held >= 0 keeps slots this request never wrote closed.
-                    read = torch.remainder(torch.arange(start, end, device=device), self.ring)  # [K'] reading order
-                    held = ring_positions(self.written_end, self.ring)[:, read][:, None, :]  # [B, 1, K']
-                visible = ((held < self.key_end[..., None]) & (held >= self.key_start[..., None])
-                           & (held >= 0))  # [B, T, K']
+                held = read  # [K] the position a slot holds is the slot
+            visible = held < self.key_end[..., None]  # [B, T, K]
+            if kind == SLIDING:
+                visible = visible & (held >= self.key_start[..., None]) & (held >= 0)
             self._masks[kind] = visible[:, None]
         return self._masks[kind]
 
