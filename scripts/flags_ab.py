@@ -7,7 +7,8 @@ prompt, 128 tokens or --ar-tokens, greedy). The first variant is the baseline; e
         --variant "no_pdl:dgemma.kernels.launch.PDL=False" \\
         --variant "no_gemv:dgemma.model.layers.GEMV_MAX_ROWS=0,dgemma.kernels.launch.PDL=False"   # needs a CUDA GPU
 
-A variant is `NAME:MODULE.CONSTANT=VALUE,...` (VALUE a Python literal); graphs are captured afresh for each
+A variant is `NAME:MODULE.CONSTANT=VALUE,...` (VALUE a Python literal: a dict's keys are quoted, so its commas do not
+split settings); graphs are captured afresh for each
 measurement, so every switch read at capture time takes effect.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import re
 import importlib
 
 import torch
@@ -29,7 +31,8 @@ def parse_variant(text: str) -> tuple[str, list[tuple[object, str, object]]]:
     if not sep or not name:
         raise SystemExit(f"--variant {text!r}: expected NAME:MODULE.CONSTANT=VALUE,... (the body may be empty)")
     settings = []
-    for item in filter(None, body.split(",")):
+    # Split at commas that start a new MODULE.CONSTANT=, so a value may be a dict or tuple literal with commas.
+    for item in filter(None, re.split(r",(?=\s*[\w.]+\s*=)", body)):
         target, eq, value = item.partition("=")
         module_name, dot, const = target.strip().rpartition(".")
         if not (eq and dot):

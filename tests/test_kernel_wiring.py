@@ -218,6 +218,43 @@ def test_interpreted_fused_moe_with_a_program_per_assignment_matches_the_grouped
 
 
 @interpreted
+@pytest.mark.parametrize("fp8", [False, True])  # bf16-like weights; float8 weights with per-row scales
+@pytest.mark.parametrize("n", [1, 4])  # one decoded token; four whose experts repeat (top-2 of 4)
+def test_interpreted_fused_moe_as_matrix_vector_products_matches_the_grouped_kernels(n, fp8, monkeypatch):
+    """`GEMV_MAX_ASSIGNMENTS`: decoded tokens' experts as matrix-vector products (`moe_gemv`, no grouping and no
+    tiled kernel) give the grouped kernels' rows within float16 rounding, with float8 weights too; summed, the
+    expert loop's result."""
+    from dgemma.kernels import fused_moe
+    from dgemma.model.fp8 import dequantize_rows, quantize_rows
+
+    gen = torch.Generator().manual_seed(n)
+    h, i, e, k = 80, 48, 4, 2  # H and I not multiples of the row blocks' K: masked last loads
+    x = torch.randn(n, h, generator=gen).half()
+    gate_up = (torch.randn(e, 2 * i, h, generator=gen) * h**-0.5).half()
+    down = (torch.randn(e, h, i, generator=gen) * i**-0.5).half()
+    scales = None
+    if fp8:
+        (gate_up, gs), (down, ds) = quantize_rows(gate_up.float()), quantize_rows(down.float())
+        scales = (gs, ds)
+    weights, experts = torch.topk(torch.randn(n, e, generator=gen).softmax(-1), k)
+    grouped = fused_moe.fused_moe_triton(x, weights, experts, gate_up, down, scales=scales, combine=False)
+    calls = []
+    monkeypatch.setattr(fused_moe, "group_by_expert_triton", lambda *a: calls.append(a))  # must not run
+    monkeypatch.setattr(fused_moe, "launch", lambda *a, **kw: calls.append(a))  # nor the tiled kernels
+    monkeypatch.setattr(fused_moe, "GEMV_MAX_ASSIGNMENTS", n * k)
+    monkeypatch.setattr("dgemma.kernels.moe_gemv.GATE_UP_TILE", dict(BLOCK_N=4, BLOCK_K=32, num_warps=4))
+    rows = fused_moe.fused_moe_triton(x, weights, experts, gate_up, down, scales=scales, combine=False)
+    assert not calls and rows.dtype == x.dtype and rows.shape == grouped.shape == (n * k, h)
+    assert rel_err(rows.float(), grouped.float()) < ULPS * torch.finfo(torch.float16).eps
+    if fp8:
+        gate_up, down = dequantize_rows(gate_up, scales[0], torch.float16), dequantize_rows(down, scales[1],
+                                                                                             torch.float16)
+    expected = experts_loop(x, weights, experts, gate_up, down).float()
+    summed = fused_moe.fused_moe_triton(x, weights, experts, gate_up, down)
+    assert rel_err(summed.float(), expected) < ULPS * torch.finfo(torch.float16).eps
+
+
+@interpreted
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_interpreted_combine_is_the_weighted_sum_of_each_tokens_rows(dtype):
     """Each token's K expert rows, weighted (weights rounded to the activation dtype) and summed in float32."""

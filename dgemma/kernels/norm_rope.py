@@ -28,13 +28,14 @@ from dgemma.kernels.tanh import INTERPRETED
 
 
 @triton.jit
-def _norm_rope_row(src, dst, w_ptr, c_lo, c_hi, s_lo, s_hi, eps, D: tl.constexpr, HALF: tl.constexpr,
+def norm_rope_row(src, dst, w_ptr, c_lo, c_hi, s_lo, s_hi, eps, D: tl.constexpr, HALF: tl.constexpr,
                    HAS_WEIGHT: tl.constexpr, ROPE: tl.constexpr):
     # One head of one token: D values at src -> normalised (and rotated by cos c, sin s, float32 [HALF] per half)
     # at dst.
     lo = tl.arange(0, HALF)
-    x_lo = tl.load(src + lo).to(tl.float32)
-    x_hi = tl.load(src + HALF + lo).to(tl.float32)
+    # .cg: in the q/k/v projection's per-head tails, src is other programs' stores (dgemma.kernels.last_program)
+    x_lo = tl.load(src + lo, cache_modifier=".cg").to(tl.float32)
+    x_hi = tl.load(src + HALF + lo, cache_modifier=".cg").to(tl.float32)
     inv = 1.0 / tl.sqrt((tl.sum(x_lo * x_lo, 0) + tl.sum(x_hi * x_hi, 0)) / D + eps)
     dtype = dst.dtype.element_ty
     y_lo = x_lo * inv
@@ -72,7 +73,7 @@ def _norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rows_ptr, slots_p
         c_hi = tl.load(cos_ptr + token * D + HALF + lo).to(tl.float32)
         s_lo = tl.load(sin_ptr + token * D + lo).to(tl.float32)
         s_hi = tl.load(sin_ptr + token * D + HALF + lo).to(tl.float32)
-    _norm_rope_row(src, dst, w_ptr, c_lo, c_hi, s_lo, s_hi, eps, D, HALF, HAS_WEIGHT, ROPE)
+    norm_rope_row(src, dst, w_ptr, c_lo, c_hi, s_lo, s_hi, eps, D, HALF, HAS_WEIGHT, ROPE)
 
 
 @triton.jit
@@ -95,7 +96,7 @@ def _qkv_norm_rope_kernel(q_ptr, k_ptr, v_ptr, q_stride, k_stride, v_stride, qw_
     c = c.to(dtype).to(tl.float32)
     s = s.to(dtype).to(tl.float32)
     if head < HQ:
-        _norm_rope_row(q_ptr + token * q_stride + head * D, q_out_ptr + (token * HQ + head) * D, qw_ptr, c, c, s, s,
+        norm_rope_row(q_ptr + token * q_stride + head * D, q_out_ptr + (token * HQ + head) * D, qw_ptr, c, c, s, s,
                        eps, D, HALF, True, True)
     else:
         cache_row = tl.load(rows_ptr + token // tokens)
@@ -103,12 +104,12 @@ def _qkv_norm_rope_kernel(q_ptr, k_ptr, v_ptr, q_stride, k_stride, v_stride, qw_
         if head < HQ + HKV:
             kv = head - HQ
             at = cache_row * cache_row_stride + (slot * HKV + kv) * D
-            _norm_rope_row(k_ptr + token * k_stride + kv * D, keys_ptr + at, kw_ptr, c, c, s, s, eps, D, HALF, True,
+            norm_rope_row(k_ptr + token * k_stride + kv * D, keys_ptr + at, kw_ptr, c, c, s, s, eps, D, HALF, True,
                            True)
         else:
             kv = head - HQ - HKV
             at = cache_row * cache_row_stride + (slot * HKV + kv) * D
-            _norm_rope_row(v_ptr + token * v_stride + kv * D, values_ptr + at, kw_ptr, c, c, s, s, eps, D, HALF,
+            norm_rope_row(v_ptr + token * v_stride + kv * D, values_ptr + at, kw_ptr, c, c, s, s, eps, D, HALF,
                            False, False)
 
 
