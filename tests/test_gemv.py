@@ -17,6 +17,31 @@ from dgemma.model import layers
 from dgemma.model.layers import linear, use_gemv
 
 
+def tiny_model():
+    """The tiny preset in float32 on the CPU, prepared for inference (packed projections, the tails' counters)."""
+    from dgemma.checkpoint.random_init import InitScale, build_random_model
+
+    model = build_random_model("tiny", "float32", "cpu", seed=1, scale=InitScale(embed_std=1.0, perturb=0.1))
+    model.prepare_inference()
+    return model
+
+
+def token_logits(model) -> torch.Tensor:
+    """The logits [1, V] of one decoded token (autoregressive decoding) after an 11-token prompt, through the
+    encoder: the prompt is more rows than the few-row kernels take, the token goes through them."""
+    from dgemma.model.attention import AttentionBatch
+    from dgemma.model.kv_cache import KVCache
+
+    cfg = model.config
+    prompt = torch.randint(3, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    cache = KVCache(cfg, 1, 16, model.dtype, "cpu")
+    with torch.no_grad():
+        model.encode(prompt[:, :11], AttentionBatch.for_encoder([0], [0], [11], cfg.sliding_window, cache), cache)
+        hidden = model.encode(prompt[:, 11:], AttentionBatch.for_encoder([0], [11], [1], cfg.sliding_window, cache),
+                              cache)
+        return model.logits(hidden[:, 0])
+
+
 def weights(n: int, k: int, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(n, k, generator=torch.Generator().manual_seed(n * k)).to(dtype)
 
@@ -81,15 +106,10 @@ def test_interpreted_token_by_token_forward_runs_every_dense_product_through_the
     """One token of the tiny model's encoder (autoregressive decoding) with the kernels on: q/k/v, o, the dense MLP's
     gate/up and down, the router and the LM head each run as the few-row kernel, and the logits are those of the
     eager products."""
-    from dgemma.checkpoint.random_init import InitScale, build_random_model
     from dgemma.kernels import gemv
-    from dgemma.model.attention import AttentionBatch
-    from dgemma.model.kv_cache import KVCache
 
-    model = build_random_model("tiny", "float32", "cpu", seed=1, scale=InitScale(embed_std=1.0, perturb=0.1))
-    model.pack_projections()
+    model = tiny_model()
     cfg = model.config
-    prompt = torch.randint(3, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     calls = {"gemv": 0}
     real = gemv.gemv_triton
 
@@ -101,12 +121,7 @@ def test_interpreted_token_by_token_forward_runs_every_dense_product_through_the
     logits = []
     for devices in ((), ("cpu",)):
         model.set_kernel_devices(devices)
-        cache = KVCache(cfg, 1, 16, model.dtype, "cpu")
-        with torch.no_grad():
-            model.encode(prompt[:, :11], AttentionBatch.for_encoder([0], [0], [11], cfg.sliding_window, cache), cache)
-            hidden = model.encode(prompt[:, 11:], AttentionBatch.for_encoder([0], [11], [1], cfg.sliding_window,
-                                                                             cache), cache)
-            logits.append(model.logits(hidden[:, 0]))
+        logits.append(token_logits(model))
     assert calls["gemv"] == 5 * cfg.num_layers + 1  # q/k/v, o, MLP gate/up and down, router; the LM head
     assert rel_err(logits[1], logits[0]) < 1e-5
 
@@ -226,20 +241,15 @@ def test_interpreted_token_by_token_forward_with_one_launch_tails_changes_no_bit
     """`FUSED_ROUTER` (routing in the router's kernel), `FOLD_OUTPUT_PROJECTION` (the residual norms in the output
     projection's kernel) and `FUSED_QKV_PROJECTION` (the head norms in the q/k/v projection's kernel): one token of
     the tiny model's encoder gives the logits of the separate kernels, bit for bit but for the rotation's angles,
-    with one launch a layer where there were two or four. The prompt before it (11 rows) is more than the kernels take."""
+    with one launch a layer where there were two or four."""
     import importlib
 
-    from dgemma.checkpoint.random_init import InitScale, build_random_model
     from dgemma.kernels import qkv_projection, residual_norms, routing
-    from dgemma.model.attention import AttentionBatch
-    from dgemma.model.kv_cache import KVCache
 
     module = importlib.import_module(f"dgemma.model.{switches[0]}")
-    model = build_random_model("tiny", "float32", "cpu", seed=1, scale=InitScale(embed_std=1.0, perturb=0.1))
-    model.prepare_inference()
+    model = tiny_model()
     model.set_kernel_devices(("cpu",))
     cfg = model.config
-    prompt = torch.randint(3, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     calls = []
     for kernels, name in ((routing, "router_triton"), (residual_norms, "output_projection_residual_triton"),
                           (qkv_projection, "qkv_projection_triton")):
@@ -248,12 +258,7 @@ def test_interpreted_token_by_token_forward_with_one_launch_tails_changes_no_bit
     logits = []
     for on in (False, True):
         monkeypatch.setattr(module, switches[1], on)
-        cache = KVCache(cfg, 1, 16, model.dtype, "cpu")
-        with torch.no_grad():
-            model.encode(prompt[:, :11], AttentionBatch.for_encoder([0], [0], [11], cfg.sliding_window, cache), cache)
-            hidden = model.encode(prompt[:, 11:], AttentionBatch.for_encoder([0], [11], [1], cfg.sliding_window,
-                                                                             cache), cache)
-            logits.append(model.logits(hidden[:, 0]))
+        logits.append(token_logits(model))
     assert calls == [switches[2]] * cfg.num_layers
     if switches[1] == "FUSED_QKV_PROJECTION":
         # The kernel computes the rotation's cos and sin itself: under the interpreter NumPy's, which differ from
