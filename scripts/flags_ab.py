@@ -48,7 +48,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="26b-a4b")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--batches", default="1,8", help="denoising step batch sizes")
+    p.add_argument("--batches", default="1,8", help="denoising step batch sizes ('': AR only)")
     p.add_argument("--ar-tokens", type=int, default=128, help="tokens of the AR request (1024-token prompt)")
     p.add_argument("--variant", action="append", required=True, help="NAME:MODULE.CONSTANT=VALUE,...")
     args = p.parse_args()
@@ -64,7 +64,7 @@ def main() -> None:
                 setattr(module, const, value)
             for module, const, value in settings:
                 setattr(module, const, value)
-            steps = ", ".join(f"b{b} {decoder_step_ms(model, int(b), 1024):.2f}" for b in args.batches.split(","))
+            steps = ", ".join(f"b{b} {decoder_step_ms(model, int(b), 1024):.2f}" for b in args.batches.split(",") if b)
             ar = ar_decode(model, 1024, args.ar_tokens)
             print(f"round {r}, {name:{width}s}: step ms {steps} | AR "
                   f"{ar.tokens_per_s:.1f} tok/s ({ar.decode_ms / len(ar.token_ids):.2f} ms/token)", flush=True)
