@@ -31,3 +31,5 @@ timeout 290 "$PY" scripts/flags_ab.py --rounds 3 --batches "" --ar-tokens 384 \
     --variant "tails_gemv_trig:$R,$O,$Q,$G,$T" 2>&1 | tee "$OUT/ab.txt"
 timeout 150 "$PY" -m pytest -q -x tests/test_gpu.py \
     -k "tails or router_with or output_projection_with or matrix_vector" 2>&1 | tail -6 | tee "$OUT/tests.txt"
+# The AR loop's graphed steps (GraphedEncoder.run_next: bounds advanced on the device) against eager decoding.
+timeout 100 "$PY" -m pytest -q -x tests/test_autoregressive.py -k cuda 2>&1 | tail -4 | tee -a "$OUT/tests.txt"

@@ -84,6 +84,38 @@ def test_one_token_steps_give_the_greedy_tokens_of_eager_decoding(model):
     assert tokens == eager.token_ids
 
 
+def test_next_token_steps_advance_on_the_device_as_steps_set_from_the_host(model):
+    """`run_next` (the next position of every row, its input the last forward's greedy token, no host values) gives
+    the tokens and the KV cache of `run` with the positions and tokens passed from the host, for two rows of
+    different lengths over a sliding ring; and it refuses rows that were not all set by the last `run`."""
+    cfg = model.config
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(5, cfg.vocab_size, (n,), generator=gen).tolist() for n in (50, 37)]
+    results = []
+    for advance in (False, True):
+        cache = KVCache(cfg, 2, 200, torch.float32, torch.device("cpu"), max_write_tokens=50)  # a ring of 81 slots
+        assert cache.ring
+        for row, p in enumerate(prompts):
+            model.encode(torch.tensor([p]), AttentionBatch.for_encoder([row], [0], [len(p)], cfg.sliding_window,
+                                                                       cache), cache)
+        step = GraphedEncoder(model, cache, 1, [2], next_token=True, capture=False)
+        token = torch.tensor([3, 4])
+        tokens = []
+        for i in range(40):  # row 0 runs past the ring's last slot: positions 81-89 wrap to slots 0-8
+            if advance and i > 0:
+                step.run_next(2)
+            else:
+                step.run([0, 1], token[:, None], [50 + i, 37 + i])
+            token = step.out_token[:2].clone()
+            tokens.append(token.tolist())
+        results.append((tokens, cache))
+    assert results[0][0] == results[1][0]
+    for row, n in ((0, 50 + 40), (1, 37 + 40)):  # every slot written (sliding layers: the ring's)
+        assert_rows_equal(results[0][1], results[1][1], row, n)
+    with pytest.raises(ValueError, match="after a run of them"):
+        step.run_next(1)
+
+
 def test_the_engine_builds_its_steps_without_gradient_whatever_the_caller_left_on(monkeypatch):
     # CUDA graphs keep the ops they were captured with, and the fused kernels are chosen only without gradient:
     # an engine built by a caller with grad enabled (the server, LLM) must still capture the kernel path.

@@ -81,8 +81,12 @@ def generate_ar(
         if step + 1 < max_new_tokens:
             prefix = [n + step for n in lengths]
             if graph is not None:
-                graph.run(rows, next_token[:, None], prefix)
-                next_token = graph.out_token[:b].clone()  # out_token is overwritten by the next replay
+                if step == 0:
+                    graph.run(rows, next_token[:, None], prefix)
+                else:  # the next position of every row, its input the last forward's out_token: no host values
+                    graph.run_next(b)
+                # A view, no copy: the next replay overwrites out_token only after `host.start` has queued its copy.
+                next_token = graph.out_token[:b]
             else:
                 batch = AttentionBatch.for_encoder(rows, prefix, [1] * b, model.config.sliding_window, cache)
                 hidden = model.encode(next_token[:, None], batch, cache)  # [B, 1, H]
