@@ -13,8 +13,11 @@
 #               in the output projection (diffusion_gemma.FOLD_OUTPUT_PROJECTION), the head norms in the q/k/v
 #               projection (attention.FUSED_QKV_PROJECTION)
 #   tails, tails_gemv, trig, tails_gemv_trig   their combinations
-#   dec_n32 / dec_full_n16   flash decoding with half the key tile (twice the slices, programs of one shorter tile) on
-#               sliding / full layers (cache_attention.DECODE_TILE, DECODE_TILE_FULL): never swept for one token
+#   dec_n32 / dec_full_n16_w8 / dec_both   flash decoding's key tile halved on sliding / full layers / both
+#               (cache_attention.DECODE_TILE, DECODE_TILE_FULL; 8 warps on full layers): the tiles in use spill ~1 KB
+#               and 276 B a thread (ptxas, sm_90), these none; never swept for one token
+#   merge       the key slices' merge as the attention kernel's tail (cache_attention.MERGE_TAIL; sliding layers)
+#   all         every lever above
 set -uo pipefail
 OUT="${1:-/tmp/ar_chain_ab}"
 PY="${PYTHON:-python3}"
@@ -26,13 +29,15 @@ Q=dgemma.model.attention.FUSED_QKV_PROJECTION=True
 T=dgemma.kernels.launch.TRIGGER_AFTER_WAIT=True
 F=dgemma.model.attention.FUSED_QKV_NORM=True
 DS="dgemma.kernels.cache_attention.DECODE_TILE={'block_m': 16, 'block_n': 32, 'block_d': 256, 'block_dv': 256, 'num_warps': 4, 'num_stages': 2}"
-DF="dgemma.kernels.cache_attention.DECODE_TILE_FULL={'block_m': 16, 'block_n': 16, 'block_d': 512, 'block_dv': 512, 'num_warps': 4, 'num_stages': 2}"
+DF="dgemma.kernels.cache_attention.DECODE_TILE_FULL={'block_m': 16, 'block_n': 16, 'block_d': 512, 'block_dv': 512, 'num_warps': 8, 'num_stages': 2}"
+M=dgemma.kernels.cache_attention.MERGE_TAIL=True
 nvidia-smi --query-gpu=name --format=csv,noheader
-timeout 330 "$PY" scripts/flags_ab.py --rounds 3 --batches "" --ar-tokens 384 \
+timeout 400 "$PY" scripts/flags_ab.py --rounds 3 --batches "" --ar-tokens 384 \
     --variant "default:" --variant "fused:$F" --variant "fused_nopdl:$F,dgemma.kernels.norm_rope.QKV_PDL=False" \
     --variant "moe_gemv:$G" --variant "router:$R" --variant "oproj:$O" --variant "qkv:$Q" --variant "tails:$R,$O,$Q" \
     --variant "tails_gemv:$R,$O,$Q,$G" --variant "trig:$T" --variant "fused_trig:$F,$T" \
-    --variant "tails_gemv_trig:$R,$O,$Q,$G,$T" --variant "dec_n32:$DS" --variant "dec_full_n16:$DF" 2>&1 | tee "$OUT/ab.txt"
+    --variant "tails_gemv_trig:$R,$O,$Q,$G,$T" --variant "dec_n32:$DS" --variant "dec_full_n16_w8:$DF" \
+    --variant "dec_both:$DS,$DF" --variant "merge:$M" --variant "all:$R,$O,$Q,$G,$DS,$DF,$M" 2>&1 | tee "$OUT/ab.txt"
 timeout 150 "$PY" -m pytest -q -x tests/test_gpu.py \
     -k "tails or router_with or output_projection_with or matrix_vector" 2>&1 | tail -6 | tee "$OUT/tests.txt"
 # The AR loop's graphed steps (GraphedEncoder.run_next: bounds advanced on the device) against eager decoding.

@@ -17,24 +17,25 @@ from dgemma.model import layers
 from dgemma.model.layers import linear, use_gemv
 
 
-def tiny_model():
-    """The tiny preset in float32 on the CPU, prepared for inference (packed projections, the tails' counters)."""
+def tiny_model(dtype: str = "float32"):
+    """The tiny preset on the CPU, prepared for inference (packed projections, the tails' counters)."""
     from dgemma.checkpoint.random_init import InitScale, build_random_model
 
-    model = build_random_model("tiny", "float32", "cpu", seed=1, scale=InitScale(embed_std=1.0, perturb=0.1))
+    model = build_random_model("tiny", dtype, "cpu", seed=1, scale=InitScale(embed_std=1.0, perturb=0.1))
     model.prepare_inference()
     return model
 
 
-def token_logits(model) -> torch.Tensor:
+def token_logits(model, capacity: int = 16) -> torch.Tensor:
     """The logits [1, V] of one decoded token (autoregressive decoding) after an 11-token prompt, through the
-    encoder: the prompt is more rows than the few-row kernels take, the token goes through them."""
+    encoder: the prompt is more rows than the few-row kernels take, the token goes through them. A decoded token's
+    attention reads the cache's whole capacity (cut into key slices from 128 slots on)."""
     from dgemma.model.attention import AttentionBatch
     from dgemma.model.kv_cache import KVCache
 
     cfg = model.config
     prompt = torch.randint(3, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
-    cache = KVCache(cfg, 1, 16, model.dtype, "cpu")
+    cache = KVCache(cfg, 1, capacity, model.dtype, "cpu")
     with torch.no_grad():
         model.encode(prompt[:, :11], AttentionBatch.for_encoder([0], [0], [11], cfg.sliding_window, cache), cache)
         hidden = model.encode(prompt[:, 11:], AttentionBatch.for_encoder([0], [11], [1], cfg.sliding_window, cache),
@@ -267,3 +268,26 @@ def test_interpreted_token_by_token_forward_with_one_launch_tails_changes_no_bit
         assert rel_err(logits[1], logits[0]) < 1e-6
     else:
         assert torch.equal(logits[1], logits[0])
+
+
+@interpreted
+def test_interpreted_token_forward_with_the_merge_as_attentions_tail_changes_no_bit(monkeypatch):
+    """`cache_attention.MERGE_TAIL`: a decoded token's attention over key slices merges them in the attention
+    kernel's tail, with the cache's counters, on every layer of the tiny model (their partials are small): no merge
+    kernel runs, and the logits are the bits of the merge kernel's. (fp16: the attention kernel takes 16-bit
+    activations.)"""
+    from dgemma.kernels import cache_attention
+
+    model = tiny_model("float16")
+    model.set_kernel_devices(("cpu",))
+    launches = []
+    real = cache_attention._merge_splits_kernel
+    monkeypatch.setattr(cache_attention, "_merge_splits_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: launches.append(grid) or real[grid]})())
+    logits = []
+    for on in (False, True):
+        monkeypatch.setattr(cache_attention, "MERGE_TAIL", on)
+        launches.clear()
+        logits.append(token_logits(model, capacity=300))  # 4 slices of 64 keys
+        assert (len(launches) == 0) == on, launches
+    assert torch.equal(logits[1], logits[0])

@@ -270,17 +270,20 @@ def test_one_launch_of_the_head_norms_changes_no_result_on_gpu(monkeypatch):
 
 
 def test_one_launch_tails_change_no_result_on_gpu(monkeypatch):
-    """`FUSED_ROUTER`, `FOLD_OUTPUT_PROJECTION` and `FUSED_QKV_PROJECTION`: a decoded token's routing runs as the tail
-    of the router's product, its residual norms as the tail of the output projection, and its head norms as
-    per-head tails of the q/k/v projection (`dgemma.kernels.last_program`). The same arithmetic (the angles from the
-    CUDA math library, as torch's tables): bit-identical logits, KV cache, graphed engine tokens and graphed AR
-    tokens (the tokens that take the tails) on a slice of the released shapes."""
+    """`FUSED_ROUTER`, `FOLD_OUTPUT_PROJECTION`, `FUSED_QKV_PROJECTION` and `MERGE_TAIL`: a decoded token's routing
+    runs as the tail of the router's product, its residual norms as the tail of the output projection, its head norms
+    as per-head tails of the q/k/v projection, and the merge of its key slices as the attention kernel's tail
+    (`dgemma.kernels.last_program`). The same arithmetic (the angles from the CUDA math library, as torch's tables):
+    bit-identical logits, KV cache, graphed engine tokens and graphed AR tokens (the tokens that take the tails) on
+    a slice of the released shapes."""
+    from dgemma.kernels import cache_attention
     from dgemma.model import attention, diffusion_gemma, moe
 
     def tails(on: bool) -> None:
         monkeypatch.setattr(moe, "FUSED_ROUTER", on)
         monkeypatch.setattr(diffusion_gemma, "FOLD_OUTPUT_PROJECTION", on)
         monkeypatch.setattr(attention, "FUSED_QKV_PROJECTION", on)
+        monkeypatch.setattr(cache_attention, "MERGE_TAIL", on)
 
     assert_bit_identical(*results_off_and_on(tails, [SLIDING, FULL]))
 

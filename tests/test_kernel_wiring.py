@@ -671,6 +671,35 @@ def test_interpreted_decoded_token_over_a_split_key_range_matches_one_pass(dtype
     assert rel_err(split.float(), one_pass.float()) < max(ULPS * torch.finfo(dtype).eps, 1e-5)
 
 
+@interpreted
+@pytest.mark.parametrize("window,ring", [(None, None), (12, 20)])
+@pytest.mark.parametrize("block_dv", [32, 16])  # one value block; two, whose programs all count before the merge
+def test_interpreted_merge_of_the_key_slices_as_the_attention_kernels_tail_changes_no_bit(window, ring, block_dv,
+                                                                                          monkeypatch):
+    """`MERGE_TAIL`: with counters given, the last program of each query block merges the slices' partials itself,
+    with the arithmetic of the merge kernel, so the output is the same bits, launch after launch, and the counters
+    end at zero; without counters, or over MERGE_TAIL_MAX_BYTES, the merge kernel runs."""
+    from dgemma.kernels import cache_attention
+
+    q, cache_keys, cache_values, rows, key_start, key_end, _ = cache_attention_case(
+        torch.float16, 3, 1, 4, 2, 32, window, ring, seed=block_dv)
+    tile = dict(block_m=16, block_n=16, block_d=32, block_dv=block_dv)
+    args = (q, cache_keys, cache_values, rows, key_start, key_end, ring)
+    merged = cache_attention.cache_attention_triton(*args, splits=4, **tile)
+    monkeypatch.setattr(cache_attention, "MERGE_TAIL", True)
+    calls = []
+    real_merge = cache_attention._merge_splits_kernel
+    monkeypatch.setattr(cache_attention, "_merge_splits_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: calls.append(grid) or real_merge[grid]})())
+    counters = torch.zeros(3 * 2, dtype=torch.int32)
+    for _ in range(2):
+        tail = cache_attention.cache_attention_triton(*args, splits=4, counters=counters, **tile)
+        assert torch.equal(tail, merged) and not counters.any() and not calls
+    monkeypatch.setattr(cache_attention, "MERGE_TAIL_MAX_BYTES", 1000)  # under a block's 2 x 4 x 32 x 4 bytes
+    assert torch.equal(cache_attention.cache_attention_triton(*args, splits=4, counters=counters, **tile), merged)
+    assert len(calls) == 1
+
+
 def test_split_key_range_must_be_a_power_of_two():
     pytest.importorskip("triton")
     from dgemma.kernels.cache_attention import cache_attention_triton

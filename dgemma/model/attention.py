@@ -325,7 +325,8 @@ class Attention(nn.Module):
 
             sliding = kind == SLIDING  # a window (on a ring: position p in slot p % S); full layers: all before
             out = cache_attention_triton(q, keys, values, batch.rows, batch.key_start if sliding else None,
-                                         batch.key_end, cache.sliding_slots if sliding and cache.ring else None)
+                                         batch.key_end, cache.sliding_slots if sliding and cache.ring else None,
+                                         counters=cache.counters)
             return out.reshape(b, t, self.num_heads * d)
         keys, values = read_slots(keys, batch, kind, cache), read_slots(values, batch, kind, cache)
 
