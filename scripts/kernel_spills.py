@@ -1,0 +1,152 @@
+"""Registers and spills of the engine's Triton kernels on Hopper (sm_90), at the released model's shapes and the
+tiles the engine launches, without a GPU: each kernel is compiled to PTX by Triton and assembled by the `ptxas`
+Triton ships, which reports what a thread uses.
+
+    python scripts/kernel_spills.py [--only moe,attention,products]
+
+A spill is local memory: per thread, through L1 and, where it does not fit there, L2. In a kernel that streams
+weights it competes with the stream; in a latency-bound one (a decoded token's attention) it lengthens the chain.
+The table says where to look, not what is faster: tiles are chosen by timing them (`scripts/moe_kernel_sweep.py`,
+`scripts/cache_attention_sweep.py`, `scripts/flags_ab.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from dgemma.kernels import cache_attention, fused_moe, gemv, moe_gemv, qkv_projection, residual_norms, routing
+from dgemma.kernels.moe_tiles import tiles_for
+
+H, I, E, K = 2816, 704, 128, 8  # hidden, expert width, experts, experts a token (26b-a4b)
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def signature(names: str, types: dict[str, str], default: str = "*bf16") -> dict[str, str]:
+    """Triton's signature from the kernel's argument names: pointers `default` unless typed, constexprs by name."""
+    sig = {}
+    for name in names.split():
+        sig[name] = types.get(name, "constexpr" if name.isupper() and name not in types else default)
+    return sig
+
+
+def report(label: str, fn, sig: dict, const: dict, warps: int, stages: int = 3) -> None:
+    compiled = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(compiled.asm["ptx"])
+    try:
+        out = subprocess.run([PTXAS, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull], capture_output=True,
+                             text=True, check=True).stderr
+    finally:
+        os.unlink(f.name)
+    regs = re.search(r"Used (\d+) registers", out)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    print(f"  {label:64s} {warps} warps  {regs.group(1) if regs else '?':>3s} regs  spills "
+          f"{spill.group(1) if spill else '?':>5s} B st / {spill.group(2) if spill else '?':>5s} B ld  "
+          f"smem {compiled.metadata.shared // 1024} KB", flush=True)
+
+
+def products() -> None:
+    print("few-row products and their tails (decoded tokens; 4 warps)")
+    gemv_sig = signature("x_ptr w_ptr y_ptr N K stride_x stride_y M BLOCK_N BLOCK_K PDL PRELOAD",
+                         {"N": "i32", "K": "i32", "stride_x": "i32", "stride_y": "i32"})
+    base = dict(BLOCK_N=gemv.BLOCK_N, PDL=1, PRELOAD=True)
+    for m in (1, 4):
+        report(f"gemv, {m} row(s), K <= 4096", gemv._gemv_kernel, gemv_sig, dict(base, M=m, BLOCK_K=4096),
+               gemv.NUM_WARPS)
+    router_sig = signature("x_ptr w_ptr logits_ptr scale_ptr weights_ptr experts_ptr counter_ptr E H stride_x M "
+                           "BLOCK_N BLOCK_K PDL PRELOAD K BLOCK_E BLOCK_TOP",
+                           {"weights_ptr": "*fp32", "experts_ptr": "*i64", "counter_ptr": "*i32", "E": "i32",
+                            "H": "i32", "stride_x": "i32"})
+    report("router + routing tail, 1 row", routing._router_kernel, router_sig,
+           dict(base, M=1, BLOCK_K=4096, K=K, BLOCK_E=E, BLOCK_TOP=K), gemv.NUM_WARPS)
+    o_sig = signature("heads_ptr w_o_ptr attn_ptr counter_ptr x_ptr w_post_ptr w_dense_ptr w_experts_ptr "
+                      "router_scale_ptr h_ptr dense_ptr router_ptr experts_ptr D HEADS stride_heads eps "
+                      "router_factor M BLOCK_N BLOCK_K PDL PRELOAD BLOCK",
+                      {"counter_ptr": "*i32", "D": "i32", "HEADS": "i32", "stride_heads": "i32", "eps": "fp32",
+                       "router_factor": "fp32"})
+    report("o product + residual norms tail, 1 row", residual_norms._output_projection_residual_kernel, o_sig,
+           dict(base, M=1, BLOCK_K=4096, BLOCK=4096), gemv.NUM_WARPS)
+    qkv_sig = signature("x_ptr w_ptr raw_ptr counters_ptr qw_ptr kw_ptr pos_ptr inv_freq_ptr q_out_ptr keys_ptr "
+                        "values_ptr rows_ptr slots_ptr N K stride_x HQ HKV tokens cache_row_stride eps M BLOCK_N "
+                        "BLOCK_K PDL PRELOAD D HALF K_AS_V LIBDEVICE",
+                        {"counters_ptr": "*i32", "pos_ptr": "*i64", "inv_freq_ptr": "*fp32", "rows_ptr": "*i64",
+                         "slots_ptr": "*i64", "N": "i32", "K": "i32", "stride_x": "i32", "HQ": "i32", "HKV": "i32",
+                         "tokens": "i32", "cache_row_stride": "i32", "eps": "fp32"})
+    for d, k_as_v in ((256, False), (512, True)):
+        report(f"q/k/v product + head norm tails, head_dim {d}", qkv_projection._qkv_projection_kernel, qkv_sig,
+               dict(base, M=1, BLOCK_K=4096, D=d, HALF=d // 2, K_AS_V=k_as_v, LIBDEVICE=True), gemv.NUM_WARPS)
+    rows_types = {"scale_ptr": "*fp32", "experts_ptr": "*i64", "H": "i32", "I": "i32", "K_ROUTE": "i32"}
+    gu_sig = signature("x_ptr w_ptr scale_ptr experts_ptr out_ptr H I K_ROUTE BLOCK_N BLOCK_K SCALED PDL",
+                       rows_types)
+    down_sig = signature("h_ptr w_ptr scale_ptr experts_ptr out_ptr H I BLOCK_N BLOCK_K SCALED PDL", rows_types)
+    for name, fn, sig, tile in (("gate/up", moe_gemv._gate_up_rows_kernel, gu_sig, moe_gemv.GATE_UP_TILE),
+                                ("down", moe_gemv._down_rows_kernel, down_sig, moe_gemv.DOWN_TILE)):
+        blocks = {k: v for k, v in tile.items() if k != "num_warps"}
+        report(f"experts as matrix-vector products: {name}", fn, sig, dict(blocks, SCALED=False, PDL=1),
+               tile["num_warps"])
+
+
+def moe() -> None:
+    print("fused MoE at the tiles `tiles_for` picks (26b-a4b, bf16)")
+    types = {"scale_ptr": "*bf16", "token_ptr": "*i64", "dest_ptr": "*i64", "ends_ptr": "*i32",
+             "experts_ptr": "*i64", "H": "i32", "I": "i32", "K_ROUTE": "i32"}
+    flags = "BLOCK_M BLOCK_N BLOCK_K EVEN_N EVEN_K M_SPLITS SCALED SWAP_AB TAIL_M DIRECT PDL"
+    gate_up_sig = signature(f"x_ptr w_ptr scale_ptr token_ptr ends_ptr experts_ptr out_ptr H I K_ROUTE {flags}", types)
+    down_sig = signature(f"h_ptr w_ptr scale_ptr dest_ptr ends_ptr experts_ptr out_ptr H I {flags}", types)
+    for tokens, what in ((1, "a decoded token"), (256, "a batch-1 canvas"), (1024, "4 canvases"),
+                         (2048, "8 canvases"), (8192, "32 canvases")):
+        assignments = tokens * K
+        for name, fn, sig, tile, n, k in zip(("gate/up", "down"), (fused_moe._gate_up_kernel, fused_moe._down_kernel),
+                                             (gate_up_sig, down_sig), tiles_for(assignments, E), (I, H), (H, I)):
+            t = fused_moe._with_tail({"BLOCK_M": fused_moe._block_m(assignments, E), "M_SPLITS": 1,
+                                      "SWAP_AB": False, "TAIL_M": 0, **tile})
+            warps, stages = t.pop("num_warps"), t.pop("num_stages")
+            const = dict(t, EVEN_N=n % t["BLOCK_N"] == 0, EVEN_K=k % t["BLOCK_K"] == 0, SCALED=False, DIRECT=False,
+                         PDL=1 if tokens <= 256 else False)
+            shape = "x".join(str(t[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            report(f"{name}, {what}: {shape}, {stages} stages", fn, sig, const, warps, stages)
+
+
+def attention() -> None:
+    print("attention over the cache (`cache_attention`), the tiles in use")
+    types = {"rows_ptr": "*i64", "start_ptr": "*i64", "end_ptr": "*i64", "part_ptr": "*fp32", "stats_ptr": "*fp32",
+             "counters_ptr": "*i32", "T": "i32", "HQ": "i32", "HKV": "i32", "G": "i32", "k_row_stride": "i32",
+             "ring": "i32"}
+    sig = signature("q_ptr k_ptr v_ptr rows_ptr start_ptr end_ptr out_ptr part_ptr stats_ptr counters_ptr T HQ HKV G "
+                    "k_row_stride ring D BLOCK_M BLOCK_N BLOCK_D BLOCK_DV HAS_START RING SPLITS MERGE_DV PDL", types)
+    ca = cache_attention
+    for label, tile, d, sliding, splits in (
+            ("decoded token, sliding layer", ca.DECODE_TILE, 256, True, 16),
+            ("decoded token, full layer", ca.DECODE_TILE_FULL, 512, False, 32),
+            ("canvas, sliding layer on a ring", ca.SLIDING_TILE, 256, True, 1),
+            ("canvas, full layer, batch 1", ca.FULL_TILE_FEW_ROWS, 512, False, 1),
+            ("canvas, full layer, batches", ca.FULL_TILE, 512, False, 1)):
+        const = dict(D=d, BLOCK_M=tile["block_m"], BLOCK_N=tile["block_n"], BLOCK_D=min(tile["block_d"], d),
+                     BLOCK_DV=min(tile["block_dv"], d), HAS_START=sliding, RING=sliding, SPLITS=splits, MERGE_DV=0,
+                     PDL=1)
+        shape = f"{tile['block_m']} rows x {tile['block_n']} keys, dv {const['BLOCK_DV']}"
+        report(f"{label}: {shape}", ca._cache_attention_kernel, sig, const, tile["num_warps"], tile["num_stages"])
+
+
+def main() -> None:
+    parts = {"products": products, "moe": moe, "attention": attention}
+    p = argparse.ArgumentParser()
+    p.add_argument("--only", default=",".join(parts), help="comma-separated: " + ", ".join(parts))
+    args = p.parse_args()
+    for name in args.only.split(","):
+        if name not in parts:
+            raise SystemExit(f"--only: unknown part {name!r}; choose from {', '.join(parts)}")
+        parts[name]()
+
+
+if __name__ == "__main__":
+    main()
