@@ -8,8 +8,9 @@
 # of the graphed step at batch 1 and 8 (1024-token prefix) and AR tok/s. A tile is worth taking where both its rounds
 # beat both of the default's at the batch it serves; the tiles change no result beyond the order of float32 sums
 # (`pytest tests/test_gpu.py -k "fused_moe or attention"` checks them against eager).
-#   gu_w8 / gu_k64   the experts' gate/up tile for a canvas or a decoded token (moe_tiles.GATE_UP_TILE): 8 warps,
-#                    or half the K slice (the tile in use spills ~1 KB a thread; these 128 and 64 B)
+#   gu_w8 / gu_k64 / gu_swap_k64 / gu_swap_w8   the experts' gate/up tile for a canvas or a decoded token
+#                    (moe_tiles.GATE_UP_TILE): 8 warps, half the K slice, and each with the weights as the first
+#                    operand (SWAP_AB) (the tile in use spills ~1 KB a thread; these 128 B, 64 B, none, none)
 #   down_n128 / down_m64   the experts' down tile from 4 canvases on (moe_tiles.LARGE_TILES): 128 output columns,
 #                    or 64 rows (the tile in use spills ~1.7 KB a thread; these ~0.2 and ~0.3 KB)
 #   full_dv128 / full_m64   a canvas's full-layer attention at batches (cache_attention.FULL_TILE): 128 value
@@ -24,6 +25,8 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 timeout 420 "$PY" scripts/flags_ab.py --rounds 2 --batches 1,8 --ar-tokens 128 --variant "default:" \
     --variant "gu_w8:$T.GATE_UP_TILE={'BLOCK_N': 64, 'BLOCK_K': 128, 'num_warps': 8, 'num_stages': 4}" \
     --variant "gu_k64:$T.GATE_UP_TILE={'BLOCK_N': 64, 'BLOCK_K': 64, 'num_warps': 4, 'num_stages': 4}" \
+    --variant "gu_swap_k64:$T.GATE_UP_TILE={'BLOCK_N': 64, 'BLOCK_K': 64, 'num_warps': 4, 'num_stages': 4, 'SWAP_AB': True}" \
+    --variant "gu_swap_w8:$T.GATE_UP_TILE={'BLOCK_N': 64, 'BLOCK_K': 128, 'num_warps': 8, 'num_stages': 4, 'SWAP_AB': True}" \
     --variant "down_n128:$T.LARGE_TILES=((64, {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 64, 'num_warps': 8, 'num_stages': 4}, {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 64, 'num_warps': 8, 'num_stages': 4}), (128, {'BLOCK_M': 128, 'BLOCK_N': 64, 'BLOCK_K': 64, 'num_warps': 8, 'num_stages': 3, 'M_SPLITS': 2}, {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 64, 'num_warps': 8, 'num_stages': 4, 'M_SPLITS': 2}), (256, {'BLOCK_M': 128, 'BLOCK_N': 64, 'BLOCK_K': 64, 'num_warps': 8, 'num_stages': 3, 'M_SPLITS': 3}, {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 64, 'num_warps': 8, 'num_stages': 4, 'M_SPLITS': 3}), (512, {'BLOCK_M': 128, 'BLOCK_N': 64, 'BLOCK_K': 64, 'num_warps': 8, 'num_stages': 3, 'M_SPLITS': 5}, {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 64, 'num_warps': 8, 'num_stages': 4, 'M_SPLITS': 5}))" \
     --variant "down_m64:$T.LARGE_TILES=((64, {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 64, 'num_warps': 8, 'num_stages': 4}, {'BLOCK_M': 64, 'BLOCK_N': 256, 'BLOCK_K': 64, 'num_warps': 8, 'num_stages': 4}), (128, {'BLOCK_M': 128, 'BLOCK_N': 64, 'BLOCK_K': 64, 'num_warps': 8, 'num_stages': 3, 'M_SPLITS': 2}, {'BLOCK_M': 64, 'BLOCK_N': 256, 'BLOCK_K': 64, 'num_warps': 8, 'num_stages': 4, 'M_SPLITS': 2}), (256, {'BLOCK_M': 128, 'BLOCK_N': 64, 'BLOCK_K': 64, 'num_warps': 8, 'num_stages': 3, 'M_SPLITS': 3}, {'BLOCK_M': 64, 'BLOCK_N': 256, 'BLOCK_K': 64, 'num_warps': 8, 'num_stages': 4, 'M_SPLITS': 3}), (512, {'BLOCK_M': 128, 'BLOCK_N': 64, 'BLOCK_K': 64, 'num_warps': 8, 'num_stages': 3, 'M_SPLITS': 5}, {'BLOCK_M': 64, 'BLOCK_N': 256, 'BLOCK_K': 64, 'num_warps': 8, 'num_stages': 4, 'M_SPLITS': 5}))" \
     --variant "full_dv128:$A.FULL_TILE={'block_m': 128, 'block_n': 32, 'block_d': 512, 'block_dv': 128, 'num_warps': 8, 'num_stages': 2}" \
