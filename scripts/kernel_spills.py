@@ -142,6 +142,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--only", default=",".join(parts), help="comma-separated: " + ", ".join(parts))
     args = p.parse_args()
+    if not os.access(PTXAS, os.X_OK):
+        raise SystemExit(f"no ptxas at {PTXAS}: this needs Triton with its NVIDIA backend (pip install triton==3.6.0)")
     for name in args.only.split(","):
         if name not in parts:
             raise SystemExit(f"--only: unknown part {name!r}; choose from {', '.join(parts)}")
