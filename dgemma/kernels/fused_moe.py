@@ -10,6 +10,7 @@ gathered copy of the inputs, a separate gelu*up pass and an un-permuting gather.
   token-major slot (token * K + k), so the weighted sum over K needs no gather.
 - With at most `DIRECT_MAX_ASSIGNMENTS` assignments (decoded tokens) the second grid axis is the assignment, not
   the expert: each program takes one token-major row and the expert the routing chose for it, with no grouping.
+  With at most `GEMV_MAX_ASSIGNMENTS`, `dgemma.kernels.moe_gemv` computes those rows as matrix-vector products.
 - Both grids have a first axis of M_SPLITS programs (1 by default) that share an expert's tile and take its
   passes of BLOCK_M rows in turn: an expert just over one tile's rows is then read by two programs launched side by
   side (the second read can come from L2) instead of twice by one program in sequence. For tile sweeps.
