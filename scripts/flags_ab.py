@@ -64,8 +64,15 @@ def main() -> None:
                 setattr(module, const, value)
             for module, const, value in settings:
                 setattr(module, const, value)
-            steps = ", ".join(f"b{b} {decoder_step_ms(model, int(b), 1024):.2f}" for b in args.batches.split(",") if b)
-            ar = ar_decode(model, 1024, args.ar_tokens)
+            try:
+                steps = ", ".join(f"b{b} {decoder_step_ms(model, int(b), 1024):.2f}"
+                                  for b in args.batches.split(",") if b)
+                ar = ar_decode(model, 1024, args.ar_tokens)
+            except Exception as exc:  # noqa: BLE001 - one variant's failure (a tile that does not compile, say)
+                # must not cost the others' figures on a scarce machine; a broken CUDA context fails them all anyway
+                print(f"round {r}, {name:{width}s}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                torch.cuda.empty_cache()
+                continue
             print(f"round {r}, {name:{width}s}: step ms {steps} | AR "
                   f"{ar.tokens_per_s:.1f} tok/s ({ar.decode_ms / len(ar.token_ids):.2f} ms/token)", flush=True)
     for (module, const), value in defaults.items():
