@@ -235,9 +235,10 @@ def test_interpreted_qkv_projection_with_the_head_norms_as_tails_equals_the_four
 
 
 @interpreted
-@pytest.mark.parametrize("switches", [("moe", "FUSED_ROUTER", "router_triton"),
-                                      ("diffusion_gemma", "FOLD_OUTPUT_PROJECTION", "output_projection_residual_triton"),
-                                      ("attention", "FUSED_QKV_PROJECTION", "qkv_projection_triton")])
+@pytest.mark.parametrize("switches", [
+    ("moe", "FUSED_ROUTER", "router_triton"),
+    ("diffusion_gemma", "FOLD_OUTPUT_PROJECTION", "output_projection_residual_triton"),
+    ("attention", "FUSED_QKV_PROJECTION", "qkv_projection_triton")])
 def test_interpreted_token_by_token_forward_with_one_launch_tails_changes_no_bit(switches, monkeypatch):
     """`FUSED_ROUTER` (routing in the router's kernel), `FOLD_OUTPUT_PROJECTION` (the residual norms in the output
     projection's kernel) and `FUSED_QKV_PROJECTION` (the head norms in the q/k/v projection's kernel): one token of
