@@ -8,16 +8,15 @@ prompt, 128 tokens or --ar-tokens, greedy). The first variant is the baseline; e
         --variant "no_gemv:dgemma.model.layers.GEMV_MAX_ROWS=0,dgemma.kernels.launch.PDL=False"   # needs a CUDA GPU
 
 A variant is `NAME:MODULE.CONSTANT=VALUE,...` (VALUE a Python literal: a dict's keys are quoted, so its commas do not
-split settings); graphs are captured afresh for each
-measurement, so every switch read at capture time takes effect.
+split settings); graphs are captured afresh for each measurement, so every switch read at capture time takes effect.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import re
 import importlib
+import re
 
 import torch
 

@@ -77,24 +77,26 @@ def _norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rows_ptr, slots_p
 
 
 @triton.jit
-def _qkv_norm_rope_kernel(q_ptr, k_ptr, v_ptr, q_stride, k_stride, v_stride, qw_ptr, kw_ptr, pos_ptr, inv_freq_ptr,
-                          q_out_ptr, keys_ptr, values_ptr, rows_ptr, slots_ptr, HQ, HKV, tokens, cache_row_stride,
-                          eps, D: tl.constexpr, HALF: tl.constexpr, LIBDEVICE: tl.constexpr, PDL: tl.constexpr):
-    # cos and sin are computed here, as `rope_cos_sin` computes its tables: the angle position * inv_freq in
-    # float32, its cos and sin (the CUDA math library's, which torch calls) rounded to the activation dtype. Both
-    # halves of a head rotate by the same angles.
-    wait_for_inputs(PDL)
-    token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)  # [0, HQ): a query head; [HQ, HQ + HKV): a key head; then a value head
-    lo = tl.arange(0, HALF)
-    angle = tl.load(inv_freq_ptr + lo) * tl.load(pos_ptr + token).to(tl.float32)  # [HALF]
+def rope_angles(inv_freq_ptr, pos_ptr, dtype: tl.constexpr, HALF: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """cos, sin [HALF] float32 of the position at pos_ptr, as `rope_cos_sin` computes its tables: the angle
+    position * inv_freq in float32, its cos and sin (the CUDA math library's, which torch calls; LIBDEVICE off under
+    the interpreter) rounded to the activation dtype. Both halves of a head rotate by the same angles."""
+    angle = tl.load(inv_freq_ptr + tl.arange(0, HALF)) * tl.load(pos_ptr).to(tl.float32)  # [HALF]
     if LIBDEVICE:
         c, s = libdevice.cos(angle), libdevice.sin(angle)
     else:
         c, s = tl.cos(angle), tl.sin(angle)
-    dtype = q_out_ptr.dtype.element_ty
-    c = c.to(dtype).to(tl.float32)
-    s = s.to(dtype).to(tl.float32)
+    return c.to(dtype).to(tl.float32), s.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _qkv_norm_rope_kernel(q_ptr, k_ptr, v_ptr, q_stride, k_stride, v_stride, qw_ptr, kw_ptr, pos_ptr, inv_freq_ptr,
+                          q_out_ptr, keys_ptr, values_ptr, rows_ptr, slots_ptr, HQ, HKV, tokens, cache_row_stride,
+                          eps, D: tl.constexpr, HALF: tl.constexpr, LIBDEVICE: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)  # [0, HQ): a query head; [HQ, HQ + HKV): a key head; then a value head
+    c, s = rope_angles(inv_freq_ptr, pos_ptr + token, q_out_ptr.dtype.element_ty, HALF, LIBDEVICE)
     if head < HQ:
         norm_rope_row(q_ptr + token * q_stride + head * D, q_out_ptr + (token * HQ + head) * D, qw_ptr, c, c, s, s,
                        eps, D, HALF, True, True)
@@ -168,6 +170,17 @@ def norm_rope_triton(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Te
     return out if into is None else None
 
 
+def check_cache_write(who: str, cache: tuple, b: int, t: int, hkv: int, d: int, dtype: torch.dtype,
+                      what: str) -> None:
+    """A clear error unless cache = (keys, values [rows, slots, Hkv, D] contiguous in `dtype`, rows [B], slots
+    [B, T]) takes the normalised keys and values of B x T tokens (`what` names the input, for the message)."""
+    keys, values, rows, slots = cache
+    if (keys.shape[2:] != (hkv, d) or values.shape != keys.shape or keys.dtype != dtype or values.dtype != dtype
+            or not (keys.is_contiguous() and values.is_contiguous()) or rows.shape != (b,) or slots.shape != (b, t)):
+        raise ValueError(f"{who}: cache {tuple(keys.shape)} {keys.dtype}, rows {tuple(rows.shape)} and slots "
+                         f"{tuple(slots.shape)} do not fit {what}")
+
+
 def qkv_norm_rope_triton(q_raw: torch.Tensor, k_raw: torch.Tensor, v_raw: torch.Tensor, q_weight: torch.Tensor,
                          k_weight: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, eps: float,
                          cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -190,11 +203,7 @@ def qkv_norm_rope_triton(q_raw: torch.Tensor, k_raw: torch.Tensor, v_raw: torch.
                          f", inv_freq {tuple(inv_freq.shape)} {inv_freq.dtype} do not fit")
     if d % 2 or d & (d - 1):
         raise ValueError(f"qkv_norm_rope needs a power-of-two head_dim, got {d}")
-    if (keys.shape[2:] != (hkv, d) or values.shape != keys.shape or keys.dtype != q_raw.dtype
-            or values.dtype != q_raw.dtype or not (keys.is_contiguous() and values.is_contiguous())
-            or rows.shape != (b,) or slots.shape != (b, t)):
-        raise ValueError(f"qkv_norm_rope: cache {tuple(keys.shape)} {keys.dtype}, rows {tuple(rows.shape)} and slots "
-                         f"{tuple(slots.shape)} do not fit q {tuple(q_raw.shape)} {q_raw.dtype}")
+    check_cache_write("qkv_norm_rope", cache, b, t, hkv, d, q_raw.dtype, f"q {tuple(q_raw.shape)} {q_raw.dtype}")
     q_raw, k_raw, v_raw = (_heads_in_place(x) for x in (q_raw, k_raw, v_raw))
     q = torch.empty((b, t, hq, d), dtype=q_raw.dtype, device=q_raw.device)
     _qkv_norm_rope_kernel[(b * t, hq + 2 * hkv)](

@@ -14,11 +14,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from dgemma.kernels.gemv import gemv_launch, gemv_rows
 from dgemma.kernels.last_program import last_program
-from dgemma.kernels.norm_rope import norm_rope_row
+from dgemma.kernels.norm_rope import check_cache_write, norm_rope_row, rope_angles
 from dgemma.kernels.tanh import INTERPRETED
 
 
@@ -31,17 +30,8 @@ def _qkv_projection_kernel(x_ptr, w_ptr, raw_ptr, counters_ptr, qw_ptr, kw_ptr, 
     gemv_rows(x_ptr, w_ptr, raw_ptr, N, K, stride_x, N, M, BLOCK_N, BLOCK_K, PDL, PRELOAD)  # raw [M, N]
     head = (tl.program_id(0) * BLOCK_N) // D  # [0, HQ) queries, [HQ, HQ + HKV) keys, then values (none: K_AS_V)
     if last_program(counters_ptr + head, D // BLOCK_N):
-        lo = tl.arange(0, HALF)
-        inv_freq = tl.load(inv_freq_ptr + lo)
-        dtype = q_out_ptr.dtype.element_ty
         for m in tl.static_range(M):
-            angle = inv_freq * tl.load(pos_ptr + m).to(tl.float32)  # [HALF], as `rope_cos_sin`
-            if LIBDEVICE:
-                c, s = libdevice.cos(angle), libdevice.sin(angle)
-            else:
-                c, s = tl.cos(angle), tl.sin(angle)
-            c = c.to(dtype).to(tl.float32)
-            s = s.to(dtype).to(tl.float32)
+            c, s = rope_angles(inv_freq_ptr, pos_ptr + m, q_out_ptr.dtype.element_ty, HALF, LIBDEVICE)
             src = raw_ptr + m * N + head * D
             if head < HQ:
                 norm_rope_row(src, q_out_ptr + (m * HQ + head) * D, qw_ptr, c, c, s, s, eps, D, HALF, True, True)
@@ -79,10 +69,7 @@ def qkv_projection_triton(
     k_as_v = packed.shape[0] == (hq + hkv) * d
     if (not k_as_v and packed.shape[0] != (hq + 2 * hkv) * d) or d & (d - 1) or d < 2:
         raise ValueError(f"qkv_projection: packed {tuple(packed.shape)} is not ({hq} + {hkv} (+ {hkv})) heads of {d}")
-    if (keys.shape[2:] != (hkv, d) or values.shape != keys.shape or keys.dtype != x.dtype or values.dtype != x.dtype
-            or not (keys.is_contiguous() and values.is_contiguous()) or rows.shape != (b,) or slots.shape != (b, t)):
-        raise ValueError(f"qkv_projection: cache {tuple(keys.shape)} {keys.dtype}, rows {tuple(rows.shape)} and slots "
-                         f"{tuple(slots.shape)} do not fit x {tuple(x.shape)} {x.dtype}")
+    check_cache_write("qkv_projection", cache, b, t, hkv, d, x.dtype, f"x {tuple(x.shape)} {x.dtype}")
     if (q_weight.shape != (d,) or k_weight.shape != (d,) or positions.shape != (b, t)
             or inv_freq.shape != (d // 2,) or inv_freq.dtype != torch.float32):
         raise ValueError(f"qkv_projection: norm weights {tuple(q_weight.shape)} {tuple(k_weight.shape)}, positions "
