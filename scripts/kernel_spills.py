@@ -22,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from dgemma.kernels import cache_attention, fused_moe, gemv, moe_gemv, qkv_projection, residual_norms, routing
+from dgemma.kernels import cache_attention, fused_moe, gemv
 from dgemma.kernels.moe_tiles import tiles_for
 
 H, I, E, K = 2816, 704, 128, 8  # hidden, expert width, experts, experts a token (26b-a4b)
@@ -55,44 +55,13 @@ def report(label: str, fn, sig: dict, const: dict, warps: int, stages: int = 3) 
 
 
 def products() -> None:
-    print("few-row products and their tails (decoded tokens; 4 warps)")
+    print("few-row products (decoded tokens; 4 warps)")
     gemv_sig = signature("x_ptr w_ptr y_ptr N K stride_x stride_y M BLOCK_N BLOCK_K PDL PRELOAD",
                          {"N": "i32", "K": "i32", "stride_x": "i32", "stride_y": "i32"})
-    base = dict(BLOCK_N=gemv.BLOCK_N, PDL=1, PRELOAD=True)
+    base = dict(BLOCK_N=gemv.BLOCK_N, PDL=True, PRELOAD=True)
     for m in (1, 4):
         report(f"gemv, {m} row(s), K <= 4096", gemv._gemv_kernel, gemv_sig, dict(base, M=m, BLOCK_K=4096),
                gemv.NUM_WARPS)
-    router_sig = signature("x_ptr w_ptr logits_ptr scale_ptr weights_ptr experts_ptr counter_ptr E H stride_x M "
-                           "BLOCK_N BLOCK_K PDL PRELOAD K BLOCK_E BLOCK_TOP",
-                           {"weights_ptr": "*fp32", "experts_ptr": "*i64", "counter_ptr": "*i32", "E": "i32",
-                            "H": "i32", "stride_x": "i32"})
-    report("router + routing tail, 1 row", routing._router_kernel, router_sig,
-           dict(base, M=1, BLOCK_K=4096, K=K, BLOCK_E=E, BLOCK_TOP=K), gemv.NUM_WARPS)
-    o_sig = signature("heads_ptr w_o_ptr attn_ptr counter_ptr x_ptr w_post_ptr w_dense_ptr w_experts_ptr "
-                      "router_scale_ptr h_ptr dense_ptr router_ptr experts_ptr D HEADS stride_heads eps "
-                      "router_factor M BLOCK_N BLOCK_K PDL PRELOAD BLOCK",
-                      {"counter_ptr": "*i32", "D": "i32", "HEADS": "i32", "stride_heads": "i32", "eps": "fp32",
-                       "router_factor": "fp32"})
-    report("o product + residual norms tail, 1 row", residual_norms._output_projection_residual_kernel, o_sig,
-           dict(base, M=1, BLOCK_K=4096, BLOCK=4096), gemv.NUM_WARPS)
-    qkv_sig = signature("x_ptr w_ptr raw_ptr counters_ptr qw_ptr kw_ptr pos_ptr inv_freq_ptr q_out_ptr keys_ptr "
-                        "values_ptr rows_ptr slots_ptr N K stride_x HQ HKV tokens cache_row_stride eps M BLOCK_N "
-                        "BLOCK_K PDL PRELOAD D HALF K_AS_V LIBDEVICE",
-                        {"counters_ptr": "*i32", "pos_ptr": "*i64", "inv_freq_ptr": "*fp32", "rows_ptr": "*i64",
-                         "slots_ptr": "*i64", "N": "i32", "K": "i32", "stride_x": "i32", "HQ": "i32", "HKV": "i32",
-                         "tokens": "i32", "cache_row_stride": "i32", "eps": "fp32"})
-    for d, k_as_v in ((256, False), (512, True)):
-        report(f"q/k/v product + head norm tails, head_dim {d}", qkv_projection._qkv_projection_kernel, qkv_sig,
-               dict(base, M=1, BLOCK_K=4096, D=d, HALF=d // 2, K_AS_V=k_as_v, LIBDEVICE=True), gemv.NUM_WARPS)
-    rows_types = {"scale_ptr": "*fp32", "experts_ptr": "*i64", "H": "i32", "I": "i32", "K_ROUTE": "i32"}
-    gu_sig = signature("x_ptr w_ptr scale_ptr experts_ptr out_ptr H I K_ROUTE BLOCK_N BLOCK_K SCALED PDL",
-                       rows_types)
-    down_sig = signature("h_ptr w_ptr scale_ptr experts_ptr out_ptr H I BLOCK_N BLOCK_K SCALED PDL", rows_types)
-    for name, fn, sig, tile in (("gate/up", moe_gemv._gate_up_rows_kernel, gu_sig, moe_gemv.GATE_UP_TILE),
-                                ("down", moe_gemv._down_rows_kernel, down_sig, moe_gemv.DOWN_TILE)):
-        blocks = {k: v for k, v in tile.items() if k != "num_warps"}
-        report(f"experts as matrix-vector products: {name}", fn, sig, dict(blocks, SCALED=False, PDL=1),
-               tile["num_warps"])
 
 
 def moe() -> None:
@@ -111,7 +80,7 @@ def moe() -> None:
                                       "SWAP_AB": False, "TAIL_M": 0, **tile})
             warps, stages = t.pop("num_warps"), t.pop("num_stages")
             const = dict(t, EVEN_N=n % t["BLOCK_N"] == 0, EVEN_K=k % t["BLOCK_K"] == 0, SCALED=False, DIRECT=False,
-                         PDL=1 if tokens <= 256 else False)
+                         PDL=tokens <= 256)
             shape = "x".join(str(t[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
             report(f"{name}, {what}: {shape}, {stages} stages", fn, sig, const, warps, stages)
 
@@ -119,10 +88,10 @@ def moe() -> None:
 def attention() -> None:
     print("attention over the cache (`cache_attention`), the tiles in use")
     types = {"rows_ptr": "*i64", "start_ptr": "*i64", "end_ptr": "*i64", "part_ptr": "*fp32", "stats_ptr": "*fp32",
-             "counters_ptr": "*i32", "T": "i32", "HQ": "i32", "HKV": "i32", "G": "i32", "k_row_stride": "i32",
+             "T": "i32", "HQ": "i32", "HKV": "i32", "G": "i32", "k_row_stride": "i32",
              "ring": "i32"}
-    sig = signature("q_ptr k_ptr v_ptr rows_ptr start_ptr end_ptr out_ptr part_ptr stats_ptr counters_ptr T HQ HKV G "
-                    "k_row_stride ring D BLOCK_M BLOCK_N BLOCK_D BLOCK_DV HAS_START RING SPLITS MERGE_DV PDL", types)
+    sig = signature("q_ptr k_ptr v_ptr rows_ptr start_ptr end_ptr out_ptr part_ptr stats_ptr T HQ HKV G k_row_stride "
+                    "ring D BLOCK_M BLOCK_N BLOCK_D BLOCK_DV HAS_START RING SPLITS PDL", types)
     ca = cache_attention
     for label, tile, d, sliding, splits in (
             ("decoded token, sliding layer", ca.DECODE_TILE, 256, True, 16),
@@ -131,8 +100,7 @@ def attention() -> None:
             ("canvas, full layer, batch 1", ca.FULL_TILE_FEW_ROWS, 512, False, 1),
             ("canvas, full layer, batches", ca.FULL_TILE, 512, False, 1)):
         const = dict(D=d, BLOCK_M=tile["block_m"], BLOCK_N=tile["block_n"], BLOCK_D=min(tile["block_d"], d),
-                     BLOCK_DV=min(tile["block_dv"], d), HAS_START=sliding, RING=sliding, SPLITS=splits, MERGE_DV=0,
-                     PDL=1)
+                     BLOCK_DV=min(tile["block_dv"], d), HAS_START=sliding, RING=sliding, SPLITS=splits, PDL=True)
         shape = f"{tile['block_m']} rows x {tile['block_n']} keys, dv {const['BLOCK_DV']}"
         report(f"{label}: {shape}", ca._cache_attention_kernel, sig, const, tile["num_warps"], tile["num_stages"])
 

@@ -269,25 +269,6 @@ def test_one_launch_of_the_head_norms_changes_no_result_on_gpu(monkeypatch):
                                              [SLIDING, FULL]))
 
 
-def test_one_launch_tails_change_no_result_on_gpu(monkeypatch):
-    """`FUSED_ROUTER`, `FOLD_OUTPUT_PROJECTION`, `FUSED_QKV_PROJECTION` and `MERGE_TAIL`: a decoded token's routing
-    runs as the tail of the router's product, its residual norms as the tail of the output projection, its head norms
-    as per-head tails of the q/k/v projection, and the merge of its key slices as the attention kernel's tail
-    (`dgemma.kernels.last_program`). The same arithmetic (the angles from the CUDA math library, as torch's tables):
-    bit-identical logits, KV cache, graphed engine tokens and graphed AR tokens (the tokens that take the tails) on
-    a slice of the released shapes."""
-    from dgemma.kernels import cache_attention
-    from dgemma.model import attention, diffusion_gemma, moe
-
-    def tails(on: bool) -> None:
-        monkeypatch.setattr(moe, "FUSED_ROUTER", on)
-        monkeypatch.setattr(diffusion_gemma, "FOLD_OUTPUT_PROJECTION", on)
-        monkeypatch.setattr(attention, "FUSED_QKV_PROJECTION", on)
-        monkeypatch.setattr(cache_attention, "MERGE_TAIL", on)
-
-    assert_bit_identical(*results_off_and_on(tails, [SLIDING, FULL]))
-
-
 def test_few_row_products_match_f_linear_in_bf16_on_gpu():
     """`dgemma.kernels.gemv` on every dense shape of an autoregressive token of the released model, 1 and 4 rows:
     float32 sums of the same bf16 products as F.linear in another order, so the outputs differ by the final bf16
@@ -306,70 +287,6 @@ def test_few_row_products_match_f_linear_in_bf16_on_gpu():
             got = gemv_triton(x, w)
             assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
             assert rel_err(got.float(), want) < 2e-3, (n, k, rows)
-
-
-def test_router_with_routing_as_its_tail_equals_the_two_kernels_on_gpu():
-    """`router_triton` at the released router's shape (128 experts, top 8), 1 and 4 rows, launched eagerly and 200
-    times from a CUDA graph with PDL (50 replays of 4 launches back to back): the bits of the product then routing
-    kernels every time. A last program that routed before every other program's logits had landed, or a counter
-    left non-zero for the next launch, would give other experts or weights."""
-    from dgemma.kernels.gemv import gemv_triton
-    from dgemma.kernels.routing import route_top_k, router_triton
-
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    e, h, k = 128, 2816, 8
-    proj = (torch.randn(e, h, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
-    scale = (0.5 + torch.rand(e, device="cuda", generator=gen)).to(torch.bfloat16)
-    counter = torch.zeros(1, dtype=torch.int32, device="cuda")
-    for rows in (1, 4):
-        z = torch.randn(rows, h, device="cuda", generator=gen).to(torch.bfloat16)
-        want = route_top_k(gemv_triton(z, proj), scale, k)
-        got = router_triton(z, proj, scale, k, counter)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outs = [router_triton(z, proj, scale, k, counter) for _ in range(4)]  # back to back, one counter
-        for _ in range(50):
-            z.copy_(torch.randn(rows, h, device="cuda", generator=gen))
-            graph.replay()
-            want = route_top_k(gemv_triton(z, proj), scale, k)
-            for w, ids in outs:
-                assert torch.equal(ids, want[1]) and torch.equal(w, want[0])
-        assert counter.item() == 0
-
-
-def test_output_projection_with_the_residual_norms_as_its_tail_equals_the_two_kernels_on_gpu():
-    """`output_projection_residual_triton` at the released shapes (a sliding layer's 4096 and a full layer's 8192
-    head outputs into 2816), 1 and 4 rows, eagerly and 200 times from a CUDA graph with PDL (50 replays of 4
-    launches on one counter): the bits of the projection then the residual norms' kernel every time."""
-    from dgemma.kernels.gemv import gemv_triton
-    from dgemma.kernels.residual_norms import attention_residual_triton, output_projection_residual_triton
-
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    h = 2816
-    norms = [(0.5 + torch.rand(h, device="cuda", generator=gen)).to(torch.bfloat16) for _ in range(4)]
-    counter = torch.zeros(1, dtype=torch.int32, device="cuda")
-    for width in (4096, 8192):
-        w_o = (torch.randn(h, width, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
-        for rows in (1, 4):
-            x = torch.randn(1, rows, h, device="cuda", generator=gen).to(torch.bfloat16)
-            heads = torch.randn(1, rows, width, device="cuda", generator=gen).to(torch.bfloat16)
-
-            def want():
-                return attention_residual_triton(x, gemv_triton(heads, w_o), *norms, h**-0.5, 1e-6)
-
-            got = output_projection_residual_triton(x, heads, w_o, *norms, h**-0.5, 1e-6, counter)
-            assert all(torch.equal(g, w) for g, w in zip(got, want(), strict=True))
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outs = [output_projection_residual_triton(x, heads, w_o, *norms, h**-0.5, 1e-6, counter)
-                        for _ in range(4)]
-            for _ in range(50):
-                heads.copy_(torch.randn(1, rows, width, device="cuda", generator=gen))
-                graph.replay()
-                expected = want()
-                assert all(torch.equal(g, w) for out in outs for g, w in zip(out, expected, strict=True))
-            assert counter.item() == 0
 
 
 def test_fused_norm_rope_matches_torch_on_gpu():
@@ -431,30 +348,6 @@ def test_fused_moe_with_a_program_per_assignment_matches_the_grouped_kernels_on_
         monkeypatch.setattr(fused_moe, "DIRECT_MAX_ASSIGNMENTS", n * k)
         direct = fused_moe.fused_moe_triton(x, weights, experts, gate_up, down, combine=False).float()
         assert rel_err(direct, grouped) < 2**-9, (n, rel_err(direct, grouped))
-
-
-def test_fused_moe_as_matrix_vector_products_matches_the_grouped_kernels_on_gpu(monkeypatch):
-    """`GEMV_MAX_ASSIGNMENTS` (decoded tokens, `moe_gemv`): 1 and 4 tokens of the released expert shapes, in bf16 and
-    with FP8 weights, give the grouped kernels' rows within bf16 rounding: float32 sums in another order, so the
-    activation and the output may each round the other way (relative L2 < 1%, as against torch._grouped_mm)."""
-    from dgemma.kernels import fused_moe
-    from dgemma.model.fp8 import quantize_rows
-
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    h, i, e, k = 2816, 704, 128, 8
-    gate_up = (torch.randn(e, 2 * i, h, device="cuda", generator=gen) * h**-0.5).to(torch.bfloat16)
-    down = (torch.randn(e, h, i, device="cuda", generator=gen) * i**-0.5).to(torch.bfloat16)
-    (g8, gs), (d8, ds) = quantize_rows(gate_up), quantize_rows(down)
-    for n in (1, 4):
-        x = torch.randn(n, h, device="cuda", generator=gen).to(torch.bfloat16)
-        weights, experts = torch.topk(torch.randn(n, e, device="cuda", generator=gen).softmax(-1), k)
-        experts[1:, :2] = experts[0, :2]
-        for w1, w2, scales in ((gate_up, down, None), (g8, d8, (gs, ds))):
-            monkeypatch.setattr(fused_moe, "GEMV_MAX_ASSIGNMENTS", 0)
-            grouped = fused_moe.fused_moe_triton(x, weights, experts, w1, w2, scales=scales, combine=False).float()
-            monkeypatch.setattr(fused_moe, "GEMV_MAX_ASSIGNMENTS", n * k)
-            rows = fused_moe.fused_moe_triton(x, weights, experts, w1, w2, scales=scales, combine=False).float()
-            assert rel_err(rows, grouped) < 1e-2, (n, scales is not None, rel_err(rows, grouped))
 
 
 def test_fused_moe_with_fp8_weights_matches_the_dequantized_experts_on_gpu():
@@ -572,9 +465,9 @@ def test_attention_and_experts_with_fused_kernels_match_eager_on_gpu(config, sca
         x = torch.randn(n, h, generator=gen).to("cuda", torch.bfloat16)
         eager, fused = experts_kernel_off_and_on(model, 0, x)
         assert rel_err(fused, eager) < tol, (per_expert, rel_err(fused, eager))
-    assert calls == {"norm_rope": 6, "qkv_norm_rope": 0, "fused_moe": 5, "route_top_k": 5, "attention_residual": 0,
-                     "layer_output": 0,
-                     "gelu_mul": 0, "cache_attention": int(config.full.head_dim > 256)}  # a head_dim-512 full layer's
+    # Each layer's q, k and v in one launch (FUSED_QKV_NORM); the attention of a head_dim-512 full layer.
+    assert calls == {"norm_rope": 0, "qkv_norm_rope": 2, "fused_moe": 5, "route_top_k": 5, "attention_residual": 0,
+                     "layer_output": 0, "gelu_mul": 0, "cache_attention": int(config.full.head_dim > 256)}
 
 
 @pytest.mark.parametrize("config,scale,prefix,max_write", [(*TINY, 200, 64), (*SLICE, 1500, 256)],
@@ -622,12 +515,12 @@ def test_model_with_fused_kernels_is_as_accurate_as_eager_on_gpu(config, scale, 
     set_kernel_devices(model, ("cuda",))
     model.prepare_inference()  # as an LLM runs it
     fused = logits_of(model)
-    # Every layer's q, k and v in both passes (three launches: FUSED_QKV_NORM is off); the experts wherever a pass
-    # has <= 32 assignments per expert (all here); every layer's routing, residual norms and dense MLP activation; the
-    # attention of every full layer of head_dim 512.
+    # Every layer's q, k and v in both passes (one launch: FUSED_QKV_NORM); the experts wherever a pass has <= 32
+    # assignments per expert (all here); every layer's routing, residual norms and dense MLP activation; the attention
+    # of every full layer of head_dim 512.
     per_pass = 2 * config.num_layers * draws
     full_attention = 2 * config.layer_types.count(FULL) * draws if config.full.head_dim > 256 else 0
-    assert calls == {"norm_rope": 3 * per_pass, "qkv_norm_rope": 0, "fused_moe": per_pass, "route_top_k": per_pass,
+    assert calls == {"norm_rope": 0, "qkv_norm_rope": per_pass, "fused_moe": per_pass, "route_top_k": per_pass,
                      "attention_residual": per_pass, "layer_output": per_pass, "gelu_mul": per_pass,
                      "cache_attention": full_attention}, calls
     report = {"fused": rel_err(fused, truth), "eager": rel_err(eager, truth),

@@ -25,7 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from dgemma.kernels.last_program import last_program
 from dgemma.kernels.launch import launch, pdl_options, wait_for_inputs
 
 
@@ -64,11 +63,10 @@ def _attend_tile(n0, q_all, q_rows, r_ok, start, end, block_end, k_base, v_base,
 
 
 @triton.jit
-def _cache_attention_kernel(q_ptr, k_ptr, v_ptr, rows_ptr, start_ptr, end_ptr, out_ptr, part_ptr, stats_ptr,
-                            counters_ptr, T, HQ, HKV, G, k_row_stride, ring, D: tl.constexpr, BLOCK_M: tl.constexpr,
+def _cache_attention_kernel(q_ptr, k_ptr, v_ptr, rows_ptr, start_ptr, end_ptr, out_ptr, part_ptr, stats_ptr, T,
+                            HQ, HKV, G, k_row_stride, ring, D: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                            HAS_START: tl.constexpr, RING: tl.constexpr, SPLITS: tl.constexpr,
-                            MERGE_DV: tl.constexpr, PDL: tl.constexpr):
+                            HAS_START: tl.constexpr, RING: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
     pid_bh = tl.program_id(0)
     b = pid_bh // HKV
@@ -122,40 +120,25 @@ def _cache_attention_kernel(q_ptr, k_ptr, v_ptr, rows_ptr, start_ptr, end_ptr, o
         if tl.program_id(2) == 0:  # every value block computed the same scores
             tl.store(stats_ptr + part * 2, m_i, mask=r_ok)
             tl.store(stats_ptr + part * 2 + 1, l_i, mask=r_ok)
-        if MERGE_DV > 0:  # the last of the block's slices and value blocks merges them (dgemma.kernels.last_program)
-            q_block = tl.program_id(1) // SPLITS
-            group = pid_bh * (tl.num_programs(1) // SPLITS) + q_block
-            if last_program(counters_ptr + group, SPLITS * tl.num_programs(2)):
-                for in_block in range(0, BLOCK_M):
-                    stacked = q_block * BLOCK_M + in_block  # token * G + head
-                    if stacked < T * G:
-                        one = (b * T + stacked // G).to(tl.int64) * HQ + kv * G + stacked % G  # its query index
-                        for col in tl.static_range(0, D, MERGE_DV):
-                            merge_query(part_ptr, stats_ptr, out_ptr, one, col + tl.arange(0, MERGE_DV), D, SPLITS)
-
-
-@triton.jit
-def merge_query(part_ptr, stats_ptr, out_ptr, query, dv, D: tl.constexpr, SPLITS: tl.constexpr):
-    # One (row, token, head) and the columns dv of D: the softmax over all keys from each slice's max m, sum l and
-    # unnormalised output, rescaled to the largest max (an empty slice has m = -inf and contributes nothing).
-    # .cg: in the attention kernel's tail the partials are other programs' stores (dgemma.kernels.last_program).
-    s = tl.arange(0, SPLITS)
-    m = tl.load(stats_ptr + (query * SPLITS + s) * 2, cache_modifier=".cg")  # [SPLITS]
-    l = tl.load(stats_ptr + (query * SPLITS + s) * 2 + 1, cache_modifier=".cg")
-    m_max = tl.max(m, 0)
-    w = tl.exp(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # [SPLITS]
-    total = tl.sum(w * l, 0)
-    part = tl.load(part_ptr + (query * SPLITS + s)[:, None] * D + dv[None, :], cache_modifier=".cg")  # [SPLITS, dv]
-    out = tl.sum(part * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(out_ptr + query * D + dv, out.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
 def _merge_splits_kernel(part_ptr, stats_ptr, out_ptr, D: tl.constexpr, SPLITS: tl.constexpr,
                          BLOCK_DV: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
-    merge_query(part_ptr, stats_ptr, out_ptr, tl.program_id(0).to(tl.int64),
-                tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV), D, SPLITS)
+    # One (row, token, head) and one block of D: the softmax over all keys from each slice's max m, sum l and
+    # unnormalised output, rescaled to the largest max (an empty slice has m = -inf and contributes nothing).
+    query = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, SPLITS)
+    dv = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    m = tl.load(stats_ptr + (query * SPLITS + s) * 2)  # [SPLITS]
+    l = tl.load(stats_ptr + (query * SPLITS + s) * 2 + 1)
+    m_max = tl.max(m, 0)
+    w = tl.exp(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # [SPLITS]
+    total = tl.sum(w * l, 0)
+    part = tl.load(part_ptr + (query * SPLITS + s)[:, None] * D + dv[None, :])  # [SPLITS, BLOCK_DV]
+    out = tl.sum(part * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + query * D + dv, out.to(out_ptr.dtype.element_ty))
 
 
 # Tiles from scripts/cache_attention_sweep.py on an H100 (2026-11-27, 26b-a4b shapes, a 256-query canvas).
@@ -176,17 +159,13 @@ FULL_FEW_ROWS = 8192  # batch x queries x query heads below which FULL_TILE_FEW_
 # program per KV head walking the whole context (2 programs on a full layer for 132 SMs). The key range is split
 # into slices instead, each program keeping an unnormalised partial output and its softmax statistics, merged by a
 # second kernel (flash decoding).
-DECODE_TILE = dict(block_m=16, block_n=64, block_d=256, block_dv=256, num_warps=4, num_stages=2)
-DECODE_TILE_FULL = dict(block_m=16, block_n=32, block_d=512, block_dv=512, num_warps=4, num_stages=2)
+# Key tiles of 32 (sliding) and 16 (full, 8 warps) positions: the tiles of 64 and 32 (4 warps) spilled 988 and
+# 276 B a thread (`scripts/kernel_spills.py`, sm_90), these none. One H100 (`scripts/ar_chain_ab.sh`, three rounds,
+# 2026-12-07): an AR token 281.5 / 281.5 / 281.7 -> 284.0 / 283.7 / 283.8 tok/s with both.
+DECODE_TILE = dict(block_m=16, block_n=32, block_d=256, block_dv=256, num_warps=4, num_stages=2)
+DECODE_TILE_FULL = dict(block_m=16, block_n=16, block_d=512, block_dv=512, num_warps=8, num_stages=2)
 DECODE_PROGRAMS = 264  # aim: two programs per SM of an H100 (132 SMs)
 MAX_SPLITS = 64
-# Whether the slices' merge runs as the attention kernel's tail where the caller gives counters (one launch a layer
-# fewer for a decoded token), for query blocks whose partials take at most MERGE_TAIL_MAX_BYTES: one program then
-# reads them all, which the separate merge kernel spreads over one program per query and value block. A sliding
-# layer's decoded token (2 heads x 16 slices x 256 float32) has 32 KB; a full layer's (8 heads x 32 slices x 512)
-# 512 KB keeps the merge kernel. Prepared, not yet measured on a GPU: off until then.
-MERGE_TAIL = False
-MERGE_TAIL_MAX_BYTES = 64 * 1024
 
 
 def cache_attention_triton(
@@ -198,13 +177,10 @@ def cache_attention_triton(
     key_end: torch.Tensor,  # [B, T] one past the last
     ring: int | None = None,  # position p sits in slot p % ring (a sliding ring); None: slot = position
     splits: int | None = None,  # slices of the key range (a power of two); None: by the number of query rows
-    counters: torch.Tensor | None = None,  # int32 zeros, one per query block: the merge as the tail (MERGE_TAIL)
     **tile,  # block_m, block_n, block_d, block_dv, num_warps, num_stages: defaults by D and rows (above)
 ) -> torch.Tensor:
     """softmax(q k^T) v over each query's positions [key_start, key_end), read in place from the cache:
-    [B, T, Hq, D] in q's dtype. With key slices (`splits` > 1) their merge is a second kernel, or, given
-    `counters` (while MERGE_TAIL, and where a query block's partials are few), the tail of the last program of each
-    query block (`dgemma.kernels.last_program`): the same bits, one launch."""
+    [B, T, Hq, D] in q's dtype."""
     b, t, hq, d = q.shape
     hkv = keys.shape[2]
     if keys.shape[3] != d or values.shape != keys.shape or hq % hkv or d & (d - 1) or d < 16:
@@ -243,19 +219,12 @@ def cache_attention_triton(
                   num_warps=tile["num_warps"], num_stages=tile["num_stages"])
     grid = lambda blk: (b * hkv, triton.cdiv(t * g, blk["BLOCK_M"]) * splits,  # noqa: E731
                         triton.cdiv(d, blk["BLOCK_DV"]))
-    merge_dv = max(16, min(d, 8192 // splits))  # at most 64 float32 partials per thread of 4 warps
-    tail = (MERGE_TAIL and splits > 1 and counters is not None
-            and min(t * g, tile["block_m"]) * splits * d * 4 <= MERGE_TAIL_MAX_BYTES)
-    blocks_most = b * hkv * triton.cdiv(t * g, 16)  # query blocks of the smallest tile `launch` may fall back to
-    if tail and (counters.dtype != torch.int32 or counters.numel() < blocks_most):
-        raise ValueError(f"cache_attention: counters must be int32 [>= {blocks_most}] (a query block's), got "
-                         f"{tuple(counters.shape)} {counters.dtype}")
     launch(_cache_attention_kernel, grid, blocks, ("BLOCK_D", "BLOCK_DV", "BLOCK_M", "BLOCK_N"),
            q, keys, values, rows, key_start.contiguous() if key_start is not None else key_end, key_end, out,
-           part, stats, counters if tail else key_end, t, hq, hkv, g, keys.stride(0), ring or 1, D=d,
-           HAS_START=key_start is not None, RING=ring is not None, SPLITS=splits, MERGE_DV=merge_dv if tail else 0,
-           **pdl_options(q.device, b * t))
-    if splits > 1 and not tail:
+           part, stats, t, hq, hkv, g, keys.stride(0), ring or 1, D=d, HAS_START=key_start is not None,
+           RING=ring is not None, SPLITS=splits, **pdl_options(q.device, b * t))
+    if splits > 1:
+        merge_dv = max(16, min(d, 8192 // splits))  # at most 64 float32 partials per thread of 4 warps
         _merge_splits_kernel[(b * t * hq, triton.cdiv(d, merge_dv))](part, stats, out, D=d, SPLITS=splits,
                                                                      BLOCK_DV=merge_dv, num_warps=4,
                                                                      **pdl_options(q.device, b * t))

@@ -10,7 +10,6 @@ gathered copy of the inputs, a separate gelu*up pass and an un-permuting gather.
   token-major slot (token * K + k), so the weighted sum over K needs no gather.
 - With at most `DIRECT_MAX_ASSIGNMENTS` assignments (decoded tokens) the second grid axis is the assignment, not
   the expert: each program takes one token-major row and the expert the routing chose for it, with no grouping.
-  With at most `GEMV_MAX_ASSIGNMENTS`, `dgemma.kernels.moe_gemv` computes those rows as matrix-vector products.
 - Both grids have a first axis of M_SPLITS programs (1 by default) that share an expert's tile and take its
   passes of BLOCK_M rows in turn: an expert just over one tile's rows is then read by two programs launched side by
   side (the second read can come from L2) instead of twice by one program in sequence. For tile sweeps.
@@ -48,7 +47,6 @@ import triton.language as tl
 
 from dgemma.kernels.gated_gelu import gelu_tanh as _gelu_tanh
 from dgemma.kernels.launch import launch, pdl_options, wait_for_inputs
-from dgemma.kernels.moe_gemv import expert_rows_gemv
 from dgemma.kernels.moe_tiles import tiles_for
 from dgemma.kernels.routing import group_by_expert_triton
 
@@ -290,10 +288,6 @@ TILE_BLOCKS = ("BLOCK_K", "BLOCK_N", "BLOCK_M")  # what `launch` may halve where
 # programs a tile instead of 128 of which 120 find no rows. Prepared for decoded tokens, not yet measured on a GPU:
 # 0 (off) until then.
 DIRECT_MAX_ASSIGNMENTS = 0
-# Calls of at most this many assignments run as matrix-vector products instead (`dgemma.kernels.moe_gemv`: a few
-# output rows of one assignment's expert a program, no tensor cores). Prepared for decoded tokens, not yet measured
-# on a GPU: 0 (off) until then.
-GEMV_MAX_ASSIGNMENTS = 0
 
 
 def _block_m(assignments: int, num_experts: int) -> int:
@@ -329,8 +323,6 @@ def _grouped_rows(
     """Each token's K expert outputs, unsummed: [N * K, H] token-major (shapes checked by `fused_moe_triton`)."""
     hidden, num_experts, inter = x.shape[1], gate_up.shape[0], gate_up.shape[1] // 2
     assignments, k = experts.numel(), experts.shape[1]
-    if assignments <= GEMV_MAX_ASSIGNMENTS:
-        return expert_rows_gemv(x, experts, gate_up, down, gate_up_scale, down_scale, scaled)
     direct = assignments <= DIRECT_MAX_ASSIGNMENTS
     flat_experts = experts.reshape(-1).contiguous()  # [N*K] token-major
     if direct:  # one program per assignment, rows token-major: no grouping kernel

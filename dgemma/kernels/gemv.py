@@ -36,10 +36,8 @@ PRELOAD_WEIGHTS = True
 
 
 @triton.jit
-def gemv_rows(x_ptr, w_ptr, y_ptr, N, K, stride_x, stride_y, M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr):
-    """This program's BLOCK_N outputs of each of the M rows: y[m, n] = x[m] . w[n] in float32, stored in y's dtype.
-    Waits for the kernel ahead (`wait_for_inputs`) before it reads x; shared by the kernels that add a tail."""
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_x, stride_y, M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output columns
     n_ok = n < N
     k = tl.arange(0, BLOCK_K)
@@ -64,15 +62,11 @@ def gemv_rows(x_ptr, w_ptr, y_ptr, N, K, stride_x, stride_y, M: tl.constexpr, BL
         tl.store(y_ptr + m * stride_y + n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
-@triton.jit
-def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_x, stride_y, M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr):
-    gemv_rows(x_ptr, w_ptr, y_ptr, N, K, stride_x, stride_y, M, BLOCK_N, BLOCK_K, PDL, PRELOAD)
-
-
-def gemv_launch(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
-    """(x as [rows, K] with unit stride, y = empty [rows, N], the grid, the constants): what a kernel built on
-    `gemv_rows` is launched with, after the checks."""
+def gemv_triton(
+    x: torch.Tensor,  # [..., K] a few rows
+    w: torch.Tensor,  # [N, K]
+) -> torch.Tensor:
+    """F.linear(x, w) without bias for a few rows, float32 sums: [..., N] in x's dtype."""
     k = x.shape[-1]
     n = w.shape[0]
     if w.dim() != 2 or w.shape[1] != k or not w.is_contiguous() or w.dtype != x.dtype:
@@ -83,16 +77,7 @@ def gemv_launch(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.T
         flat = flat.contiguous()
     rows = flat.shape[0]
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    options = dict(M=rows, BLOCK_N=BLOCK_N, BLOCK_K=min(MAX_BLOCK_K, triton.next_power_of_2(k)), num_warps=NUM_WARPS,
-                   PRELOAD=PRELOAD_WEIGHTS, **pdl_options(x.device, rows))
-    return flat, y, (triton.cdiv(n, BLOCK_N),), options
-
-
-def gemv_triton(
-    x: torch.Tensor,  # [..., K] a few rows
-    w: torch.Tensor,  # [N, K]
-) -> torch.Tensor:
-    """F.linear(x, w) without bias for a few rows, float32 sums: [..., N] in x's dtype."""
-    flat, y, grid, options = gemv_launch(x, w)
-    _gemv_kernel[grid](flat, w, y, w.shape[0], flat.shape[1], flat.stride(0), y.stride(0), **options)
-    return y.view(*x.shape[:-1], w.shape[0])
+    _gemv_kernel[(triton.cdiv(n, BLOCK_N),)](flat, w, y, n, k, flat.stride(0), y.stride(0), M=rows, BLOCK_N=BLOCK_N,
+                                            BLOCK_K=min(MAX_BLOCK_K, triton.next_power_of_2(k)),
+                                            num_warps=NUM_WARPS, PRELOAD=PRELOAD_WEIGHTS, **pdl_options(x.device, rows))
+    return y.view(*x.shape[:-1], n)

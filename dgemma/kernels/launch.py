@@ -87,11 +87,6 @@ def launch(kernel, grid: Callable[[dict], tuple], tile: dict, blocks: tuple[str,
 # would use. Hence the row limit: a batch-1 canvas (256 rows) and decoded tokens, not larger batches.
 PDL = True
 PDL_MAX_ROWS = 256
-# When a PDL kernel lets the next one launch: False, first thing (before its own wait), so a chain of short kernels
-# can have several launched ahead, each holding SM slots while it waits; True, once its own wait is over (the kernel
-# before has finished), so at most the next one waits beside it. For the A/B the one-launch head norms ask for
-# (`dgemma.model.attention.FUSED_QKV_NORM`): not yet measured.
-TRIGGER_AFTER_WAIT = False
 
 
 @functools.cache
@@ -106,20 +101,14 @@ def pdl_options(device: torch.device, rows: int) -> dict:
     if not (PDL and rows <= PDL_MAX_ROWS and device.type == "cuda"):
         return {"PDL": False}
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if not _pdl_capable(index):
-        return {"PDL": False}
-    return {"PDL": 2 if TRIGGER_AFTER_WAIT else 1, "launch_pdl": True}
+    return {"PDL": True, "launch_pdl": True} if _pdl_capable(index) else {"PDL": False}
 
 
 @triton.jit
 def wait_for_inputs(PDL: tl.constexpr):
-    """Let the next kernel's programs be scheduled, and wait until every write of the kernel before has landed (PDL 1:
-    in that order; 2: the other, see TRIGGER_AFTER_WAIT; 0 or False: neither). A PDL kernel calls it before it reads
-    another kernel's output or stores anything (a store could overwrite what the previous kernel still reads); only
-    data no kernel writes, such as weights, may be read earlier."""
-    if PDL == 1:
+    """Let the next kernel's programs be scheduled, then wait until every write of the kernel before has landed.
+    A PDL kernel calls it before it reads another kernel's output or stores anything (a store could overwrite what
+    the previous kernel still reads); only data no kernel writes, such as weights, may be read earlier."""
+    if PDL:
         gdc_launch_dependents()
         gdc_wait()
-    elif PDL == 2:
-        gdc_wait()
-        gdc_launch_dependents()

@@ -7,7 +7,8 @@ normalised value is rounded to the activation dtype (as the eager norm returns i
 and rounded once: within bf16 rounding of `apply_rope(rms_norm(x, w), cos, sin)`.
 
 `qkv_norm_rope_triton` runs a layer's three (queries, keys, values) as one launch that also computes the rotation's
-angles (`dgemma.model.attention.FUSED_QKV_NORM` says where, and why it is off).
+angles (`dgemma.model.attention.FUSED_QKV_NORM` says where, and what it gained with programmatic dependent launch
+and without).
 
 Measured (scripts/moe_kernel_sweep.py, H200, 256 tokens, eager timings include launch gaps): 8.2 us vs 155 us for
 16 heads of 256; 8.6 vs 132 us for 16 heads of 512. `dgemma.model.layers.norm_rope` decides when it runs.
@@ -28,14 +29,13 @@ from dgemma.kernels.tanh import INTERPRETED
 
 
 @triton.jit
-def norm_rope_row(src, dst, w_ptr, c_lo, c_hi, s_lo, s_hi, eps, D: tl.constexpr, HALF: tl.constexpr,
+def _norm_rope_row(src, dst, w_ptr, c_lo, c_hi, s_lo, s_hi, eps, D: tl.constexpr, HALF: tl.constexpr,
                    HAS_WEIGHT: tl.constexpr, ROPE: tl.constexpr):
     # One head of one token: D values at src -> normalised (and rotated by cos c, sin s, float32 [HALF] per half)
     # at dst.
     lo = tl.arange(0, HALF)
-    # .cg: in the q/k/v projection's per-head tails, src is other programs' stores (dgemma.kernels.last_program)
-    x_lo = tl.load(src + lo, cache_modifier=".cg").to(tl.float32)
-    x_hi = tl.load(src + HALF + lo, cache_modifier=".cg").to(tl.float32)
+    x_lo = tl.load(src + lo).to(tl.float32)
+    x_hi = tl.load(src + HALF + lo).to(tl.float32)
     inv = 1.0 / tl.sqrt((tl.sum(x_lo * x_lo, 0) + tl.sum(x_hi * x_hi, 0)) / D + eps)
     dtype = dst.dtype.element_ty
     y_lo = x_lo * inv
@@ -73,7 +73,7 @@ def _norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rows_ptr, slots_p
         c_hi = tl.load(cos_ptr + token * D + HALF + lo).to(tl.float32)
         s_lo = tl.load(sin_ptr + token * D + lo).to(tl.float32)
         s_hi = tl.load(sin_ptr + token * D + HALF + lo).to(tl.float32)
-    norm_rope_row(src, dst, w_ptr, c_lo, c_hi, s_lo, s_hi, eps, D, HALF, HAS_WEIGHT, ROPE)
+    _norm_rope_row(src, dst, w_ptr, c_lo, c_hi, s_lo, s_hi, eps, D, HALF, HAS_WEIGHT, ROPE)
 
 
 @triton.jit
@@ -98,7 +98,7 @@ def _qkv_norm_rope_kernel(q_ptr, k_ptr, v_ptr, q_stride, k_stride, v_stride, qw_
     head = tl.program_id(1)  # [0, HQ): a query head; [HQ, HQ + HKV): a key head; then a value head
     c, s = rope_angles(inv_freq_ptr, pos_ptr + token, q_out_ptr.dtype.element_ty, HALF, LIBDEVICE)
     if head < HQ:
-        norm_rope_row(q_ptr + token * q_stride + head * D, q_out_ptr + (token * HQ + head) * D, qw_ptr, c, c, s, s,
+        _norm_rope_row(q_ptr + token * q_stride + head * D, q_out_ptr + (token * HQ + head) * D, qw_ptr, c, c, s, s,
                        eps, D, HALF, True, True)
     else:
         cache_row = tl.load(rows_ptr + token // tokens)
@@ -106,12 +106,12 @@ def _qkv_norm_rope_kernel(q_ptr, k_ptr, v_ptr, q_stride, k_stride, v_stride, qw_
         if head < HQ + HKV:
             kv = head - HQ
             at = cache_row * cache_row_stride + (slot * HKV + kv) * D
-            norm_rope_row(k_ptr + token * k_stride + kv * D, keys_ptr + at, kw_ptr, c, c, s, s, eps, D, HALF, True,
+            _norm_rope_row(k_ptr + token * k_stride + kv * D, keys_ptr + at, kw_ptr, c, c, s, s, eps, D, HALF, True,
                            True)
         else:
             kv = head - HQ - HKV
             at = cache_row * cache_row_stride + (slot * HKV + kv) * D
-            norm_rope_row(v_ptr + token * v_stride + kv * D, values_ptr + at, kw_ptr, c, c, s, s, eps, D, HALF,
+            _norm_rope_row(v_ptr + token * v_stride + kv * D, values_ptr + at, kw_ptr, c, c, s, s, eps, D, HALF,
                            False, False)
 
 
@@ -209,11 +209,5 @@ def qkv_norm_rope_triton(q_raw: torch.Tensor, k_raw: torch.Tensor, v_raw: torch.
     _qkv_norm_rope_kernel[(b * t, hq + 2 * hkv)](
         q_raw, k_raw, v_raw, q_raw.stride(1), k_raw.stride(1), v_raw.stride(1), q_weight, k_weight,
         positions.contiguous(), inv_freq, q, keys, values, rows, slots.contiguous(), hq, hkv, t, keys.stride(0), eps,
-        D=d, HALF=d // 2, LIBDEVICE=not INTERPRETED, num_warps=2 if d <= 256 else 4,
-        **(pdl_options(q_raw.device, b * t) if QKV_PDL else {"PDL": False}))
+        D=d, HALF=d // 2, LIBDEVICE=not INTERPRETED, num_warps=2 if d <= 256 else 4, **pdl_options(q_raw.device, b * t))
     return q
-
-
-# Whether the one-launch norms take programmatic dependent launch (`dgemma.kernels.launch`) like the other kernels:
-# a switch for the A/B that the AR slowdown of `attention.FUSED_QKV_NORM` asks for (see there).
-QKV_PDL = True

@@ -7,9 +7,6 @@ row; at a batch-1 denoising step (256 tokens) each is a few microseconds of work
 
 - `attention_residual`: h = x + norm(attn; w_post_attn), then norm(h; w_pre_ff), norm(h; w_pre_ff2) and the
   router's input norm(h) * scale * H^-1/2, from one read of x and attn.
-- `output_projection_residual`: for a few decoded tokens, the attention's output projection (`dgemma.kernels.gemv`)
-  whose last program computes `attention_residual` for every token (`dgemma.kernels.last_program`): one launch
-  instead of two, the same bits.
 - `layer_output`: (h + norm(norm(dense; w1) + norm(routed; w2); w)) * scalar; it can also take the routed experts'
   K rows per token unsummed and sum them itself (the MoE's combine kernel folded in), and also write the next norm of
   the residual stream (the next layer's input norm, or the final norm: that norm's kernel folded in).
@@ -26,8 +23,6 @@ import triton
 import triton.language as tl
 
 from dgemma.kernels.fused_moe import weighted_rows_sum
-from dgemma.kernels.gemv import gemv_launch, gemv_rows
-from dgemma.kernels.last_program import last_program
 from dgemma.kernels.launch import pdl_options, wait_for_inputs
 
 
@@ -38,15 +33,16 @@ def _rms(v, D, eps):
 
 
 @triton.jit
-def _attention_residual_row(x_ptr, attn_ptr, w_post_ptr, w_dense_ptr, w_experts_ptr, router_scale_ptr, h_ptr,
-                            dense_ptr, router_ptr, experts_ptr, row, D, eps, router_factor, BLOCK: tl.constexpr):
-    # One token's h = x + norm(attn) and its three norms; row: the token's offset (index * D).
+def _attention_residual_kernel(x_ptr, attn_ptr, w_post_ptr, w_dense_ptr, w_experts_ptr, router_scale_ptr,
+                               h_ptr, dense_ptr, router_ptr, experts_ptr, D, eps, router_factor,
+                               BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
+    row = tl.program_id(0).to(tl.int64) * D
     cols = tl.arange(0, BLOCK)
     mask = cols < D
     dtype = h_ptr.dtype.element_ty
     x = tl.load(x_ptr + row + cols, mask=mask, other=0.0).to(tl.float32)
-    # .cg: in the output projection's tail, attn is other programs' stores (see dgemma.kernels.last_program)
-    attn = tl.load(attn_ptr + row + cols, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    attn = tl.load(attn_ptr + row + cols, mask=mask, other=0.0).to(tl.float32)
     w_post = tl.load(w_post_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     h = (x + (_rms(attn, D, eps) * w_post).to(dtype).to(tl.float32)).to(dtype)
     tl.store(h_ptr + row + cols, h, mask=mask)
@@ -59,29 +55,6 @@ def _attention_residual_row(x_ptr, attn_ptr, w_post_ptr, w_dense_ptr, w_experts_
     scale = tl.load(router_scale_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     z = (normed.to(dtype).to(tl.float32) * scale).to(dtype).to(tl.float32)
     tl.store(router_ptr + row + cols, (z * router_factor).to(dtype), mask=mask)
-
-
-@triton.jit
-def _attention_residual_kernel(x_ptr, attn_ptr, w_post_ptr, w_dense_ptr, w_experts_ptr, router_scale_ptr,
-                               h_ptr, dense_ptr, router_ptr, experts_ptr, D, eps, router_factor,
-                               BLOCK: tl.constexpr, PDL: tl.constexpr):
-    wait_for_inputs(PDL)
-    _attention_residual_row(x_ptr, attn_ptr, w_post_ptr, w_dense_ptr, w_experts_ptr, router_scale_ptr, h_ptr,
-                            dense_ptr, router_ptr, experts_ptr, tl.program_id(0).to(tl.int64) * D, D, eps,
-                            router_factor, BLOCK)
-
-
-@triton.jit
-def _output_projection_residual_kernel(heads_ptr, w_o_ptr, attn_ptr, counter_ptr, x_ptr, w_post_ptr, w_dense_ptr,
-                                       w_experts_ptr, router_scale_ptr, h_ptr, dense_ptr, router_ptr, experts_ptr,
-                                       D, HEADS, stride_heads, eps, router_factor, M: tl.constexpr,
-                                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                                       PRELOAD: tl.constexpr, BLOCK: tl.constexpr):
-    gemv_rows(heads_ptr, w_o_ptr, attn_ptr, D, HEADS, stride_heads, D, M, BLOCK_N, BLOCK_K, PDL, PRELOAD)
-    if last_program(counter_ptr, tl.num_programs(0)):
-        for m in tl.static_range(M):
-            _attention_residual_row(x_ptr, attn_ptr, w_post_ptr, w_dense_ptr, w_experts_ptr, router_scale_ptr,
-                                    h_ptr, dense_ptr, router_ptr, experts_ptr, m * D, D, eps, router_factor, BLOCK)
 
 
 @triton.jit
@@ -125,17 +98,6 @@ def _launch_options(d: int, device: torch.device, rows: int) -> dict:
     return {"BLOCK": block, "num_warps": 4 if block <= 1024 else 8, **pdl_options(device, rows)}
 
 
-def _check_attention_residual(x: torch.Tensor, attn_shape: tuple, attn_dtype: torch.dtype, norms: dict) -> None:
-    d = x.shape[-1]
-    if tuple(attn_shape) != tuple(x.shape) or attn_dtype != x.dtype:
-        raise ValueError(f"attention_residual: attn {tuple(attn_shape)} {attn_dtype} must match x "
-                         f"{tuple(x.shape)} {x.dtype}")
-    for name, w in norms.items():
-        if w.shape != (d,) or w.device != x.device:
-            raise ValueError(f"attention_residual: {name} must be [{d}] on {x.device}, got {tuple(w.shape)} "
-                             f"on {w.device}")
-
-
 def attention_residual_triton(
     x: torch.Tensor,  # [..., H] the layer's input (the residual)
     attn: torch.Tensor,  # [..., H] the attention output
@@ -148,43 +110,19 @@ def attention_residual_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(h, dense input, router input, experts input), each shaped and typed like x."""
     d = x.shape[-1]
-    _check_attention_residual(x, attn.shape, attn.dtype, dict(w_post_attn=w_post_attn, w_dense=w_dense,
-                                                              w_experts=w_experts, router_scale=router_scale))
+    if attn.shape != x.shape or attn.dtype != x.dtype:
+        raise ValueError(f"attention_residual: attn {tuple(attn.shape)} {attn.dtype} must match x "
+                         f"{tuple(x.shape)} {x.dtype}")
+    for name, w in (("w_post_attn", w_post_attn), ("w_dense", w_dense), ("w_experts", w_experts),
+                    ("router_scale", router_scale)):
+        if w.shape != (d,) or w.device != x.device:
+            raise ValueError(f"attention_residual: {name} must be [{d}] on {x.device}, got {tuple(w.shape)} "
+                             f"on {w.device}")
     xs, attns = _rows(x, d), _rows(attn, d)
     h, dense, router, experts = (torch.empty_like(xs) for _ in range(4))
     _attention_residual_kernel[(xs.shape[0],)](xs, attns, w_post_attn, w_dense, w_experts, router_scale,
                                                h, dense, router, experts, d, eps, router_factor,
                                                **_launch_options(d, x.device, xs.shape[0]))
-    return h.view(x.shape), dense.view(x.shape), router.view(x.shape), experts.view(x.shape)
-
-
-def output_projection_residual_triton(
-    x: torch.Tensor,  # [B, T, H] the layer's input (the residual), a few tokens (`dgemma.kernels.gemv`'s rows)
-    heads: torch.Tensor,  # [B, T, Hq * D] the attention heads' outputs
-    w_o: torch.Tensor,  # [H, Hq * D] the output projection
-    w_post_attn: torch.Tensor,  # [H]
-    w_dense: torch.Tensor,  # [H]
-    w_experts: torch.Tensor,  # [H]
-    router_scale: torch.Tensor,  # [H]
-    router_factor: float,  # H^-1/2
-    eps: float,
-    counter: torch.Tensor,  # [1] int32, zero: this call site's (`dgemma.kernels.last_program`)
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`attention_residual_triton(x, gemv_triton(heads, w_o), ...)` as one launch: the last of the projection's
-    programs computes the residual and its norms for every token. The same bits as the two kernels."""
-    d = x.shape[-1]
-    if counter.shape != (1,) or counter.dtype != torch.int32:
-        raise ValueError(f"output projection: counter must be int32 [1], got {tuple(counter.shape)} {counter.dtype}")
-    _check_attention_residual(x, (*heads.shape[:-1], w_o.shape[0]), heads.dtype,
-                              dict(w_post_attn=w_post_attn, w_dense=w_dense, w_experts=w_experts,
-                                   router_scale=router_scale))
-    flat, attn, grid, options = gemv_launch(heads, w_o)  # [tokens, Hq * D], [tokens, H]
-    xs = _rows(x, d)
-    h, dense, router, experts = (torch.empty_like(xs) for _ in range(4))
-    _output_projection_residual_kernel[grid](flat, w_o, attn, counter, xs, w_post_attn, w_dense, w_experts,
-                                             router_scale, h, dense, router, experts, d, flat.shape[1],
-                                             flat.stride(0), eps, router_factor,
-                                             BLOCK=triton.next_power_of_2(d), **options)
     return h.view(x.shape), dense.view(x.shape), router.view(x.shape), experts.view(x.shape)
 
 

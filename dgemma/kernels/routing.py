@@ -1,4 +1,4 @@
-"""Expert routing as Triton kernels: the top-k choice, and the assignments grouped by expert.
+"""Expert routing as two Triton kernels: the top-k choice, and the assignments grouped by expert.
 
 Eager, a layer's routing is ~6 kernels (softmax, top-k, sum, divide, gather, product) and its grouping a stable
 radix sort plus a count and a cumulative sum (~8 kernels; the sort alone took 0.9 ms of a batch-1 denoising step
@@ -6,8 +6,7 @@ on an H200). Both are tiny: 256 tokens choose 8 of 128 experts.
 
 - `route_top_k`: one program per token: softmax over the experts in float32, the k largest by repeated argmax
   (descending, as torch.topk; among equal probabilities the lower expert id first), renormalised, times the
-  per-expert scale. `router_triton` runs it as the tail of the router's product for a few decoded tokens: the
-  last of the product's programs routes (`dgemma.kernels.last_program`), one launch instead of two.
+  per-expert scale.
 - `group_by_expert_triton`: one program per expert: the assignments to experts below it give its start, and a
   running prefix count over its own assignments their places, in assignment order. That is exactly the stable
   sort `dgemma.model.moe.group_by_expert` computes, so the results are identical, not just close.
@@ -19,20 +18,17 @@ import torch
 import triton
 import triton.language as tl
 
-from dgemma.kernels.gemv import gemv_launch, gemv_rows
-from dgemma.kernels.last_program import last_program
 from dgemma.kernels.launch import pdl_options, wait_for_inputs
 
 
 @triton.jit
-def _route_row(logits_ptr, scale_ptr, weights_ptr, experts_ptr, row, E, K: tl.constexpr, BLOCK_E: tl.constexpr,
-               BLOCK_K: tl.constexpr):
-    # One token's choice from its E logits: softmax in float32, the K largest, renormalised, times their scales.
+def _route_top_k_kernel(logits_ptr, scale_ptr, weights_ptr, experts_ptr, E, K: tl.constexpr,
+                        BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
+    row = tl.program_id(0).to(tl.int64)
     ids = tl.arange(0, BLOCK_E)
     valid = ids < E
-    # .cg: in the router's tail the logits are other programs' stores (see dgemma.kernels.last_program)
-    logits = tl.load(logits_ptr + row * E + ids, mask=valid, other=float("-inf"), cache_modifier=".cg")
-    logits = logits.to(tl.float32)
+    logits = tl.load(logits_ptr + row * E + ids, mask=valid, other=float("-inf")).to(tl.float32)
     e = tl.exp(logits - tl.max(logits, 0))
     probs = e / tl.sum(e, 0)  # 0 past E
     left = tl.where(valid, probs, -1.0)
@@ -50,24 +46,6 @@ def _route_row(logits_ptr, scale_ptr, weights_ptr, experts_ptr, row, E, K: tl.co
     scale = tl.load(scale_ptr + chosen_id, mask=taken, other=0.0).to(tl.float32)
     tl.store(weights_ptr + row * K + slots, chosen_p / total * scale, mask=taken)
     tl.store(experts_ptr + row * K + slots, chosen_id.to(tl.int64), mask=taken)
-
-
-@triton.jit
-def _route_top_k_kernel(logits_ptr, scale_ptr, weights_ptr, experts_ptr, E, K: tl.constexpr,
-                        BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    wait_for_inputs(PDL)
-    _route_row(logits_ptr, scale_ptr, weights_ptr, experts_ptr, tl.program_id(0).to(tl.int64), E, K, BLOCK_E,
-               BLOCK_K)
-
-
-@triton.jit
-def _router_kernel(x_ptr, w_ptr, logits_ptr, scale_ptr, weights_ptr, experts_ptr, counter_ptr, E, H, stride_x,
-                   M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                   PRELOAD: tl.constexpr, K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TOP: tl.constexpr):
-    gemv_rows(x_ptr, w_ptr, logits_ptr, E, H, stride_x, E, M, BLOCK_N, BLOCK_K, PDL, PRELOAD)
-    if last_program(counter_ptr, tl.num_programs(0)):
-        for m in tl.static_range(M):
-            _route_row(logits_ptr, scale_ptr, weights_ptr, experts_ptr, m, E, K, BLOCK_E, BLOCK_TOP)
 
 
 @triton.jit
@@ -108,29 +86,6 @@ def route_top_k(
     _route_top_k_kernel[(n,)](logits, per_expert_scale, weights, experts, e, K=k, BLOCK_E=block_e,
                               BLOCK_K=triton.next_power_of_2(k), num_warps=1 if block_e <= 256 else 4,
                               **pdl_options(logits.device, n))
-    return weights, experts
-
-
-def router_triton(
-    z: torch.Tensor,  # [N, H] the router's input, a few tokens (`dgemma.kernels.gemv`'s rows)
-    proj: torch.Tensor,  # [E, H]
-    per_expert_scale: torch.Tensor,  # [E]
-    k: int,
-    counter: torch.Tensor,  # [1] int32, zero: this call site's (`dgemma.kernels.last_program`)
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`route_top_k(gemv_triton(z, proj), per_expert_scale, k)` as one launch: the last of the product's programs
-    routes every token. Weights [N, K] float32, expert ids [N, K] int64, bit for bit the two kernels' result."""
-    e = proj.shape[0]
-    if per_expert_scale.shape != (e,) or not 0 < k <= e or counter.shape != (1,) or counter.dtype != torch.int32:
-        raise ValueError(f"router: per_expert_scale must be [{e}], 0 < k <= {e} and counter int32 [1], got "
-                         f"{tuple(per_expert_scale.shape)}, k={k}, counter {tuple(counter.shape)} {counter.dtype}")
-    flat, logits, grid, options = gemv_launch(z, proj)
-    n = flat.shape[0]
-    weights = torch.empty((n, k), dtype=torch.float32, device=z.device)
-    experts = torch.empty((n, k), dtype=torch.int64, device=z.device)
-    _router_kernel[grid](flat, proj, logits, per_expert_scale, weights, experts, counter, e, flat.shape[1],
-                         flat.stride(0), K=k, BLOCK_E=triton.next_power_of_2(e), BLOCK_TOP=triton.next_power_of_2(k),
-                         **options)
     return weights, experts
 
 

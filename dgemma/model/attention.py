@@ -27,7 +27,6 @@ from dgemma.model.layers import (
     pack_linears,
     still_packed,
     use_fused_norm_rope,
-    use_gemv,
 )
 
 
@@ -225,7 +224,6 @@ class Attention(nn.Module):
         # Where the keys and values are normalised into the cache beside the queries' norm (inference on a GPU;
         # `DiffusionGemma.set_side_stream`).
         self.side_stream: SideStream | None = None
-        self.counters: torch.Tensor | None = None  # [Hq + 2 Hkv] int32 (`set_counters`)
 
     def _projections(self) -> list[nn.Linear]:
         return [p for p in (self.q_proj, self.k_proj, self.v_proj) if p is not None]
@@ -236,24 +234,8 @@ class Attention(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self.packed = None  # a moved or cast weight is a new tensor: the packing ends
-        self.side_stream = None  # the stream and the counters belong to the device the layer leaves
-        self.counters = None
+        self.side_stream = None  # the stream belongs to the device the layer leaves
         return super()._apply(fn, recurse)
-
-    def set_counters(self) -> None:
-        """The per-head counters of the one-launch projection (`FUSED_QKV_PROJECTION`): allocated here, once, not
-        inside a captured forward, where their zeroing would be replayed every time."""
-        device = self.q_proj.weight.device
-        self.counters = torch.zeros(self.num_heads + 2 * self.spec.num_kv_heads, dtype=torch.int32, device=device)
-
-    def fold_qkv_norms(self, x: torch.Tensor, keys: torch.Tensor, rotation: Rotation) -> bool:
-        """Whether the projection and the three head norms run as one launch (`FUSED_QKV_PROJECTION`): a few
-        decoded tokens through the few-row kernel over the packed weights, the fused norms' dtypes, and the
-        counters `set_counters` gives."""
-        return (FUSED_QKV_PROJECTION and self.counters is not None and self.counters.device == x.device
-                and still_packed(self.packed, self._projections()) and use_gemv(x, self.packed, self.kernel_devices)
-                and keys.dtype == x.dtype == rotation.dtype and rotation.inv_freq.dtype == torch.float32
-                and use_fused_norm_rope(keys, None, None, self.kernel_devices))
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, H] -> q [B, T, Hq, D], k and v [B, T, Hkv, D] (v is k on full layers), before their norms;
@@ -276,7 +258,7 @@ class Attention(nn.Module):
         """The heads' outputs [B, T, Hq * D] -> [B, T, H]."""
         return linear(out, self.o_proj.weight, self.kernel_devices)
 
-    def attend(
+    def forward(
         self,
         x: torch.Tensor,  # [B, T, H]
         rotation: Rotation,  # the batch's positions and this layer type's frequencies
@@ -285,19 +267,11 @@ class Attention(nn.Module):
         cache: KVCache,
         layer: int,
     ) -> torch.Tensor:
-        """The heads' outputs before the output projection: x [B, T, H] -> [B, T, Hq * D]. Writes the tokens'
-        keys and values into the cache first: a canvas (and a causal chunk) attends to its own keys through it."""
         b, t, _ = x.shape
         d = self.spec.head_dim
-        keys, values = cache.keys[layer], cache.values[layer]  # [rows, slots + 1, Hkv, D]
-        if self.fold_qkv_norms(x, keys, rotation):
-            from dgemma.kernels.qkv_projection import qkv_projection_triton
-
-            q = qkv_projection_triton(x, self.packed, self.q_norm.weight, self.k_norm.weight, rotation.positions,
-                                      rotation.inv_freq, self.eps, (self.num_heads, self.spec.num_kv_heads),
-                                      (keys, values, batch.rows, batch.write_slots[kind]), self.counters)
-            return self.attend_queries(q, batch, kind, cache, layer)
         q_raw, k_raw, v_raw = self.project(x)  # [B, T, Hq, D], [B, T, Hkv, D] x 2
+        keys, values = cache.keys[layer], cache.values[layer]  # [rows, slots + 1, Hkv, D]
+        # Write first, then attend: the canvas (and a causal chunk) attends to its own keys through the cache.
         if (FUSED_QKV_NORM and keys.dtype == k_raw.dtype == rotation.dtype and rotation.inv_freq.dtype == torch.float32
                 and use_fused_norm_rope(k_raw, None, None, self.kernel_devices)):
             from dgemma.kernels.norm_rope import qkv_norm_rope_triton
@@ -308,43 +282,28 @@ class Attention(nn.Module):
         else:
             cos, sin = rotation.tables()  # [B, T, D] each
             q = self.norm_and_write(q_raw, k_raw, v_raw, cos, sin, batch, kind, cache, layer)
-        return self.attend_queries(q, batch, kind, cache, layer)
-
-    def attend_queries(self, q: torch.Tensor, batch: AttentionBatch, kind: str, cache: KVCache,
-                       layer: int) -> torch.Tensor:
-        """The heads' outputs [B, T, Hq * D] for the normalised, rotated queries q [B, T, Hq, D], over the cache
-        (which holds the tokens' own keys and values by now)."""
-        b, t = q.shape[:2]
-        d = self.spec.head_dim
-        keys, values = cache.keys[layer], cache.values[layer]  # [rows, slots + 1, Hkv, D]
         if use_canvas_attention(q, batch, kind, cache, self.kernel_devices):
             out = canvas_attention(q, keys, values, *batch.flash_bounds(keys.shape[1]))  # [B, T, Hq, D]
-            return out.reshape(b, t, self.num_heads * d)
+            return self.project_out(out.reshape(b, t, self.num_heads * d))
         if use_cache_attention(q, batch, kind, cache, self.kernel_devices):
             from dgemma.kernels.cache_attention import cache_attention_triton  # no mask over the whole ring
 
             sliding = kind == SLIDING  # a window (on a ring: position p in slot p % S); full layers: all before
             out = cache_attention_triton(q, keys, values, batch.rows, batch.key_start if sliding else None,
-                                         batch.key_end, cache.sliding_slots if sliding and cache.ring else None,
-                                         counters=cache.counters)
-            return out.reshape(b, t, self.num_heads * d)
+                                         batch.key_end, cache.sliding_slots if sliding and cache.ring else None)
+            return self.project_out(out.reshape(b, t, self.num_heads * d))
         keys, values = read_slots(keys, batch, kind, cache), read_slots(values, batch, kind, cache)
 
         mask = batch.mask(kind)
         if q.is_cuda and d > 256:
             # No fused kernel takes head_dim 512 (full layers); SDPA would fall back to float32 math.
-            return grouped_attention(q, keys, values, mask).reshape(b, t, self.num_heads * d)
+            return self.project_out(grouped_attention(q, keys, values, mask).reshape(b, t, self.num_heads * d))
         # Gemma 4 attention has scale 1.0: q and k are RMS-normalised instead of scaled by 1/sqrt(d).
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
             attn_mask=mask, scale=1.0, enable_gqa=True,
         )  # [B, Hq, T, D]
-        return out.transpose(1, 2).reshape(b, t, self.num_heads * d)
-
-    def forward(self, x: torch.Tensor, rotation: Rotation, batch: AttentionBatch, kind: str, cache: KVCache,
-                layer: int) -> torch.Tensor:
-        """`attend`, then the output projection: x [B, T, H] -> [B, T, H]."""
-        return self.project_out(self.attend(x, rotation, batch, kind, cache, layer))
+        return self.project_out(out.transpose(1, 2).reshape(b, t, self.num_heads * d))
 
     def norm_and_write(self, q_raw: torch.Tensor, k_raw: torch.Tensor, v_raw: torch.Tensor, cos: torch.Tensor,
                        sin: torch.Tensor, batch: AttentionBatch, kind: str, cache: KVCache, layer: int) -> torch.Tensor:
@@ -379,16 +338,12 @@ class Attention(nn.Module):
 
 # Whether a layer's query, key and value norms run as one kernel that also computes the rotation's angles
 # (`qkv_norm_rope_triton`) where the fused norms run, instead of three kernels (the keys' and values' on the side
-# stream) over cos/sin tables built each forward. Bit-identical either way (tests/test_gpu.py). Off: on one H100
-# (`scripts/flags_ab.py`, two rounds, 2026-12-07) the one launch made an AR token slower, 266.5 / 270.4 -> 254.5 /
-# 257.0 tok/s, for a batch-1 step 23.24 / 23.15 -> 23.17 / 22.88 ms and the same batch-8 step. Not yet explained:
-# the likeliest cause is that without the side stream's join before attention, PDL lets the attention, merge and o
-# projection launch early one after the other while the projections still run (A/B: norm_rope.QKV_PDL=False).
-FUSED_QKV_NORM = False
-# Whether a few decoded tokens' q/k/v projection runs with the three head norms as per-head tails of its kernel
-# (`dgemma.kernels.qkv_projection`): one launch for the projection and the norms, no side-stream fork and join.
-# The same bits. Prepared, not yet measured on a GPU: off until then.
-FUSED_QKV_PROJECTION = False
+# stream) over cos/sin tables built each forward. Bit-identical either way (tests/test_gpu.py). On: with the AR loop
+# advancing on the device (`GraphedEncoder.run_next`), one H100 (`bash scripts/ar_chain_ab.sh`, three rounds,
+# 2026-12-07) gave an AR token 281.5 / 281.5 / 281.7 -> 286.2 / 286.5 / 286.5 tok/s, and 283.3 / 283.6 / 283.6 without
+# PDL on the one launch, which therefore keeps it. (The nineteenth session measured it slower before the loop advanced
+# on the device: 266.5 / 270.4 -> 254.5 / 257.0 tok/s; a batch-1 step 23.24 / 23.15 -> 23.17 / 22.88 ms.)
+FUSED_QKV_NORM = True
 
 
 # Where `cache_attention` runs, from measurements on an H100 (docs/benchmarks.md):

@@ -20,7 +20,7 @@ from torch import nn
 from dgemma.config import FULL, SLIDING, ModelConfig
 from dgemma.model.attention import Attention, AttentionBatch
 from dgemma.model.kv_cache import KVCache
-from dgemma.model.layers import GatedMLP, RMSNorm, Rotation, linear, rms_norm, rope_inv_freq, use_gemv
+from dgemma.model.layers import GatedMLP, RMSNorm, Rotation, linear, rms_norm, rope_inv_freq
 from dgemma.model.moe import Experts, Router
 from dgemma.model.side_stream import SideStream
 
@@ -47,12 +47,9 @@ class Layer(nn.Module):
         self.kernel_devices: tuple[str, ...] = ("cuda",)
         # Where the dense MLP runs beside the router and experts (inference on a GPU; `set_side_stream`).
         self.side_stream: SideStream | None = None
-        # [1] int32: the one-launch output projection's count of finished programs (`set_counters`).
-        self.counter: torch.Tensor | None = None
 
     def _apply(self, fn, recurse=True):
-        self.side_stream = None  # the stream and the counter belong to the device the layer leaves
-        self.counter = None
+        self.side_stream = None  # the stream belongs to the device the layer leaves
         return super()._apply(fn, recurse)
 
     def forward(self, x, rotation: Rotation, batch: AttentionBatch, cache: KVCache, scalar: torch.Tensor,
@@ -60,20 +57,16 @@ class Layer(nn.Module):
         """x [B, T, H] -> (out [B, T, H], next_norm(out) or None); scalar: [1], or [T, 1] when encoder and decoder
         tokens share the forward. x_normed: this layer's input norm of x, where the layer before wrote it
         (`FOLD_NEXT_NORM`); next_norm: the norm the layer after applies to out, which this one may apply for it."""
-        heads = self.self_attn.attend(x_normed if x_normed is not None else self.input_layernorm(x), rotation, batch,
-                                      self.kind, cache, self.index)  # [B, T, Hq * D]
-        if self.fold_output_projection(x, heads):
-            return self.feed_forward(x, None, scalar, next_norm, self.output_projection_residual(x, heads))
-        return self.feed_forward(x, self.self_attn.project_out(heads), scalar, next_norm)
+        attn = self.self_attn(x_normed if x_normed is not None else self.input_layernorm(x), rotation, batch,
+                              self.kind, cache, self.index)
+        return self.feed_forward(x, attn, scalar, next_norm)
 
-    def feed_forward(self, x: torch.Tensor, attn: torch.Tensor | None, scalar: torch.Tensor,
-                     next_norm: RMSNorm | None = None, residual: tuple | None = None,
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def feed_forward(self, x: torch.Tensor, attn: torch.Tensor, scalar: torch.Tensor,
+                     next_norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Everything after attention: the residual norms, the dense MLP, routing and experts; (out, next_norm(out)
-        where the output kernel computes it, else None). `residual`: the residual norms' four outputs where the
-        output projection's kernel computed them (attn is then None). It reads no layer index or cache, so one
-        torch.compile of it serves every layer in training (`compile_feed_forward`)."""
-        h, dense_in, router_in, experts_in = residual or self.attention_residual(x, attn)  # [B, T, H] each
+        where the output kernel computes it, else None). It reads no layer index or cache, so one torch.compile of
+        it serves every layer in training (`compile_feed_forward`)."""
+        h, dense_in, router_in, experts_in = self.attention_residual(x, attn)  # [B, T, H] each
         side = SideStream.active(self.side_stream)
         dense = side.fork(self.mlp, dense_in) if side else self.mlp(dense_in)  # [B, T, H]
         weights, experts = self.router(router_in.reshape(-1, h.shape[-1]))  # routed on the raw residual
@@ -99,30 +92,6 @@ class Layer(nn.Module):
         norms run, and that norm is a weighted one with this layer's eps)."""
         return (FOLD_NEXT_NORM and use_fused_norms(h, self.kernel_devices) and norm.weight is not None
                 and norm.eps == self.input_layernorm.eps)
-
-    def fold_output_projection(self, x: torch.Tensor, heads: torch.Tensor) -> bool:
-        """Whether the output projection and the residual norms after it run as one launch
-        (`FOLD_OUTPUT_PROJECTION`, a few decoded tokens through the few-row kernel, the fused norms, and the counter
-        `prepare_inference` gives)."""
-        return (FOLD_OUTPUT_PROJECTION and self.counter is not None and self.counter.device == x.device
-                and use_fused_norms(x, self.kernel_devices)
-                and use_gemv(heads, self.self_attn.o_proj.weight, self.self_attn.kernel_devices))
-
-    def output_projection_residual(self, x: torch.Tensor, heads: torch.Tensor):
-        """`attention_residual(x, o_proj(heads))` as `output_projection_residual_triton`: 4 x [B, T, H]."""
-        from dgemma.kernels.residual_norms import output_projection_residual_triton
-
-        return output_projection_residual_triton(
-            x, heads, self.self_attn.o_proj.weight, self.post_attention_layernorm.weight,
-            self.pre_feedforward_layernorm.weight, self.pre_feedforward_layernorm_2.weight, self.router.scale,
-            self.router.inv_sqrt_hidden, self.input_layernorm.eps, self.counter)
-
-    def set_counters(self) -> None:
-        """The counters of this layer's one-launch kernels (`dgemma.kernels.last_program`): allocated here, once,
-        not inside a captured forward, where their zeroing would be replayed every time."""
-        self.counter = torch.zeros(1, dtype=torch.int32, device=self.input_layernorm.weight.device)
-        self.router.set_counter()
-        self.self_attn.set_counters()
 
     def attention_residual(self, x: torch.Tensor, attn: torch.Tensor):
         """h = x + norm(attn), and h normalised for the dense MLP, the router and the experts: 4 x [B, T, H]."""
@@ -160,10 +129,6 @@ class Layer(nn.Module):
 # AR 225.8 -> 230.6 tok/s with both (each alone gives about half).
 FOLD_MOE_COMBINE = True
 FOLD_NEXT_NORM = True
-# Whether a few decoded tokens' output projection and the residual norms after it run as one launch
-# (`dgemma.kernels.residual_norms.output_projection_residual_triton`: the last of the projection's programs computes
-# the norms). The same bits. Prepared, not yet measured on a GPU: off until then.
-FOLD_OUTPUT_PROJECTION = False
 
 
 def use_fused_norms(x: torch.Tensor, kernel_devices: tuple[str, ...]) -> bool:
@@ -225,11 +190,9 @@ class DiffusionGemma(nn.Module):
                 module.kernel_devices = tuple(devices)
 
     def prepare_inference(self) -> None:
-        """What an inference engine runs once its weights are in place: `pack_projections`, the counters of the
-        one-launch kernels (`Layer.set_counters`), and on a GPU `set_side_stream`."""
+        """What an inference engine runs once its weights are in place: `pack_projections`, and on a GPU
+        `set_side_stream`."""
         self.pack_projections()
-        for layer in self.layers:
-            layer.set_counters()
         self.set_side_stream(self.device.type == "cuda")
 
     def set_side_stream(self, on: bool, priority: int = 0, attention: bool = True) -> None:

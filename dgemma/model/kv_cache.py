@@ -150,10 +150,6 @@ class KVCache:
             shape = (rows, self.slots_of_kind[config.layer_types[layer]] + 1, spec.num_kv_heads, spec.head_dim)
             self.keys.append(torch.zeros(shape, dtype=dtype, device=device))
             self.values.append(torch.zeros(shape, dtype=dtype, device=device))
-        # One per (row, KV head): the counters of attention's one-launch merge of a decoded token's key slices
-        # (`dgemma.kernels.cache_attention.MERGE_TAIL`). Every layer's attention reads them in turn on one stream.
-        kv_heads = max(config.attention(layer).num_kv_heads for layer in range(config.num_layers))
-        self.counters = torch.zeros(rows * kv_heads, dtype=torch.int32, device=device)
 
     def fits_write(self, tokens: int) -> bool:
         """Whether one forward may write `tokens` tokens per row (see `check_write`)."""

@@ -164,8 +164,7 @@ def rope_cos_sin(
 class Rotation:
     """How one forward rotates its tokens on one layer type: their positions and the type's inverse frequencies.
     The cos/sin tables are built on first use (`tables`): the one-launch head norms of a GPU forward
-    (`dgemma.kernels.norm_rope.rope_angles`, in `qkv_norm_rope_triton` and `qkv_projection_triton`) compute the
-    angles themselves and build none."""
+    (`dgemma.kernels.norm_rope.qkv_norm_rope_triton`) compute the angles themselves and build none."""
 
     positions: torch.Tensor  # [B, T]
     inv_freq: torch.Tensor  # [D / 2] float32

@@ -9,11 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dgemma.model.fp8 import FP8, dequantize_rows, fp8_kernel_supported, quantize_rows
-from dgemma.model.layers import linear, rms_norm, use_gemv
-
-# A few decoded tokens' router product and routing as one launch (`dgemma.kernels.routing.router_triton`), where
-# `Router.counter` is set (`DiffusionGemma.prepare_inference`). Prepared, not yet measured on a GPU: off until then.
-FUSED_ROUTER = False
+from dgemma.model.layers import linear, rms_norm
 
 
 class Router(nn.Module):
@@ -29,17 +25,6 @@ class Router(nn.Module):
         self.scale = nn.Parameter(torch.ones(hidden_size))
         self.per_expert_scale = nn.Parameter(torch.ones(num_experts))
         self.kernel_devices = kernel_devices  # as in Experts
-        # [1] int32 on the model's device: the fused router's count of finished programs (`set_counter`).
-        self.counter: torch.Tensor | None = None
-
-    def _apply(self, fn, recurse=True):
-        self.counter = None  # it belongs to the device the router leaves
-        return super()._apply(fn, recurse)
-
-    def set_counter(self) -> None:
-        """Give this router the counter its one-launch kernel needs (`dgemma.kernels.last_program`): allocated here,
-        once, not inside a captured forward, where its zeroing would be replayed every time."""
-        self.counter = torch.zeros(1, dtype=torch.int32, device=self.proj.weight.device)
 
     def normalize(self, residual: torch.Tensor) -> torch.Tensor:
         """The router's input from the residual [..., H]: norm without weight, then its scale and H^-1/2.
@@ -48,11 +33,6 @@ class Router(nn.Module):
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """z: [N, H] from `normalize` -> weights [N, K] float32, expert ids [N, K]."""
-        if (FUSED_ROUTER and self.counter is not None and self.counter.device == z.device
-                and use_gemv(z, self.proj.weight, self.kernel_devices)):
-            from dgemma.kernels.routing import router_triton  # one kernel instead of two
-
-            return router_triton(z, self.proj.weight, self.per_expert_scale, self.top_k, self.counter)
         logits = linear(z, self.proj.weight, self.kernel_devices)  # [N, E]
         if z.device.type in self.kernel_devices and not torch.is_grad_enabled():
             from dgemma.kernels.routing import route_top_k  # one kernel instead of six
