@@ -7,8 +7,8 @@
 # rounds, AR tokens only (1024-token prompt, 384 greedy tokens). A variant is worth taking where all three of its
 # rounds beat all three of the default's; then its GPU tests must pass.
 #   fused_off       the head norms as three kernels over cos/sin tables (attention.FUSED_QKV_NORM off; on by default)
-#   direct          a decoded token's experts with a program per assignment, no grouping
-#                   (fused_moe.DIRECT_MAX_ASSIGNMENTS; off by default)
+#   grouped         a decoded token's experts grouped by expert, a program per expert (fused_moe.DIRECT_MAX_ASSIGNMENTS
+#                   0; by default a program per assignment, no grouping)
 #   old_dec_tiles   flash decoding's key tiles before 2026-12-07 (cache_attention.DECODE_TILE with 64 keys,
 #                   DECODE_TILE_FULL with 32 keys and 4 warps): they spill 988 and 276 B a thread on sm_90
 set -uo pipefail
@@ -16,14 +16,14 @@ OUT="${1:-/tmp/ar_chain_ab}"
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
 F=dgemma.model.attention.FUSED_QKV_NORM=False
-D=dgemma.kernels.fused_moe.DIRECT_MAX_ASSIGNMENTS=32
+D=dgemma.kernels.fused_moe.DIRECT_MAX_ASSIGNMENTS=0
 DS="dgemma.kernels.cache_attention.DECODE_TILE={'block_m': 16, 'block_n': 64, 'block_d': 256, 'block_dv': 256, "\
 "'num_warps': 4, 'num_stages': 2}"
 DF="dgemma.kernels.cache_attention.DECODE_TILE_FULL={'block_m': 16, 'block_n': 32, 'block_d': 512, 'block_dv': 512, "\
 "'num_warps': 4, 'num_stages': 2}"
 nvidia-smi --query-gpu=name --format=csv,noheader
 timeout 300 "$PY" scripts/flags_ab.py --rounds 3 --batches "" --ar-tokens 384 \
-    --variant "default:" --variant "fused_off:$F" --variant "direct:$D" --variant "old_dec_tiles:$DS,$DF" \
+    --variant "default:" --variant "fused_off:$F" --variant "grouped:$D" --variant "old_dec_tiles:$DS,$DF" \
     2>&1 | tee "$OUT/ab.txt"
 # The one-launch head norms (bit-identical to three kernels; the kernel counts of the fused model), the experts
 # with a program per assignment, and a decoded token's split attention.
