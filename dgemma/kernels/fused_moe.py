@@ -286,7 +286,7 @@ TILE_BLOCKS = ("BLOCK_K", "BLOCK_N", "BLOCK_M")  # what `launch` may halve where
 # Calls of at most this many token-expert assignments (8 per decoded token) run one program per assignment, whose
 # expert the routing chose, instead of one per expert over the grouped assignments: no grouping kernel, and 8
 # programs a tile instead of 128 of which 120 find no rows. One H100 (`scripts/flags_ab.py`, three rounds in one
-# process, 2026-12-07): an AR token 286.9 / 287.1 / 287.4 -> 290.6 / 290.3 / 290.2 tok/s. (The eighteenth session's
+# process, 2026-12-07): an AR token 286.9 / 287.1 / 287.4 -> 290.6 / 290.3 / 290.2 tok/s. (The nineteenth session's
 # two rounds, 276.1 and 261.3, were too far apart to decide.) A canvas has 2048 assignments: its steps are unchanged.
 DIRECT_MAX_ASSIGNMENTS = 32
 

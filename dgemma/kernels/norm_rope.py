@@ -30,7 +30,7 @@ from dgemma.kernels.tanh import INTERPRETED
 
 @triton.jit
 def _norm_rope_row(src, dst, w_ptr, c_lo, c_hi, s_lo, s_hi, eps, D: tl.constexpr, HALF: tl.constexpr,
-                   HAS_WEIGHT: tl.constexpr, ROPE: tl.constexpr):
+                    HAS_WEIGHT: tl.constexpr, ROPE: tl.constexpr):
     # One head of one token: D values at src -> normalised (and rotated by cos c, sin s, float32 [HALF] per half)
     # at dst.
     lo = tl.arange(0, HALF)
@@ -99,7 +99,7 @@ def _qkv_norm_rope_kernel(q_ptr, k_ptr, v_ptr, q_stride, k_stride, v_stride, qw_
     c, s = rope_angles(inv_freq_ptr, pos_ptr + token, q_out_ptr.dtype.element_ty, HALF, LIBDEVICE)
     if head < HQ:
         _norm_rope_row(q_ptr + token * q_stride + head * D, q_out_ptr + (token * HQ + head) * D, qw_ptr, c, c, s, s,
-                       eps, D, HALF, True, True)
+                        eps, D, HALF, True, True)
     else:
         cache_row = tl.load(rows_ptr + token // tokens)
         slot = tl.load(slots_ptr + token)
@@ -107,12 +107,12 @@ def _qkv_norm_rope_kernel(q_ptr, k_ptr, v_ptr, q_stride, k_stride, v_stride, qw_
             kv = head - HQ
             at = cache_row * cache_row_stride + (slot * HKV + kv) * D
             _norm_rope_row(k_ptr + token * k_stride + kv * D, keys_ptr + at, kw_ptr, c, c, s, s, eps, D, HALF, True,
-                           True)
+                            True)
         else:
             kv = head - HQ - HKV
             at = cache_row * cache_row_stride + (slot * HKV + kv) * D
             _norm_rope_row(v_ptr + token * v_stride + kv * D, values_ptr + at, kw_ptr, c, c, s, s, eps, D, HALF,
-                           False, False)
+                            False, False)
 
 
 def _heads_in_place(x: torch.Tensor) -> torch.Tensor:
