@@ -74,12 +74,14 @@ def moe() -> None:
     for tokens, what in ((1, "a decoded token"), (256, "a batch-1 canvas"), (1024, "4 canvases"),
                          (2048, "8 canvases"), (8192, "32 canvases")):
         assignments = tokens * K
+        direct = assignments <= fused_moe.DIRECT_MAX_ASSIGNMENTS  # a program per assignment, 16-row tiles
         for name, fn, sig, tile, n, k in zip(("gate/up", "down"), (fused_moe._gate_up_kernel, fused_moe._down_kernel),
-                                             (gate_up_sig, down_sig), tiles_for(assignments, E), (I, H), (H, I)):
-            t = fused_moe._with_tail({"BLOCK_M": fused_moe._block_m(assignments, E), "M_SPLITS": 1,
-                                      "SWAP_AB": False, "TAIL_M": 0, **tile})
+                                             (gate_up_sig, down_sig), tiles_for(assignments, E, direct=direct),
+                                             (I, H), (H, I)):
+            t = fused_moe._with_tail({"BLOCK_M": 16 if direct else fused_moe._block_m(assignments, E),
+                                      "M_SPLITS": 1, "SWAP_AB": False, "TAIL_M": 0, **tile})
             warps, stages = t.pop("num_warps"), t.pop("num_stages")
-            const = dict(t, EVEN_N=n % t["BLOCK_N"] == 0, EVEN_K=k % t["BLOCK_K"] == 0, SCALED=False, DIRECT=False,
+            const = dict(t, EVEN_N=n % t["BLOCK_N"] == 0, EVEN_K=k % t["BLOCK_K"] == 0, SCALED=False, DIRECT=direct,
                          PDL=tokens <= 256)
             shape = "x".join(str(t[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
             report(f"{name}, {what}: {shape}, {stages} stages", fn, sig, const, warps, stages)

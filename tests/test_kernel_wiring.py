@@ -66,7 +66,17 @@ def test_fused_moe_runs_only_for_inference_with_at_most_512_assignments_per_expe
 
 
 def test_busier_experts_get_the_tiles_measured_for_their_load():
-    from dgemma.kernels.moe_tiles import DOWN_TILE, GATE_UP_TILE, LARGE_TILES, TAIL_ROWS, tiles_for
+    from dgemma.kernels.moe_tiles import (
+        DIRECT_DOWN_TILE,
+        DIRECT_GATE_UP_TILE,
+        DOWN_TILE,
+        FP8_DOWN_TILE,
+        FP8_GATE_UP_TILE,
+        GATE_UP_TILE,
+        LARGE_TILES,
+        TAIL_ROWS,
+        tiles_for,
+    )
 
     def tail(tiles):  # every tile takes the tail passes' rows
         return tuple(dict(t, TAIL_M=TAIL_ROWS) for t in tiles)
@@ -77,6 +87,9 @@ def test_busier_experts_get_the_tiles_measured_for_their_load():
     assert tiles_for(128 * 128, 128) == tail(LARGE_TILES[1][1:])
     assert tiles_for(512 * 128, 128)[0]["M_SPLITS"] == 5  # 32 canvases: 5 programs share each expert's passes
     assert LARGE_TILES[-1][0] == FUSED_MOE_MAX_ASSIGNMENTS_PER_EXPERT  # every load the model sends has a tile
+    # A decoded token's experts, a program per assignment: their own tiles in bf16, the FP8 tiles in FP8.
+    assert tiles_for(8, 128, direct=True) == tail((DIRECT_GATE_UP_TILE, DIRECT_DOWN_TILE))
+    assert tiles_for(8, 128, fp8=True, direct=True) == tail((FP8_GATE_UP_TILE, FP8_DOWN_TILE))
 
 
 def test_fused_norm_rope_runs_only_for_inference_with_matching_dtypes_and_power_of_two_head_dim():
@@ -196,8 +209,8 @@ def test_interpreted_fused_moe_with_256_row_tiles_split_or_tail_passes_matches_t
 @pytest.mark.parametrize("n", [1, 4])  # one decoded token; four whose experts repeat (top-2 of 4)
 def test_interpreted_fused_moe_with_a_program_per_assignment_matches_the_grouped_kernels(n, monkeypatch):
     """`DIRECT_MAX_ASSIGNMENTS`: decoded tokens' assignments each in their own program, with no grouping, give the
-    rows the grouped kernels give (the same products row by row), unsummed and summed."""
-    from dgemma.kernels import fused_moe
+    rows the grouped kernels give (the same products row by row), unsummed and summed, with any tile."""
+    from dgemma.kernels import fused_moe, moe_tiles
 
     gen = torch.Generator().manual_seed(n)
     h, i, e, k = 64, 48, 4, 2
@@ -212,6 +225,14 @@ def test_interpreted_fused_moe_with_a_program_per_assignment_matches_the_grouped
     direct = fused_moe.fused_moe_triton(x, weights, experts, gate_up, down, combine=False)
     assert not calls and direct.shape == grouped.shape == (n * k, h)
     assert rel_err(direct.float(), grouped.float()) < ULPS * torch.finfo(torch.float16).eps
+    # The direct path's own tiles (swept apart from the canvas's): narrower and shallower, the same rows.
+    monkeypatch.setattr(moe_tiles, "DIRECT_GATE_UP_TILE", dict(BLOCK_N=16, BLOCK_K=16, num_warps=2, num_stages=2))
+    monkeypatch.setattr(moe_tiles, "DIRECT_DOWN_TILE", dict(BLOCK_N=32, BLOCK_K=16, num_warps=2, num_stages=2))
+    asked, tiles_for = [], fused_moe.tiles_for
+    monkeypatch.setattr(fused_moe, "tiles_for", lambda *a, **kw: asked.append(kw["direct"]) or tiles_for(*a, **kw))
+    narrow = fused_moe.fused_moe_triton(x, weights, experts, gate_up, down, combine=False)
+    assert asked == [True]
+    assert rel_err(narrow.float(), grouped.float()) < ULPS * torch.finfo(torch.float16).eps
     expected = experts_loop(x, weights, experts, gate_up, down).float()
     summed = fused_moe.fused_moe_triton(x, weights, experts, gate_up, down)
     assert rel_err(summed.float(), expected) < ULPS * torch.finfo(torch.float16).eps

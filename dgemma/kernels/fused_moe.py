@@ -334,7 +334,8 @@ def _grouped_rows(
         programs, block_m = num_experts, _block_m(assignments, num_experts)
 
     hidden_act = torch.empty((assignments, inter), dtype=x.dtype, device=x.device)  # expert-sorted (direct: by token)
-    default_gate_up, default_down = tiles_for(assignments, num_experts, fp8=gate_up.element_size() == 1)
+    default_gate_up, default_down = tiles_for(assignments, num_experts, fp8=gate_up.element_size() == 1,
+                                              direct=direct)
     # A tile may fix its rows per pass and programs per expert (tile sweeps); otherwise they follow the load.
     t1 = _with_tail({"BLOCK_M": block_m, "M_SPLITS": 1, "SWAP_AB": False, "TAIL_M": 0,
                      **_fit(tile_gate_up or default_gate_up, inter, hidden)})

@@ -61,10 +61,20 @@ FP8_LARGE_TILES = ((64, _FP8_SWAPPED, _FP8_SWAPPED),
 TAIL_ROWS = 32
 
 
-def tiles_for(assignments: int, num_experts: int, fp8: bool = False) -> tuple[dict, dict]:
-    """(gate_up tile, down tile) for a call with this many token-expert assignments; `fp8`: one-byte weights."""
+# A few decoded tokens' experts with a program per assignment (`fused_moe.DIRECT_MAX_ASSIGNMENTS`) take the
+# canvas's small-load tiles until a sweep of their own (`scripts/ar_knobs_ab.sh`) says otherwise. A token's gate/up
+# is then 8 assignments x 11 column blocks = 88 programs for 132 SMs, each streaming 720 KB; its down 8 x 22.
+DIRECT_GATE_UP_TILE = dict(GATE_UP_TILE)
+DIRECT_DOWN_TILE = dict(DOWN_TILE)
+
+
+def tiles_for(assignments: int, num_experts: int, fp8: bool = False, direct: bool = False) -> tuple[dict, dict]:
+    """(gate_up tile, down tile) for a call with this many token-expert assignments; `fp8`: one-byte weights;
+    `direct`: a program per assignment (bf16 only has tiles of its own)."""
     per_expert = assignments / num_experts
     tiles = (FP8_GATE_UP_TILE, FP8_DOWN_TILE) if fp8 else (GATE_UP_TILE, DOWN_TILE)
+    if direct and not fp8:
+        tiles = (DIRECT_GATE_UP_TILE, DIRECT_DOWN_TILE)
     if per_expert > 32:
         tiles = next(((g, d) for limit, g, d in (FP8_LARGE_TILES if fp8 else LARGE_TILES) if per_expert <= limit),
                      tiles)
