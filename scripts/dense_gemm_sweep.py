@@ -4,7 +4,11 @@ nothing stays in L2).
 
     python scripts/dense_gemm_sweep.py [ROWS]   # default 256 (needs a CUDA GPU; H100 and H200 bandwidths built in)
 
-Prints one line per 26b-a4b weight shape: floor (bytes / copy bandwidth), cuBLAS, the best Triton tile.
+Prints one line per 26b-a4b weight shape: floor (bytes / copy bandwidth), cuBLAS, the best Triton tile, and the
+engine's `dgemma.kernels.gemm` (the programs that share a weight tile launched side by side, so it is read from HBM
+once) at its own tile and the best of the same sweep. The whole-step A/B of that kernel:
+`python scripts/flags_ab.py --rounds 2 --batches 1,2 --variant "default:" --variant
+"gemm:dgemma.model.layers.GEMM_MAX_ROWS=512"`.
 """
 
 import itertools
@@ -14,6 +18,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from dgemma.kernels.gemm import gemm_triton
 
 print(torch.cuda.get_device_name(), flush=True)
 
@@ -74,9 +80,21 @@ for name, (N, K) in shapes.items():
             continue
         if t < best[0]:
             best = (t, cfg)
+    own = gbench(lambda j: gemm_triton(x, ws[j]), L)
+    best_own = (1e9, None)
+    for bm, bn, bk, w_, s in itertools.product((64, 128), (32, 64, 128), (64, 128), (4, 8), (4,)):
+        tile = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w_, num_stages=s)
+        try:
+            t = gbench(lambda j: gemm_triton(x, ws[j], **tile), L)
+        except Exception:  # out of shared memory etc.
+            continue
+        if t < best_own[0]:
+            best_own = (t, tile)
     ref = F.linear(x, ws[0]).float()
     err = ((tmm(x, ws[0], best[1]).float() - ref).norm() / ref.norm()).item()
+    err_own = ((gemm_triton(x, ws[0]).float() - ref).norm() / ref.norm()).item()
     ws.clear()
     torch.cuda.empty_cache()
     print(f"M={M} {name:12s} N={N} K={K}: floor {floor:.1f} us, cuBLAS {tc:.1f} us, triton {best[0]:.1f} us "
-          f"{best[1]} err {err:.1e}", flush=True)
+          f"{best[1]} err {err:.1e}; gemm_triton {own:.1f} us (err {err_own:.1e}), best {best_own[0]:.1f} us "
+          f"{best_own[1]}", flush=True)
