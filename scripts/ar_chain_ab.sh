@@ -10,7 +10,7 @@
 #   grouped         a decoded token's experts grouped by expert, a program per expert (fused_moe.DIRECT_MAX_ASSIGNMENTS
 #                   0; by default a program per assignment, no grouping)
 #   old_dec_tiles   flash decoding's key tiles before 2026-12-07 (cache_attention.DECODE_TILE with 64 keys,
-#                   DECODE_TILE_FULL with 32 keys and 4 warps): they spill 988 and 276 B a thread on sm_90
+#                   DECODE_TILE_FULL with 32 keys and 4 warps): 16 key slices on sliding layers, not 32
 set -uo pipefail
 OUT="${1:-/tmp/ar_chain_ab}"
 PY="${PYTHON:-python3}"

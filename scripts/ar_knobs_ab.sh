@@ -9,7 +9,7 @@
 # where all three of its rounds beat all three of the default's; then `pytest tests/test_gpu.py -k "few_row or
 # per_assignment or decoded"` and `tests/test_autoregressive.py -k cuda` must pass with it.
 #   du_n32 / du_n32_w8 / du_k64 / du_w8 / du_n16_k256   a decoded token's experts' gate/up tile
-#               (moe_tiles.DIRECT_GATE_UP_TILE; in use: 16x64x128, 4 warps, 88 programs, 640 B of spills a thread):
+#               (moe_tiles.DIRECT_GATE_UP_TILE; in use: 16x64x128, 4 warps, 88 programs for 132 SMs):
 #               32 columns (176 programs), with 8 warps, K 64, 8 warps, 16 columns and K 256 (352 programs)
 #   dd_n64 / dd_n256_w8   its down tile (moe_tiles.DIRECT_DOWN_TILE; in use 16x128x64, 176 programs): 64 columns
 #               (352 programs), 256 columns with 8 warps (88)

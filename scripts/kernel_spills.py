@@ -1,6 +1,8 @@
 """Registers and spills of the engine's Triton kernels on Hopper (sm_90), at the released model's shapes and the
 tiles the engine launches, without a GPU: each kernel is compiled to PTX by Triton and assembled by the `ptxas`
-Triton ships, which reports what a thread uses.
+Triton ships, which reports what a thread uses. Pointers and the integers that are multiples of 16 at these shapes
+carry the 16-byte alignment a launch gives them (`signature`), so the loads vectorise and pipeline as they do on the
+GPU.
 
     python scripts/kernel_spills.py [--only moe,attention,products]
 
@@ -29,16 +31,23 @@ H, I, E, K = 2816, 704, 128, 8  # hidden, expert width, experts, experts a token
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
-def signature(names: str, types: dict[str, str], default: str = "*bf16") -> dict[str, str]:
-    """Triton's signature from the kernel's argument names: pointers `default` unless typed, constexprs by name."""
+def signature(names: str, types: dict[str, str], aligned: str = "",
+              default: str = "*bf16") -> tuple[dict[str, str], dict[tuple, list]]:
+    """Triton's signature from the kernel's argument names (pointers `default` unless typed, constexprs by name), and
+    the attributes a launch would give them: 16-byte alignment for every pointer and for the integers in `aligned`
+    (multiples of 16 at the released shapes). Without them Triton cannot vectorise the loads, and its pipeliner
+    leaves them out (no `cp.async`): the kernel measured would not be the one that runs."""
     sig = {}
     for name in names.split():
         sig[name] = types.get(name, "constexpr" if name.isupper() and name not in types else default)
-    return sig
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(sig.items())
+             if kind.startswith("*") or name in aligned.split()}
+    return sig, attrs
 
 
-def report(label: str, fn, sig: dict, const: dict, warps: int, stages: int = 3) -> None:
-    compiled = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
+def report(label: str, fn, args: tuple[dict, dict], const: dict, warps: int, stages: int = 3) -> None:
+    sig, attrs = args
+    compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": warps, "num_stages": stages})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(compiled.asm["ptx"])
@@ -57,14 +66,15 @@ def report(label: str, fn, sig: dict, const: dict, warps: int, stages: int = 3) 
 def products() -> None:
     print("few-row products (decoded tokens; 4 warps)")
     gemv_sig = signature("x_ptr w_ptr y_ptr N K stride_x stride_y M BLOCK_N BLOCK_K PDL PRELOAD",
-                         {"N": "i32", "K": "i32", "stride_x": "i32", "stride_y": "i32"})
+                         {"N": "i32", "K": "i32", "stride_x": "i32", "stride_y": "i32"}, "N K stride_x stride_y")
     base = dict(BLOCK_N=gemv.BLOCK_N, PDL=True, PRELOAD=True)
     for m in (1, 4):
         report(f"gemv, {m} row(s), K <= 4096", gemv._gemv_kernel, gemv_sig, dict(base, M=m, BLOCK_K=4096),
                gemv.NUM_WARPS)
     print("a canvas's dense products (`dgemma.kernels.gemm`, off by default), the tiles by output width")
     gemm_sig = signature("x_ptr w_ptr y_ptr M N K stride_x stride_y BLOCK_M BLOCK_N BLOCK_K EVEN_K PDL",
-                         {"M": "i32", "N": "i32", "K": "i32", "stride_x": "i32", "stride_y": "i32"})
+                         {"M": "i32", "N": "i32", "K": "i32", "stride_x": "i32", "stride_y": "i32"},
+                         "N K stride_x stride_y")
     for limit, tile in gemm.TILES:
         t = dict(tile)
         warps, stages = t.pop("num_warps"), t.pop("num_stages")
@@ -78,8 +88,9 @@ def moe() -> None:
     types = {"scale_ptr": "*bf16", "token_ptr": "*i64", "dest_ptr": "*i64", "ends_ptr": "*i32",
              "experts_ptr": "*i64", "H": "i32", "I": "i32", "K_ROUTE": "i32"}
     flags = "BLOCK_M BLOCK_N BLOCK_K EVEN_N EVEN_K M_SPLITS SCALED SWAP_AB TAIL_M DIRECT PDL"
-    gate_up_sig = signature(f"x_ptr w_ptr scale_ptr token_ptr ends_ptr experts_ptr out_ptr H I K_ROUTE {flags}", types)
-    down_sig = signature(f"h_ptr w_ptr scale_ptr dest_ptr ends_ptr experts_ptr out_ptr H I {flags}", types)
+    gate_up_sig = signature(f"x_ptr w_ptr scale_ptr token_ptr ends_ptr experts_ptr out_ptr H I K_ROUTE {flags}", types,
+                            "H I")
+    down_sig = signature(f"h_ptr w_ptr scale_ptr dest_ptr ends_ptr experts_ptr out_ptr H I {flags}", types, "H I")
     for tokens, what in ((1, "a decoded token"), (256, "a batch-1 canvas"), (1024, "4 canvases"),
                          (2048, "8 canvases"), (8192, "32 canvases")):
         assignments = tokens * K
@@ -102,11 +113,11 @@ def attention() -> None:
              "T": "i32", "HQ": "i32", "HKV": "i32", "G": "i32", "k_row_stride": "i32",
              "ring": "i32"}
     sig = signature("q_ptr k_ptr v_ptr rows_ptr start_ptr end_ptr out_ptr part_ptr stats_ptr T HQ HKV G k_row_stride "
-                    "ring D BLOCK_M BLOCK_N BLOCK_D BLOCK_DV HAS_START RING SPLITS PDL", types)
+                    "ring D BLOCK_M BLOCK_N BLOCK_D BLOCK_DV HAS_START RING SPLITS PDL", types, "HQ k_row_stride")
     ca = cache_attention
     for label, tile, d, sliding, splits in (
-            ("decoded token, sliding layer", ca.DECODE_TILE, 256, True, 16),
-            ("decoded token, full layer", ca.DECODE_TILE_FULL, 512, False, 32),
+            ("decoded token, sliding layer", ca.DECODE_TILE, 256, True, 32),
+            ("decoded token, full layer", ca.DECODE_TILE_FULL, 512, False, 64),
             ("canvas, sliding layer on a ring", ca.SLIDING_TILE, 256, True, 1),
             ("canvas, full layer, batch 1", ca.FULL_TILE_FEW_ROWS, 512, False, 1),
             ("canvas, full layer, batches", ca.FULL_TILE, 512, False, 1)):

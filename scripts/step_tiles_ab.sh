@@ -17,6 +17,8 @@
 #                    gathered rows from L2) and K 32 (16 B of spills, where 128 columns with K 64 spill ~0.6 KB)
 #   full_dv128 / full_m64   a canvas's full-layer attention at batches (cache_attention.FULL_TILE): 128 value
 #                    columns a program, or 64 rows (the tile in use spills ~4.5 KB a thread; these ~0.5 and ~1.2 KB)
+# The spill figures above came from a compile without the 16-byte alignment a launch gives pointers and sizes;
+# with it (`scripts/kernel_spills.py` since 2026-12-07) none of the tiles in use spills.
 # Measured on one H100 on 2026-12-07 (docs/benchmarks.md, twenty-first session): none kept. At batch 8 the tiles in
 # use won by 2-9%, spills included; at batch 1 two rounds of one variant differed more than the variants did.
 set -uo pipefail

@@ -159,9 +159,11 @@ FULL_FEW_ROWS = 8192  # batch x queries x query heads below which FULL_TILE_FEW_
 # program per KV head walking the whole context (2 programs on a full layer for 132 SMs). The key range is split
 # into slices instead, each program keeping an unnormalised partial output and its softmax statistics, merged by a
 # second kernel (flash decoding).
-# Key tiles of 32 (sliding) and 16 (full, 8 warps) positions: the tiles of 64 and 32 (4 warps) spilled 988 and
-# 276 B a thread (`scripts/kernel_spills.py`, sm_90), these none. One H100 (`scripts/ar_chain_ab.sh`, three rounds,
-# 2026-12-07): an AR token 281.5 / 281.5 / 281.7 -> 284.0 / 283.7 / 283.8 tok/s with both.
+# Key tiles of 32 (sliding) and 16 (full, 8 warps) positions, in place of 64 and 32 (4 warps). One H100
+# (`scripts/ar_chain_ab.sh`, three rounds, 2026-12-07): an AR token 281.5 / 281.5 / 281.7 -> 284.0 / 283.7 / 283.8
+# tok/s with both, 283.5 / 283.3 / 283.5 with the sliding one alone. The likely reason: `most` below doubles, so a
+# sliding layer's 8 KV heads take 32 key slices instead of 16 (256 programs instead of 128 on 132 SMs). They were
+# chosen as spill-free by a compile that lacked the launch's alignment; with it the old tiles spill 0 and 112 B.
 DECODE_TILE = dict(block_m=16, block_n=32, block_d=256, block_dv=256, num_warps=4, num_stages=2)
 DECODE_TILE_FULL = dict(block_m=16, block_n=16, block_d=512, block_dv=512, num_warps=8, num_stages=2)
 DECODE_PROGRAMS = 264  # aim: two programs per SM of an H100 (132 SMs)

@@ -64,6 +64,7 @@ TAIL_ROWS = 32
 # A few decoded tokens' experts with a program per assignment (`fused_moe.DIRECT_MAX_ASSIGNMENTS`) take the
 # canvas's small-load tiles until a sweep of their own (`scripts/ar_knobs_ab.sh`) says otherwise. A token's gate/up
 # is then 8 assignments x 11 column blocks = 88 programs for 132 SMs, each streaming 720 KB; its down 8 x 22.
+# Neither spills on sm_90 (`scripts/kernel_spills.py`).
 DIRECT_GATE_UP_TILE = dict(GATE_UP_TILE)
 DIRECT_DOWN_TILE = dict(DOWN_TILE)
 
