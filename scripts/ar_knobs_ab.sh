@@ -15,9 +15,11 @@
 #               (352 programs), 256 columns with 8 warps (88)
 #   gemv_n2 / gemv_n8_k2048 / gemv_n8_w8 / gemv_w8 / gemv_k2048   the few-row products (gemv.BLOCK_N output rows a
 #               program, MAX_BLOCK_K, NUM_WARPS; in use 4 rows, K 4096, 4 warps)
-#   dec_p132 / dec_s32 / dec_s16   flash decoding's key slices (cache_attention.DECODE_PROGRAMS, MAX_SPLITS; in use
-#               264 and 64: 32 slices on sliding layers, 8 KV heads over a ring of at least 1024 slots, and 64 on
-#               full layers, 2 KV heads over the whole prefix): 16 on sliding layers; 32 on full layers; 16 on both
+#   dec_p132 / dec_s32 / dec_s16 / dec_more   flash decoding's key slices (cache_attention.DECODE_PROGRAMS,
+#               MAX_SPLITS; in use 264 and 64: 32 slices on sliding layers, 8 KV heads over a ring of at least
+#               1024 slots, and 64 on full layers, 2 KV heads over the whole prefix): 16 on sliding layers; 32 on
+#               full layers; 16 on both; dec_more: 64 on sliding layers too (16-key tiles, 528 programs aimed at):
+#               the smaller decoding tiles of 2026-12-07 most likely won by doubling those slices
 set -uo pipefail
 OUT="${1:-/tmp/ar_knobs_ab}"
 PY="${PYTHON:-python3}"
@@ -39,4 +41,6 @@ timeout 400 "$PY" scripts/flags_ab.py --rounds 3 --batches "" --ar-tokens 384 --
     --variant "gemv_n8_w8:$G.BLOCK_N=8,$G.NUM_WARPS=8" --variant "gemv_w8:$G.NUM_WARPS=8" \
     --variant "gemv_k2048:$G.MAX_BLOCK_K=2048" \
     --variant "dec_p132:$A.DECODE_PROGRAMS=132" --variant "dec_s32:$A.MAX_SPLITS=32" \
-    --variant "dec_s16:$A.MAX_SPLITS=16" 2>&1 | tee "$OUT/ab.txt"
+    --variant "dec_s16:$A.MAX_SPLITS=16" \
+    --variant "dec_more:$A.DECODE_TILE={'block_m': 16, 'block_n': 16, 'block_d': 256, 'block_dv': 256, \
+'num_warps': 4, 'num_stages': 2},$A.DECODE_PROGRAMS=528" 2>&1 | tee "$OUT/ab.txt"
