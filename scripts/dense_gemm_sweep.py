@@ -61,6 +61,18 @@ def gbench(fn, L):
     b.record(); torch.cuda.synchronize()
     return a.elapsed_time(b) / 20 / L * 1e3
 
+def fastest(call, L):
+    """(us, (rows, columns, K, warps, stages)) of the fastest tile of a small sweep; call(j, *tile) runs one."""
+    best = (1e9, None)
+    for tile in itertools.product((64, 128), (32, 64, 128), (64, 128), (4, 8), (4,)):
+        try:
+            t = gbench(lambda j: call(j, *tile), L)
+        except Exception:  # out of shared memory etc.
+            continue
+        if t < best[0]:
+            best = (t, tile)
+    return best
+
 bw = 3.0e12 if "H100" in torch.cuda.get_device_name() else 4.3e12  # measured copy bandwidths (docs/benchmarks.md)
 shapes = {"qkv sliding": (8192, 2816), "qkv full": (9216, 2816), "o sliding": (2816, 4096), "o full": (2816, 8192),
           "mlp gate_up": (4224, 2816), "mlp down": (2816, 2112), "router": (128, 2816), "lm head": (262144, 2816)}
@@ -71,27 +83,13 @@ for name, (N, K) in shapes.items():
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     tc = gbench(lambda j: F.linear(x, ws[j]), L)
     floor = N * K * 2 / bw * 1e6
-    best = (1e9, None)
-    for bm, bn, bk, w_, s in itertools.product((64, 128), (32, 64, 128), (64, 128), (4, 8), (4,)):
-        cfg = dict(BM=bm, BN=bn, BK=bk, w=w_, s=s)
-        try:
-            t = gbench(lambda j: tmm(x, ws[j], cfg), L)
-        except Exception:  # out of shared memory etc.
-            continue
-        if t < best[0]:
-            best = (t, cfg)
+    plain = lambda j, bm, bn, bk, w_, s: tmm(x, ws[j], dict(BM=bm, BN=bn, BK=bk, w=w_, s=s))  # noqa: E731
+    best = fastest(plain, L)
     own = gbench(lambda j: gemm_triton(x, ws[j]), L)
-    best_own = (1e9, None)
-    for bm, bn, bk, w_, s in itertools.product((64, 128), (32, 64, 128), (64, 128), (4, 8), (4,)):
-        tile = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w_, num_stages=s)
-        try:
-            t = gbench(lambda j: gemm_triton(x, ws[j], **tile), L)
-        except Exception:  # out of shared memory etc.
-            continue
-        if t < best_own[0]:
-            best_own = (t, tile)
+    best_own = fastest(lambda j, bm, bn, bk, w_, s: gemm_triton(x, ws[j], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                                                num_warps=w_, num_stages=s), L)
     ref = F.linear(x, ws[0]).float()
-    err = ((tmm(x, ws[0], best[1]).float() - ref).norm() / ref.norm()).item()
+    err = ((plain(0, *best[1]).float() - ref).norm() / ref.norm()).item()
     err_own = ((gemm_triton(x, ws[0]).float() - ref).norm() / ref.norm()).item()
     ws.clear()
     torch.cuda.empty_cache()

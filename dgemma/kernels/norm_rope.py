@@ -170,17 +170,6 @@ def norm_rope_triton(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Te
     return out if into is None else None
 
 
-def check_cache_write(who: str, cache: tuple, b: int, t: int, hkv: int, d: int, dtype: torch.dtype,
-                      what: str) -> None:
-    """A clear error unless cache = (keys, values [rows, slots, Hkv, D] contiguous in `dtype`, rows [B], slots
-    [B, T]) takes the normalised keys and values of B x T tokens (`what` names the input, for the message)."""
-    keys, values, rows, slots = cache
-    if (keys.shape[2:] != (hkv, d) or values.shape != keys.shape or keys.dtype != dtype or values.dtype != dtype
-            or not (keys.is_contiguous() and values.is_contiguous()) or rows.shape != (b,) or slots.shape != (b, t)):
-        raise ValueError(f"{who}: cache {tuple(keys.shape)} {keys.dtype}, rows {tuple(rows.shape)} and slots "
-                         f"{tuple(slots.shape)} do not fit {what}")
-
-
 def qkv_norm_rope_triton(q_raw: torch.Tensor, k_raw: torch.Tensor, v_raw: torch.Tensor, q_weight: torch.Tensor,
                          k_weight: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, eps: float,
                          cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -203,7 +192,11 @@ def qkv_norm_rope_triton(q_raw: torch.Tensor, k_raw: torch.Tensor, v_raw: torch.
                          f", inv_freq {tuple(inv_freq.shape)} {inv_freq.dtype} do not fit")
     if d % 2 or d & (d - 1):
         raise ValueError(f"qkv_norm_rope needs a power-of-two head_dim, got {d}")
-    check_cache_write("qkv_norm_rope", cache, b, t, hkv, d, q_raw.dtype, f"q {tuple(q_raw.shape)} {q_raw.dtype}")
+    if (keys.shape[2:] != (hkv, d) or values.shape != keys.shape or keys.dtype != q_raw.dtype
+            or values.dtype != q_raw.dtype or not (keys.is_contiguous() and values.is_contiguous())
+            or rows.shape != (b,) or slots.shape != (b, t)):
+        raise ValueError(f"qkv_norm_rope: cache {tuple(keys.shape)} {keys.dtype}, rows {tuple(rows.shape)} and slots "
+                         f"{tuple(slots.shape)} do not fit q {tuple(q_raw.shape)} {q_raw.dtype}")
     q_raw, k_raw, v_raw = (_heads_in_place(x) for x in (q_raw, k_raw, v_raw))
     q = torch.empty((b, t, hq, d), dtype=q_raw.dtype, device=q_raw.device)
     _qkv_norm_rope_kernel[(b * t, hq + 2 * hkv)](

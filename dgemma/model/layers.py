@@ -75,10 +75,7 @@ def use_gemv(x: torch.Tensor, weight: torch.Tensor, kernel_devices: tuple[str, .
     """Whether `linear` runs `gemv_triton`: at most GEMV_MAX_ROWS rows, inference in a float dtype shared with a
     contiguous weight, on a kernel device. Shapes, dtypes and flags only: a captured graph keeps the choice."""
     return (x.numel() <= GEMV_MAX_ROWS * x.shape[-1]
-            and x.device.type in kernel_devices
-            and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and weight.dtype == x.dtype
-            and weight.is_contiguous()
-            and not torch.is_grad_enabled())
+            and _kernel_product(x, weight, kernel_devices, (torch.bfloat16, torch.float16, torch.float32)))
 
 
 def use_gemm(x: torch.Tensor, weight: torch.Tensor, kernel_devices: tuple[str, ...]) -> bool:
@@ -87,10 +84,15 @@ def use_gemm(x: torch.Tensor, weight: torch.Tensor, kernel_devices: tuple[str, .
     tensor cores' TF32), on a kernel device. Shapes, dtypes and flags only: a captured graph keeps the choice."""
     rows = x.numel() // x.shape[-1]
     return (GEMV_MAX_ROWS < rows <= GEMM_MAX_ROWS and weight.shape[0] <= GEMM_MAX_OUTPUTS
-            and x.device.type in kernel_devices
-            and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
-            and weight.is_contiguous()
-            and not torch.is_grad_enabled())
+            and _kernel_product(x, weight, kernel_devices, (torch.bfloat16, torch.float16)))
+
+
+def _kernel_product(x: torch.Tensor, weight: torch.Tensor, kernel_devices: tuple[str, ...],
+                    dtypes: tuple[torch.dtype, ...]) -> bool:
+    """What both product kernels need: inference (they have no backward) on a kernel device, x in one of `dtypes`
+    and a contiguous weight of the same dtype."""
+    return (x.device.type in kernel_devices and x.dtype in dtypes and weight.dtype == x.dtype
+            and weight.is_contiguous() and not torch.is_grad_enabled())
 
 
 def pack_linears(linears: list[nn.Linear]) -> torch.Tensor:
