@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The A/B of an AR token's launch knobs (tiles, programs, splits) against the defaults, in one call:
 #
-#     bash scripts/ar_knobs_ab.sh [OUT_DIR]      # needs a Hopper GPU; ~3 minutes on an H100
+#     [ROUNDS=3] bash scripts/ar_knobs_ab.sh [OUT_DIR]      # needs a Hopper GPU; ~3 minutes on an H100
 #
 # Every variant is a module constant (scripts/flags_ab.py) on the same random 26b-a4b weights in one process, three
 # rounds of AR tokens only (1024-token prompt, 384 greedy tokens). None changes a kernel's code; each compiles for
@@ -29,7 +29,7 @@ G=dgemma.kernels.gemv
 A=dgemma.kernels.cache_attention
 tile() { echo "{'BLOCK_N': $1, 'BLOCK_K': $2, 'num_warps': $3, 'num_stages': $4}"; }
 nvidia-smi --query-gpu=name --format=csv,noheader
-timeout 400 "$PY" scripts/flags_ab.py --rounds 3 --batches "" --ar-tokens 384 --variant "default:" \
+timeout 400 "$PY" scripts/flags_ab.py --rounds "${ROUNDS:-3}" --batches "" --ar-tokens 384 --variant "default:" \
     --variant "du_n32:$T.DIRECT_GATE_UP_TILE=$(tile 32 128 4 4)" \
     --variant "du_n32_w8:$T.DIRECT_GATE_UP_TILE=$(tile 32 128 8 4)" \
     --variant "du_k64:$T.DIRECT_GATE_UP_TILE=$(tile 64 64 4 4)" \

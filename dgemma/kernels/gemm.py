@@ -8,10 +8,10 @@ SMs. Here a program takes BLOCK_M rows x BLOCK_N outputs, and the programs that 
 launch order (rows fastest), so each weight tile is read from HBM once and by its other programs from L2. It takes
 programmatic dependent launch like the kernels around it (`dgemma.kernels.launch`).
 
-The ninth session's plain Triton GEMM (`scripts/dense_gemm_sweep.py`) lost to cuBLAS on every shape, e.g. 26.9 against
+The ninth session's plain Triton GEMM lost to cuBLAS on every shape, e.g. 26.9 against
 22.8 us for the packed q/k/v (floor 15.4 us). It launched the programs of one weight tile a whole wave apart
-(output columns fastest), so a tile could be read from HBM once per row block. That sweep now times this kernel
-beside it.
+(output columns fastest), so a tile could be read from HBM once per row block. `scripts/dense_gemm_sweep.py` times
+this kernel beside cuBLAS.
 
 Float32 sums over K in tiles: results agree with F.linear within bf16 rounding, not bit for bit. Off until
 measured (`dgemma.model.layers.GEMM_MAX_ROWS`).
