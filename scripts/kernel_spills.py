@@ -24,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from dgemma.kernels import cache_attention, fused_moe, gemm, gemv
+from dgemma.kernels import cache_attention, fused_moe, gemv
 from dgemma.kernels.moe_tiles import tiles_for
 
 H, I, E, K = 2816, 704, 128, 8  # hidden, expert width, experts, experts a token (26b-a4b)
@@ -71,16 +71,6 @@ def products() -> None:
     for m in (1, 4):
         report(f"gemv, {m} row(s), K <= 4096", gemv._gemv_kernel, gemv_sig, dict(base, M=m, BLOCK_K=4096),
                gemv.NUM_WARPS)
-    print("a canvas's dense products (`dgemma.kernels.gemm`, off by default), the tiles by output width")
-    gemm_sig = signature("x_ptr w_ptr y_ptr M N K stride_x stride_y BLOCK_M BLOCK_N BLOCK_K EVEN_K PDL",
-                         {"M": "i32", "N": "i32", "K": "i32", "stride_x": "i32", "stride_y": "i32"},
-                         "N K stride_x stride_y")
-    for limit, tile in gemm.TILES:
-        t = dict(tile)
-        warps, stages = t.pop("num_warps"), t.pop("num_stages")
-        shape = "x".join(str(t[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-        report(f"gemm, N <= {limit if limit < 1 << 40 else 'any'}: {shape}, {stages} stages", gemm._gemm_kernel,
-               gemm_sig, dict(t, EVEN_K=True, PDL=True), warps, stages)
 
 
 def moe() -> None:

@@ -289,25 +289,6 @@ def test_few_row_products_match_f_linear_in_bf16_on_gpu():
             assert rel_err(got.float(), want) < 2e-3, (n, k, rows)
 
 
-def test_canvas_products_through_the_tiled_kernel_match_f_linear_in_bf16_on_gpu():
-    """`dgemma.kernels.gemm` (off by default: `layers.GEMM_MAX_ROWS`) on every dense shape of a denoising step but
-    the LM head, at one canvas (256 rows), two (512) and a ragged 37: float32 sums of the same bf16 products as
-    F.linear in another order, so within the final bf16 rounding; a wrong tile, row block or stride is of order 1."""
-    import torch.nn.functional as F
-
-    from dgemma.kernels.gemm import gemm_triton
-
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    for n, k in [(8192, 2816), (9216, 2816), (2816, 4096), (2816, 8192), (4224, 2816), (2816, 2112), (128, 2816)]:
-        w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
-        for rows in (256, 512, 37):
-            x = torch.randn(rows, k, device="cuda", generator=gen).to(torch.bfloat16)
-            want = F.linear(x.float(), w.float())
-            got = gemm_triton(x, w)
-            assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
-            assert rel_err(got.float(), want) < 2e-3, (n, k, rows)
-
-
 def test_fused_norm_rope_matches_torch_on_gpu():
     """The kernel rounds the rotation once where the eager path rounds three times, and its normalised value may
     differ by one rounding: errors stay within a few bf16 ulps of the largest normalised value (a wrong rotation

@@ -62,27 +62,21 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_x, stride_y, M: tl.constexpr,
         tl.store(y_ptr + m * stride_y + n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
-def product_operands(kernel: str, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., K] and w [N, K] checked for a product kernel (a clear error naming `kernel` where w does not fit):
-    (x's rows [rows, K] with unit stride along K, the output [rows, N] to fill, in x's dtype)."""
-    k = x.shape[-1]
-    if w.dim() != 2 or w.shape[1] != k or not w.is_contiguous() or w.dtype != x.dtype:
-        raise ValueError(f"{kernel} needs a contiguous [N, {k}] weight of dtype {x.dtype}, got {tuple(w.shape)} "
-                         f"{w.dtype}")
-    flat = x.reshape(-1, k)
-    if flat.stride(-1) != 1:
-        flat = flat.contiguous()
-    return flat, torch.empty((flat.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
-
-
 def gemv_triton(
     x: torch.Tensor,  # [..., K] a few rows
     w: torch.Tensor,  # [N, K]
 ) -> torch.Tensor:
     """F.linear(x, w) without bias for a few rows, float32 sums: [..., N] in x's dtype."""
-    flat, y = product_operands("gemv", x, w)
-    rows, k = flat.shape
+    k = x.shape[-1]
     n = w.shape[0]
+    if w.dim() != 2 or w.shape[1] != k or not w.is_contiguous() or w.dtype != x.dtype:
+        raise ValueError(f"gemv needs a contiguous [N, {k}] weight of dtype {x.dtype}, got {tuple(w.shape)} "
+                         f"{w.dtype}")
+    flat = x.reshape(-1, k)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    rows = flat.shape[0]
+    y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, BLOCK_N),)](flat, w, y, n, k, flat.stride(0), y.stride(0), M=rows, BLOCK_N=BLOCK_N,
                                             BLOCK_K=min(MAX_BLOCK_K, triton.next_power_of_2(k)),
                                             num_warps=NUM_WARPS, PRELOAD=PRELOAD_WEIGHTS, **pdl_options(x.device, rows))

@@ -50,24 +50,13 @@ class RMSNorm(nn.Module):
 GEMV_MAX_ROWS = 4
 
 
-# Inference products of more than GEMV_MAX_ROWS and at most this many rows (a batch-1 canvas: 256), in 16-bit
-# dtypes and with at most GEMM_MAX_OUTPUTS outputs (not the LM head, which cuBLAS runs at the compute roofline), run
-# as `dgemma.kernels.gemm` on a kernel device; 0: F.linear. Prepared, not yet measured on a GPU: off until then.
-GEMM_MAX_ROWS = 0
-GEMM_MAX_OUTPUTS = 16384
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, kernel_devices: tuple[str, ...] = ("cuda",)) -> torch.Tensor:
     """F.linear(x, weight) without bias: x [..., K], weight [N, K] -> [..., N]; a few rows in inference go through
-    the few-row kernel (`use_gemv`), a canvas's rows through the tiled kernel where it is on (`use_gemm`)."""
+    the few-row kernel (`use_gemv`)."""
     if use_gemv(x, weight, kernel_devices):
         from dgemma.kernels.gemv import gemv_triton  # Triton: imported only where it runs
 
         return gemv_triton(x, weight)
-    if use_gemm(x, weight, kernel_devices):
-        from dgemma.kernels.gemm import gemm_triton
-
-        return gemm_triton(x, weight)
     return F.linear(x, weight)
 
 
@@ -75,24 +64,10 @@ def use_gemv(x: torch.Tensor, weight: torch.Tensor, kernel_devices: tuple[str, .
     """Whether `linear` runs `gemv_triton`: at most GEMV_MAX_ROWS rows, inference in a float dtype shared with a
     contiguous weight, on a kernel device. Shapes, dtypes and flags only: a captured graph keeps the choice."""
     return (x.numel() <= GEMV_MAX_ROWS * x.shape[-1]
-            and _kernel_product(x, weight, kernel_devices, (torch.bfloat16, torch.float16, torch.float32)))
-
-
-def use_gemm(x: torch.Tensor, weight: torch.Tensor, kernel_devices: tuple[str, ...]) -> bool:
-    """Whether `linear` runs `gemm_triton`: more than GEMV_MAX_ROWS and at most GEMM_MAX_ROWS rows, at most
-    GEMM_MAX_OUTPUTS outputs, inference in a 16-bit dtype shared with a contiguous weight (float32 would take the
-    tensor cores' TF32), on a kernel device. Shapes, dtypes and flags only: a captured graph keeps the choice."""
-    rows = x.numel() // x.shape[-1]
-    return (GEMV_MAX_ROWS < rows <= GEMM_MAX_ROWS and weight.shape[0] <= GEMM_MAX_OUTPUTS
-            and _kernel_product(x, weight, kernel_devices, (torch.bfloat16, torch.float16)))
-
-
-def _kernel_product(x: torch.Tensor, weight: torch.Tensor, kernel_devices: tuple[str, ...],
-                    dtypes: tuple[torch.dtype, ...]) -> bool:
-    """What both product kernels need: inference (they have no backward) on a kernel device, x in one of `dtypes`
-    and a contiguous weight of the same dtype."""
-    return (x.device.type in kernel_devices and x.dtype in dtypes and weight.dtype == x.dtype
-            and weight.is_contiguous() and not torch.is_grad_enabled())
+            and x.device.type in kernel_devices
+            and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and weight.dtype == x.dtype
+            and weight.is_contiguous()
+            and not torch.is_grad_enabled())
 
 
 def pack_linears(linears: list[nn.Linear]) -> torch.Tensor:
