@@ -8,9 +8,10 @@
 # sm_90 without spills (`python scripts/kernel_spills.py` and its `report`, 2026-12-07). A variant is worth taking
 # where all three of its rounds beat all three of the default's; then `pytest tests/test_gpu.py -k "few_row or
 # per_assignment or decoded"` and `tests/test_autoregressive.py -k cuda` must pass with it.
-#   du_n32 / du_n32_w8 / du_k64 / du_w8 / du_n16_k256   a decoded token's experts' gate/up tile
-#               (moe_tiles.DIRECT_GATE_UP_TILE; in use: 16x64x128, 4 warps, 88 programs for 132 SMs):
-#               32 columns (176 programs), with 8 warps, K 64, 8 warps, 16 columns and K 256 (352 programs)
+#   du_n64 / du_n32_w8 / du_k64 / du_w8 / du_n16_k256   a decoded token's experts' gate/up tile
+#               (moe_tiles.DIRECT_GATE_UP_TILE; in use: 16x32x128, 4 warps, 176 programs for 132 SMs):
+#               64 columns (88 programs; the canvas's tile, in use before 2026-12-08), 32 columns with 8 warps,
+#               64 columns with K 64, 64 columns with 8 warps, 16 columns and K 256 (352 programs)
 #   dd_n64 / dd_n256_w8   its down tile (moe_tiles.DIRECT_DOWN_TILE; in use 16x128x64, 176 programs): 64 columns
 #               (352 programs), 256 columns with 8 warps (88)
 #   gemv_n2 / gemv_n8_k2048 / gemv_n8_w8 / gemv_w8 / gemv_k2048   the few-row products (gemv.BLOCK_N output rows a
@@ -20,6 +21,9 @@
 #               1024 slots, and 64 on full layers, 2 KV heads over the whole prefix): 16 on sliding layers; 32 on
 #               full layers; 16 on both; dec_more: 64 on sliding layers too (16-key tiles, 528 programs aimed at):
 #               the smaller decoding tiles of 2026-12-07 most likely won by doubling those slices
+# Measured (one H100, ROUNDS=2, 2026-12-08; docs/benchmarks.md, twenty-second session): 32 gate/up columns (then
+# "du_n32", now the default) won by ~1 tok/s in every round, 8 warps with them tied it; every other knob tied or
+# lost (up to -15 tok/s).
 set -uo pipefail
 OUT="${1:-/tmp/ar_knobs_ab}"
 PY="${PYTHON:-python3}"
@@ -30,7 +34,7 @@ A=dgemma.kernels.cache_attention
 tile() { echo "{'BLOCK_N': $1, 'BLOCK_K': $2, 'num_warps': $3, 'num_stages': $4}"; }
 nvidia-smi --query-gpu=name --format=csv,noheader
 timeout 400 "$PY" scripts/flags_ab.py --rounds "${ROUNDS:-3}" --batches "" --ar-tokens 384 --variant "default:" \
-    --variant "du_n32:$T.DIRECT_GATE_UP_TILE=$(tile 32 128 4 4)" \
+    --variant "du_n64:$T.DIRECT_GATE_UP_TILE=$(tile 64 128 4 4)" \
     --variant "du_n32_w8:$T.DIRECT_GATE_UP_TILE=$(tile 32 128 8 4)" \
     --variant "du_k64:$T.DIRECT_GATE_UP_TILE=$(tile 64 64 4 4)" \
     --variant "du_w8:$T.DIRECT_GATE_UP_TILE=$(tile 64 128 8 4)" \

@@ -61,11 +61,13 @@ FP8_LARGE_TILES = ((64, _FP8_SWAPPED, _FP8_SWAPPED),
 TAIL_ROWS = 32
 
 
-# A few decoded tokens' experts with a program per assignment (`fused_moe.DIRECT_MAX_ASSIGNMENTS`) take the
-# canvas's small-load tiles until a sweep of their own (`scripts/ar_knobs_ab.sh`) says otherwise. A token's gate/up
-# is then 8 assignments x 11 column blocks = 88 programs for 132 SMs, each streaming 720 KB; its down 8 x 22.
-# Neither spills on sm_90 (`scripts/kernel_spills.py`).
-DIRECT_GATE_UP_TILE = dict(GATE_UP_TILE)
+# A few decoded tokens' experts with a program per assignment (`fused_moe.DIRECT_MAX_ASSIGNMENTS`): gate/up with
+# 32 columns a program, so a token's 8 assignments x 22 column blocks give 176 programs for 132 SMs (64 columns gave
+# 88); down at the canvas's small-load tile, 8 x 22. `bash scripts/ar_knobs_ab.sh` (ROUNDS=2), one H100, one process
+# (2026-12-08): AR 290.5 / 290.5 -> 291.5 / 291.2 tok/s; then three rounds, 290.4 / 290.3 / 290.4 -> 291.4 / 291.0 /
+# 291.1. The other 15 knobs (8 warps, K 64 or 256, other down tiles, the few-row products' rows, K and warps,
+# flash decoding's slices) tied or lost. Neither tile spills on sm_90 (`scripts/kernel_spills.py`).
+DIRECT_GATE_UP_TILE = dict(GATE_UP_TILE, BLOCK_N=32)
 DIRECT_DOWN_TILE = dict(DOWN_TILE)
 
 
