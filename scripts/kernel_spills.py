@@ -65,12 +65,14 @@ def report(label: str, fn, args: tuple[dict, dict], const: dict, warps: int, sta
 
 def products() -> None:
     print("few-row products (decoded tokens; 4 warps)")
-    gemv_sig = signature("x_ptr w_ptr y_ptr N K stride_x stride_y M BLOCK_N BLOCK_K PDL PRELOAD",
+    gemv_sig = signature("x_ptr w_ptr y_ptr N K stride_x stride_y M BLOCK_N BLOCK_K PDL PRELOAD GATED LIBDEVICE",
                          {"N": "i32", "K": "i32", "stride_x": "i32", "stride_y": "i32"}, "N K stride_x stride_y")
-    base = dict(BLOCK_N=gemv.BLOCK_N, PDL=True, PRELOAD=True)
+    base = dict(BLOCK_N=gemv.BLOCK_N, PDL=True, PRELOAD=True, GATED=False, LIBDEVICE=True)
     for m in (1, 4):
         report(f"gemv, {m} row(s), K <= 4096", gemv._gemv_kernel, gemv_sig, dict(base, M=m, BLOCK_K=4096),
                gemv.NUM_WARPS)
+        report(f"gemv of gelu(gate) * up (`layers.GELU_IN_GEMV`), {m} row(s)", gemv._gemv_kernel, gemv_sig,
+               dict(base, M=m, BLOCK_K=4096, GATED=True), gemv.NUM_WARPS)
 
 
 def moe() -> None:

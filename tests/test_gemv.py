@@ -108,3 +108,68 @@ def test_interpreted_token_by_token_forward_runs_every_dense_product_through_the
             logits.append(model.logits(hidden[:, 0]))
     assert calls["gemv"] == 5 * cfg.num_layers + 1  # q/k/v, o, MLP gate/up and down, router; the LM head
     assert rel_err(logits[1], logits[0]) < 1e-5
+
+
+def test_a_gated_input_must_hold_gate_and_up_halves():
+    pytest.importorskip("triton")
+    from dgemma.kernels.gemv import gemv_triton
+
+    with pytest.raises(ValueError, match="gated input needs \\[..., 2K\\] rows"):
+        gemv_triton(torch.randn(1, 15), weights(8, 7), gated=True)
+    with pytest.raises(ValueError, match="contiguous \\[N, 8\\] weight"):
+        gemv_triton(torch.randn(1, 16), weights(8, 16), gated=True)  # the weight's K is half the input's width
+
+
+@interpreted
+@pytest.mark.parametrize("rows,n,k", [(1, 37, 100), (3, 64, 300), (4, 5, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_interpreted_gated_products_equal_the_activation_kernel_then_the_product(rows, n, k, dtype, monkeypatch):
+    """`gated=True` computes gelu_tanh(gate) * up while loading, with the activation kernel's two roundings: the same
+    bits as `gelu_mul_triton` followed by the plain product, for ragged N and K and K over several loads."""
+    from dgemma.kernels import gemv
+    from dgemma.kernels.gated_gelu import gelu_mul_triton
+
+    if k == 300:
+        monkeypatch.setattr(gemv, "MAX_BLOCK_K", 64)
+    gate_up = (torch.randn(rows, 2 * k, generator=torch.Generator().manual_seed(2)) * 3).to(dtype)
+    w = weights(n, k, dtype)
+    got = gemv.gemv_triton(gate_up, w, gated=True)
+    assert got.shape == (rows, n) and got.dtype == dtype
+    assert torch.equal(got, gemv.gemv_triton(gelu_mul_triton(gate_up), w))
+
+
+@interpreted
+def test_interpreted_token_with_the_activation_in_the_down_product_changes_no_logit(monkeypatch):
+    """`layers.GELU_IN_GEMV` on one token of the tiny model: every layer's dense MLP runs its down projection on the
+    packed gate/up rows, no activation kernel runs, and the logits keep every bit."""
+    from dgemma.checkpoint.random_init import InitScale, build_random_model
+    from dgemma.kernels import gated_gelu
+    from dgemma.model.attention import AttentionBatch
+    from dgemma.model.kv_cache import KVCache
+
+    model = build_random_model("tiny", "float32", "cpu", seed=1, scale=InitScale(embed_std=1.0, perturb=0.1))
+    model.pack_projections()
+    model.set_kernel_devices(("cpu",))
+    cfg = model.config
+    prompt = torch.randint(3, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    activations = {"calls": 0}
+    real = gated_gelu.gelu_mul_triton
+
+    def spy(*args):
+        activations["calls"] += 1
+        return real(*args)
+
+    monkeypatch.setattr(gated_gelu, "gelu_mul_triton", spy)
+    logits, calls = [], []
+    for on in (False, True):
+        monkeypatch.setattr(layers, "GELU_IN_GEMV", on)
+        cache = KVCache(cfg, 1, 16, model.dtype, "cpu")
+        with torch.no_grad():
+            model.encode(prompt[:, :11], AttentionBatch.for_encoder([0], [0], [11], cfg.sliding_window, cache), cache)
+            activations["calls"] = 0
+            hidden = model.encode(prompt[:, 11:], AttentionBatch.for_encoder([0], [11], [1], cfg.sliding_window,
+                                                                             cache), cache)
+            calls.append(activations["calls"])
+            logits.append(model.logits(hidden[:, 0]))
+    assert calls == [cfg.num_layers, 0]
+    assert torch.equal(logits[1], logits[0])

@@ -269,6 +269,24 @@ def test_one_launch_of_the_head_norms_changes_no_result_on_gpu(monkeypatch):
                                              [SLIDING, FULL]))
 
 
+def test_the_activation_in_the_down_product_changes_no_result_on_gpu(monkeypatch):
+    """`layers.GELU_IN_GEMV`: a decoded token's dense MLP computes gelu_tanh(gate) * up inside its down product, with
+    the activation kernel's roundings (and its libdevice tanh), so graphed AR tokens keep every bit; canvases do not
+    take the few-row kernel, so the logits, cache and engine tokens are unchanged too. Then the kernel alone at the
+    released shape (2112 inputs, 2816 outputs), 1 and 4 rows: the same bf16 bits as the two kernels."""
+    from dgemma.kernels.gated_gelu import gelu_mul_triton
+    from dgemma.kernels.gemv import gemv_triton
+    from dgemma.model import layers
+
+    assert_bit_identical(*results_off_and_on(lambda on: monkeypatch.setattr(layers, "GELU_IN_GEMV", on),
+                                             [SLIDING, FULL]))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = (torch.randn(2816, 2112, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+    for rows in (1, 4):
+        gate_up = (torch.randn(rows, 2 * 2112, device="cuda", generator=gen) * 3).to(torch.bfloat16)
+        assert torch.equal(gemv_triton(gate_up, w, gated=True), gemv_triton(gelu_mul_triton(gate_up), w))
+
+
 def test_few_row_products_match_f_linear_in_bf16_on_gpu():
     """`dgemma.kernels.gemv` on every dense shape of an autoregressive token of the released model, 1 and 4 rows:
     float32 sums of the same bf16 products as F.linear in another order, so the outputs differ by the final bf16
