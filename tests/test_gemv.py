@@ -75,39 +75,60 @@ def test_interpreted_few_row_products_equal_f_linear(rows, n, k, dtype, monkeypa
     assert (got.double() - want).abs().max() <= (1e-5 if dtype == torch.float32 else 2e-3) * want.abs().max()
 
 
+def tiny_model():
+    """The tiny preset in float32 with its projections packed, as inference packs them."""
+    from dgemma.checkpoint.random_init import InitScale, build_random_model
+
+    model = build_random_model("tiny", "float32", "cpu", seed=1, scale=InitScale(embed_std=1.0, perturb=0.1))
+    model.pack_projections()
+    return model
+
+
+def counted(monkeypatch, module, name: str) -> dict:
+    """Replaces module.name by a spy that counts its calls in the returned {"n": ...}."""
+    calls = {"n": 0}
+    real = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def last_token_logits(model, calls: dict) -> torch.Tensor:
+    """Logits of a 12-token prompt's last token, encoded alone after the other 11 (an autoregressive step); `calls`
+    is zeroed before that token, so it counts that token's calls only."""
+    from dgemma.model.attention import AttentionBatch
+    from dgemma.model.kv_cache import KVCache
+
+    cfg = model.config
+    prompt = torch.randint(3, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    cache = KVCache(cfg, 1, 16, model.dtype, "cpu")
+    with torch.no_grad():
+        model.encode(prompt[:, :11], AttentionBatch.for_encoder([0], [0], [11], cfg.sliding_window, cache), cache)
+        calls["n"] = 0
+        hidden = model.encode(prompt[:, 11:], AttentionBatch.for_encoder([0], [11], [1], cfg.sliding_window, cache),
+                              cache)
+        return model.logits(hidden[:, 0])
+
+
 @interpreted
 def test_interpreted_token_by_token_forward_runs_every_dense_product_through_the_kernel(monkeypatch):
     """One token of the tiny model's encoder (autoregressive decoding) with the kernels on: q/k/v, o, the dense MLP's
     gate/up and down, the router and the LM head each run as the few-row kernel, and the logits are those of the
     eager products."""
-    from dgemma.checkpoint.random_init import InitScale, build_random_model
     from dgemma.kernels import gemv
-    from dgemma.model.attention import AttentionBatch
-    from dgemma.model.kv_cache import KVCache
 
-    model = build_random_model("tiny", "float32", "cpu", seed=1, scale=InitScale(embed_std=1.0, perturb=0.1))
-    model.pack_projections()
-    cfg = model.config
-    prompt = torch.randint(3, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
-    calls = {"gemv": 0}
-    real = gemv.gemv_triton
-
-    def spy(*args):
-        calls["gemv"] += 1
-        return real(*args)
-
-    monkeypatch.setattr(gemv, "gemv_triton", spy)
-    logits = []
-    for devices in ((), ("cpu",)):
-        model.set_kernel_devices(devices)
-        cache = KVCache(cfg, 1, 16, model.dtype, "cpu")
-        with torch.no_grad():
-            model.encode(prompt[:, :11], AttentionBatch.for_encoder([0], [0], [11], cfg.sliding_window, cache), cache)
-            hidden = model.encode(prompt[:, 11:], AttentionBatch.for_encoder([0], [11], [1], cfg.sliding_window,
-                                                                             cache), cache)
-            logits.append(model.logits(hidden[:, 0]))
-    assert calls["gemv"] == 5 * cfg.num_layers + 1  # q/k/v, o, MLP gate/up and down, router; the LM head
-    assert rel_err(logits[1], logits[0]) < 1e-5
+    model = tiny_model()
+    calls = counted(monkeypatch, gemv, "gemv_triton")
+    model.set_kernel_devices(())
+    eager = last_token_logits(model, calls)
+    model.set_kernel_devices(("cpu",))
+    kernels = last_token_logits(model, calls)
+    assert calls["n"] == 5 * model.config.num_layers + 1  # q/k/v, o, MLP gate/up and down, router; the LM head
+    assert rel_err(kernels, eager) < 1e-5
 
 
 def test_a_gated_input_must_hold_gate_and_up_halves():
@@ -142,34 +163,14 @@ def test_interpreted_gated_products_equal_the_activation_kernel_then_the_product
 def test_interpreted_token_with_the_activation_in_the_down_product_changes_no_logit(monkeypatch):
     """`layers.GELU_IN_GEMV` on one token of the tiny model: every layer's dense MLP runs its down projection on the
     packed gate/up rows, no activation kernel runs, and the logits keep every bit."""
-    from dgemma.checkpoint.random_init import InitScale, build_random_model
     from dgemma.kernels import gated_gelu
-    from dgemma.model.attention import AttentionBatch
-    from dgemma.model.kv_cache import KVCache
 
-    model = build_random_model("tiny", "float32", "cpu", seed=1, scale=InitScale(embed_std=1.0, perturb=0.1))
-    model.pack_projections()
+    model = tiny_model()
     model.set_kernel_devices(("cpu",))
-    cfg = model.config
-    prompt = torch.randint(3, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
-    activations = {"calls": 0}
-    real = gated_gelu.gelu_mul_triton
-
-    def spy(*args):
-        activations["calls"] += 1
-        return real(*args)
-
-    monkeypatch.setattr(gated_gelu, "gelu_mul_triton", spy)
-    logits, calls = [], []
-    for on in (False, True):
-        monkeypatch.setattr(layers, "GELU_IN_GEMV", on)
-        cache = KVCache(cfg, 1, 16, model.dtype, "cpu")
-        with torch.no_grad():
-            model.encode(prompt[:, :11], AttentionBatch.for_encoder([0], [0], [11], cfg.sliding_window, cache), cache)
-            activations["calls"] = 0
-            hidden = model.encode(prompt[:, 11:], AttentionBatch.for_encoder([0], [11], [1], cfg.sliding_window,
-                                                                             cache), cache)
-            calls.append(activations["calls"])
-            logits.append(model.logits(hidden[:, 0]))
-    assert calls == [cfg.num_layers, 0]
-    assert torch.equal(logits[1], logits[0])
+    activations = counted(monkeypatch, gated_gelu, "gelu_mul_triton")
+    separate = last_token_logits(model, activations)
+    assert activations["n"] == model.config.num_layers
+    monkeypatch.setattr(layers, "GELU_IN_GEMV", True)
+    folded = last_token_logits(model, activations)
+    assert activations["n"] == 0
+    assert torch.equal(folded, separate)
