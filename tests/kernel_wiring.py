@@ -23,6 +23,18 @@ def set_kernel_devices(model, devices: tuple[str, ...]) -> None:
     model.set_kernel_devices(devices)
 
 
+def count_calls(monkeypatch, calls: dict[str, int], module, name: str, key: str) -> None:
+    """Replace module.name by a spy that counts its calls in calls[key] (set to 0 here)."""
+    real = getattr(module, name)
+    calls[key] = 0
+
+    def spy(*args, **kwargs):
+        calls[key] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+
+
 def spy_on_kernels(monkeypatch) -> dict[str, int]:
     """Count calls of the wired kernels: proves a comparison ran the kernel path and not the eager one twice."""
     from dgemma.kernels import cache_attention, fused_moe, gated_gelu, norm_rope, residual_norms, routing
@@ -35,14 +47,7 @@ def spy_on_kernels(monkeypatch) -> dict[str, int]:
                               (residual_norms, "layer_output_triton", "layer_output"),
                               (cache_attention, "cache_attention_triton", "cache_attention"),
                               (gated_gelu, "gelu_mul_triton", "gelu_mul")):
-        real = getattr(module, name)
-        calls[key] = 0
-
-        def spy(*args, _real=real, _key=key, **kwargs):
-            calls[_key] += 1
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, spy)
+        count_calls(monkeypatch, calls, module, name, key)
     return calls
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_wiring import interpreted, rel_err
+from kernel_wiring import count_calls, interpreted, rel_err, spy_on_kernels
 
 from dgemma.model import layers
 from dgemma.model.layers import linear, use_gemv
@@ -84,22 +84,9 @@ def tiny_model():
     return model
 
 
-def counted(monkeypatch, module, name: str) -> dict:
-    """Replaces module.name by a spy that counts its calls in the returned {"n": ...}."""
-    calls = {"n": 0}
-    real = getattr(module, name)
-
-    def spy(*args, **kwargs):
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, spy)
-    return calls
-
-
-def last_token_logits(model, calls: dict) -> torch.Tensor:
-    """Logits of a 12-token prompt's last token, encoded alone after the other 11 (an autoregressive step); `calls`
-    is zeroed before that token, so it counts that token's calls only."""
+def last_token_logits(model, calls: dict[str, int]) -> torch.Tensor:
+    """Logits of a 12-token prompt's last token, encoded alone after the other 11 (an autoregressive step); every
+    count in `calls` is zeroed before that token, so they count that token's calls only."""
     from dgemma.model.attention import AttentionBatch
     from dgemma.model.kv_cache import KVCache
 
@@ -108,7 +95,7 @@ def last_token_logits(model, calls: dict) -> torch.Tensor:
     cache = KVCache(cfg, 1, 16, model.dtype, "cpu")
     with torch.no_grad():
         model.encode(prompt[:, :11], AttentionBatch.for_encoder([0], [0], [11], cfg.sliding_window, cache), cache)
-        calls["n"] = 0
+        calls.update(dict.fromkeys(calls, 0))
         hidden = model.encode(prompt[:, 11:], AttentionBatch.for_encoder([0], [11], [1], cfg.sliding_window, cache),
                               cache)
         return model.logits(hidden[:, 0])
@@ -122,12 +109,13 @@ def test_interpreted_token_by_token_forward_runs_every_dense_product_through_the
     from dgemma.kernels import gemv
 
     model = tiny_model()
-    calls = counted(monkeypatch, gemv, "gemv_triton")
+    calls = {}
+    count_calls(monkeypatch, calls, gemv, "gemv_triton", "gemv")
     model.set_kernel_devices(())
     eager = last_token_logits(model, calls)
     model.set_kernel_devices(("cpu",))
     kernels = last_token_logits(model, calls)
-    assert calls["n"] == 5 * model.config.num_layers + 1  # q/k/v, o, MLP gate/up and down, router; the LM head
+    assert calls["gemv"] == 5 * model.config.num_layers + 1  # q/k/v, o, MLP gate/up and down, router; the LM head
     assert rel_err(kernels, eager) < 1e-5
 
 
@@ -163,14 +151,12 @@ def test_interpreted_gated_products_equal_the_activation_kernel_then_the_product
 def test_interpreted_token_with_the_activation_in_the_down_product_changes_no_logit(monkeypatch):
     """`layers.GELU_IN_GEMV` on one token of the tiny model: every layer's dense MLP runs its down projection on the
     packed gate/up rows, no activation kernel runs, and the logits keep every bit."""
-    from dgemma.kernels import gated_gelu
-
     model = tiny_model()
     model.set_kernel_devices(("cpu",))
-    activations = counted(monkeypatch, gated_gelu, "gelu_mul_triton")
-    separate = last_token_logits(model, activations)
-    assert activations["n"] == model.config.num_layers
+    calls = spy_on_kernels(monkeypatch)
+    separate = last_token_logits(model, calls)
+    assert calls["gelu_mul"] == model.config.num_layers
     monkeypatch.setattr(layers, "GELU_IN_GEMV", True)
-    folded = last_token_logits(model, activations)
-    assert activations["n"] == 0
+    folded = last_token_logits(model, calls)
+    assert calls["gelu_mul"] == 0
     assert torch.equal(folded, separate)

@@ -18,6 +18,7 @@ from kernel_wiring import (
     decoder_attention_kernel_off_and_on,
     argmax_agreement,
     attention_kernel_off_and_on,
+    count_calls,
     experts_kernel_off_and_on,
     rel_err,
     ring_canvas,
@@ -556,14 +557,8 @@ def test_decoder_attention_without_a_mask_matches_masked_attention_on_gpu(config
     relative L2, as for the other kernels); a wrong offset or key count is an error of order 1."""
     from dgemma.model import attention
 
-    calls = {"n": 0}
-    real = attention.canvas_attention
-
-    def counted(*args):
-        calls["n"] += 1
-        return real(*args)
-
-    monkeypatch.setattr(attention, "canvas_attention", counted)
+    calls = {}
+    count_calls(monkeypatch, calls, attention, "canvas_attention", "n")
     model = build_random_model(config, "bfloat16", "cuda", seed=1, scale=scale)
     layer = config.layer_types.index(SLIDING)
     w = config.sliding_window

@@ -15,6 +15,7 @@ import copy
 import pytest
 import torch
 from kernel_wiring import (
+    count_calls,
     argmax_agreement,
     attention_kernel_off_and_on,
     decode_attention_kernel_off_and_on,
@@ -483,16 +484,9 @@ def test_interpreted_model_with_folds_into_the_output_kernel_computes_the_same_l
     from dgemma.kernels import fused_moe
     from dgemma.model import diffusion_gemma, layers
 
-    calls = {"combine": 0, "norm": 0}
-
-    def counting(name, real):
-        def wrapper(*args):
-            calls[name] += 1
-            return real(*args)
-        return wrapper
-
-    monkeypatch.setattr(fused_moe, "combine_triton", counting("combine", fused_moe.combine_triton))
-    monkeypatch.setattr(layers, "rms_norm", counting("norm", layers.rms_norm))  # what RMSNorm modules call
+    calls = {}
+    count_calls(monkeypatch, calls, fused_moe, "combine_triton", "combine")
+    count_calls(monkeypatch, calls, layers, "rms_norm", "norm")  # what RMSNorm modules call
     cfg = tiny_fp16.config
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, cfg.vocab_size, (1, 40), generator=gen)
