@@ -14,6 +14,8 @@ pipelines for busier experts, each kernel with the other's tile in use, at the t
 expert and tail (e.g. --large --sizes 2048,4096).
 --fp8 times the kernels on FP8 weights (dgemma.model.fp8) against the same weights in bf16, with a short list of
 FP8 tiles for each kernel (the sweep behind moe_tiles.FP8_*_TILE; e.g. --fp8 --sizes 256,2048).
+--tma times the tiles in use with TMA loads (`moe_tiles.TMA_*_FROM`) off and on in each kernel, then a few TMA tiles
+for each kernel (e.g. --tma --sizes 256,2048,8192).
 """
 
 from __future__ import annotations
@@ -94,17 +96,49 @@ def sweep_large(run_fused, n: int) -> None:
     gate_up, down = tiles_for(n * K, E)
     for label, base, candidates in (("gate_up", gate_up, LARGE_GATE_UP_CANDIDATES),
                                     ("down", down, LARGE_DOWN_CANDIDATES)):
-        times = []
-        for bn, bk, nw, ns, splits in candidates:
-            tile = dict(base, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns,
-                        M_SPLITS=splits or base.get("M_SPLITS", 1))
-            pair = (tile, down) if label == "gate_up" else (gate_up, tile)
-            try:
-                times.append((bench(lambda: run_fused(*pair)), str(tile)))
-            except Exception as exc:  # out of shared memory or registers
-                print(f"  {label}", tile, "failed", type(exc).__name__, flush=True)
-        for t, tile in sorted(times):
-            print(f"  {label} {tile}: {t*1e3:.0f} us (both kernels)", flush=True)
+        time_each(run_fused, label, (gate_up, down), [
+            dict(base, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, M_SPLITS=splits or base.get("M_SPLITS", 1))
+            for bn, bk, nw, ns, splits in candidates])
+
+
+def time_each(run_fused, label: str, in_use: tuple[dict, dict], tiles: list[dict]) -> None:
+    """Both kernels timed with each of `tiles` for the `label` kernel ("gate_up" or "down") and the other kernel's
+    tile in use; printed fastest first (a tile that does not fit is reported and skipped)."""
+    times = []
+    for tile in tiles:
+        pair = (tile, in_use[1]) if label == "gate_up" else (in_use[0], tile)
+        try:
+            times.append((bench(lambda: run_fused(*pair)), str(tile)))
+        except Exception as exc:  # out of shared memory or registers
+            print(f"  {label}", tile, "failed", type(exc).__name__, flush=True)
+    for t, tile in sorted(times):
+        print(f"  {label} {tile}: {t*1e3:.0f} us (both kernels)", flush=True)
+
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) for --tma, with TMA loads, at light loads (at most 32 assignments per
+# expert) and busier ones. The TMA unit takes the copies' address arithmetic off the threads (fewer registers: 236
+# instead of 242 for down's 128x256x64 tile on sm_90), so wider or deeper tiles than the pointer loads' may pay;
+# some use at most ~100 KB of shared memory, so that two programs share an SM and one's stores overlap the other's
+# loads.
+TMA_GATE_UP_CANDIDATES = {False: [(64, 128, 4, 5), (128, 128, 4, 3), (32, 128, 4, 4), (64, 64, 4, 4)],
+                          True: [(128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 8, 4), (64, 64, 4, 2)]}
+TMA_DOWN_CANDIDATES = {False: [(128, 128, 4, 4), (256, 64, 4, 4), (128, 64, 4, 6), (64, 128, 4, 4)],
+                       True: [(256, 128, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (256, 32, 8, 6),
+                              (128, 64, 4, 3)]}
+
+
+def sweep_tma(run_fused, n: int) -> None:
+    """The tiles in use with TMA loads off and on in each kernel, then each kernel's TMA candidates with the other
+    kernel's tile in use (pointer loads); rows per pass, programs per expert and tail as moe_tiles gives them."""
+    gate_up, down = tiles_for(n * K, E)
+    for up_tma, down_tma in ((False, False), (True, False), (False, True), (True, True)):
+        t = bench(lambda: run_fused(dict(gate_up, TMA=up_tma), dict(down, TMA=down_tma)))
+        print(f"  tiles in use, TMA gate_up {up_tma!s:5s} down {down_tma!s:5s}: {t*1e3:.0f} us", flush=True)
+    busy = n * K / E > 32
+    for label, base, candidates in (("gate_up", gate_up, TMA_GATE_UP_CANDIDATES[busy]),
+                                    ("down", down, TMA_DOWN_CANDIDATES[busy])):
+        time_each(run_fused, label, (gate_up, down), [
+            dict(base, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, TMA=True) for bn, bk, nw, ns in candidates])
 
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, SWAP_AB): one-byte weights want about twice the K of the bf16 tiles per
@@ -201,6 +235,7 @@ def main() -> None:
     p.add_argument("--down", action="store_true", help="sweep the down kernel's tiles only (light loads)")
     p.add_argument("--large", action="store_true", help="wider tiles and deeper pipelines for busier experts only")
     p.add_argument("--fp8", action="store_true", help="FP8 weights against bf16, and a short FP8 tile sweep")
+    p.add_argument("--tma", action="store_true", help="TMA loads off and on in each kernel, and TMA tiles, only")
     p.add_argument("--best-out", default=None, help="with --fp8: write each size's best tiles to this JSON file")
     p.add_argument("--sizes", default="256,512,1024,2048", help="token counts (x top-8 assignments)")
     args = p.parse_args()
@@ -243,7 +278,9 @@ def main() -> None:
             sweep_tails(run_fused, n)
         if args.large:
             sweep_large(run_fused, n)
-        if args.quick or args.splits or args.down or args.tails or args.large:
+        if args.tma:
+            sweep_tma(run_fused, n)
+        if args.quick or args.splits or args.down or args.tails or args.large or args.tma:
             continue
         # Tiles are swept per size, rows per pass (BLOCK_M) included: busier experts want taller tiles.
         best = (t_f, None)

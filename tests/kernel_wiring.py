@@ -51,6 +51,16 @@ def spy_on_kernels(monkeypatch) -> dict[str, int]:
     return calls
 
 
+def inputs(config, prompt_len: int = 40) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What `run` takes, the same for every call: a prompt of random ids [1, prompt_len] (no special tokens), a random
+    canvas [1, C] and self-conditioning logits [1, C, V]."""
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, config.vocab_size, (1, prompt_len), generator=gen)
+    canvas = torch.randint(0, config.vocab_size, (1, config.canvas_length), generator=gen)
+    soft_logits = 3 * torch.randn(1, config.canvas_length, config.vocab_size, generator=gen)
+    return prompt, canvas, soft_logits
+
+
 def run(model, prompt, canvas, soft_logits):
     """Encoder KV of the prompt and decoder logits of a canvas, self-conditioned on soft_logits."""
     cfg, device = model.config, model.device

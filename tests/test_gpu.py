@@ -20,6 +20,7 @@ from kernel_wiring import (
     attention_kernel_off_and_on,
     count_calls,
     experts_kernel_off_and_on,
+    inputs,
     rel_err,
     ring_canvas,
     run,
@@ -52,10 +53,7 @@ def reference_logits(model, prompt, canvas, soft_logits):
 def compare(config, scale, prompt_len, bf16_abs_tol=None):
     """Our GPU logits vs CPU float32. bf16 must be no less accurate than the reference's own bf16 run on the
     same GPU (random models can be chaotic: the reference itself may be far from float32 there)."""
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, config.vocab_size, (1, prompt_len), generator=gen)
-    canvas = torch.randint(0, config.vocab_size, (1, config.canvas_length), generator=gen)
-    soft_logits = 3 * torch.randn(1, config.canvas_length, config.vocab_size, generator=gen)
+    prompt, canvas, soft_logits = inputs(config, prompt_len)
     _, truth = run(build_random_model(config, "float32", "cpu", seed=1, scale=scale), prompt, canvas, soft_logits)
 
     def on_gpu(dtype):  # the same weights (a CUDA generator would draw different ones)
@@ -205,10 +203,7 @@ def results_off_and_on(switch, layer_types: list[str], device: str = "cuda") -> 
     from dgemma.sampling.params import SamplingParams
 
     config = replace(preset("26b-a4b"), layer_types=layer_types)
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, config.vocab_size, (1, 300), generator=gen)
-    canvas = torch.randint(0, config.vocab_size, (1, config.canvas_length), generator=gen)
-    soft_logits = 3 * torch.randn(1, config.canvas_length, config.vocab_size, generator=gen)
+    prompt, canvas, soft_logits = inputs(config, 300)
     model = build_random_model(config, "bfloat16", device, seed=1, scale=InitScale(embed_std=0.02, perturb=0.1))
     model.prepare_inference()
     params = SamplingParams(max_new_tokens=512, max_denoising_steps=4, ignore_eos=True, adaptive_stopping=False)
@@ -367,6 +362,33 @@ def test_fused_moe_with_a_program_per_assignment_matches_the_grouped_kernels_on_
         monkeypatch.setattr(fused_moe, "DIRECT_MAX_ASSIGNMENTS", n * k)
         direct = fused_moe.fused_moe_triton(x, weights, experts, gate_up, down, combine=False).float()
         assert rel_err(direct, grouped) < 2**-9, (n, rel_err(direct, grouped))
+
+
+def test_fused_moe_tma_loads_give_the_pointer_loads_rows_on_gpu(monkeypatch):
+    """`TMA` (`moe_tiles.TMA_*_FROM`, off by default): the weight tiles and the down product's rows copied by the
+    tensor-memory accelerator give the rows the pointer loads give, at the released shapes for every tile bucket (a
+    decoded token through the direct path, 1 to 32 canvases with splits and tails) and in FP8. The same products in
+    the same order, so they should agree bit for bit; the bound allows one bf16 rounding."""
+    from dgemma.kernels import fused_moe
+    from dgemma.kernels.moe_tiles import tiles_for
+    from dgemma.model.fp8 import quantize_rows
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    h, i, e, k = 2816, 704, 128, 8
+    gate_up = (torch.randn(e, 2 * i, h, device="cuda", generator=gen) * h**-0.5).to(torch.bfloat16)
+    down = (torch.randn(e, h, i, device="cuda", generator=gen) * i**-0.5).to(torch.bfloat16)
+    (g8, gs), (d8, ds) = quantize_rows(gate_up), quantize_rows(down)
+    for n in (1, 256, 1024, 2048, 8192):
+        x = torch.randn(n, h, device="cuda", generator=gen).to(torch.bfloat16)
+        weights, experts = torch.topk(torch.randn(n, e, device="cuda", generator=gen).softmax(-1), k)
+        direct = n * k <= fused_moe.DIRECT_MAX_ASSIGNMENTS
+        for label, gu, dn, scales in (("bf16", gate_up, down, None), ("fp8", g8, d8, (gs, ds))):
+            tiles = tiles_for(n * k, e, fp8=scales is not None, direct=direct)
+            plain = fused_moe.fused_moe_triton(x, weights, experts, gu, dn, *tiles, scales=scales,
+                                               combine=False).float()
+            tma = fused_moe.fused_moe_triton(x, weights, experts, gu, dn, *(dict(t, TMA=True) for t in tiles),
+                                             scales=scales, combine=False).float()
+            assert rel_err(tma, plain) < 2**-9, (n, label, rel_err(tma, plain), torch.equal(tma, plain))
 
 
 def test_fused_moe_with_fp8_weights_matches_the_dequantized_experts_on_gpu():

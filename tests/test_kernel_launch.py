@@ -70,6 +70,19 @@ def test_a_tile_too_big_for_the_gpu_runs_as_the_first_smaller_tile_that_fits_and
     assert tiny.launches[0][0] == grid(ran)  # the grid follows the tile that ran
 
 
+def test_arguments_made_from_the_tile_follow_the_tile_that_runs():
+    """`per_tile` (a TMA descriptor's box is the tile's blocks): rebuilt for each tile tried, so the launch that
+    runs gets the arguments of its own tile, on the first call and from the memo."""
+    kernel = FakeKernel(limit=99 * 1024)
+    small = dict(TUNED, BLOCK_K=64)  # fits as given: 4 x (64x64 + 64x64) x 2 B = 64 KB
+    box = lambda t: {"box": (t["BLOCK_N"], t["BLOCK_K"])}  # noqa: E731
+    for _ in range(2):  # 1 x (64x512 + 512x64) x 2 B = 128 KB: runs with K halved
+        ran = launching.launch(kernel, grid, dict(TUNED, num_stages=1, BLOCK_K=512), BLOCKS, "x", per_tile=box)
+        assert kernel.launches[-1][2]["box"] == (ran["BLOCK_N"], ran["BLOCK_K"]) == (64, 256)
+    assert launching.launch(kernel, grid, small, BLOCKS, per_tile=box) == small
+    assert kernel.launches[-1][2]["box"] == (64, 64)
+
+
 def test_when_no_tile_fits_the_first_error_is_raised():
     kernel = FakeKernel(limit=100)
     with pytest.raises(OutOfResources, match="Required: 131072"):
@@ -106,10 +119,16 @@ class TooSmall:
 
 
 @interpreted
+@pytest.mark.parametrize("tma", [False, True])  # pointer loads; TMA boxes, which must shrink with the tile
 @pytest.mark.parametrize("n", [37, 250])  # the small-load tiles; 128-row tiles
-def test_interpreted_fused_moe_with_the_smallest_tiles_computes_the_same(monkeypatch, n):
+def test_interpreted_fused_moe_with_the_smallest_tiles_computes_the_same(monkeypatch, n, tma):
     import dgemma.kernels.fused_moe as fused_moe
+    from dgemma.kernels import moe_tiles
     from dgemma.model.moe import experts_loop
+
+    if tma:
+        monkeypatch.setattr(moe_tiles, "TMA_GATE_UP_FROM", 0)
+        monkeypatch.setattr(moe_tiles, "TMA_DOWN_FROM", 0)
 
     monkeypatch.setattr(fused_moe, "_gate_up_kernel", TooSmall(fused_moe._gate_up_kernel, ("BLOCK_K", "BLOCK_N")))
     monkeypatch.setattr(fused_moe, "_down_kernel", TooSmall(fused_moe._down_kernel, ("BLOCK_K", "BLOCK_N")))
@@ -123,6 +142,7 @@ def test_interpreted_fused_moe_with_the_smallest_tiles_computes_the_same(monkeyp
     assert rel_err(got, experts_loop(x, weights, experts, gate_up, down).float()) < 4 * torch.finfo(torch.float16).eps
     fitted = list(launching._FITTED.values())
     assert len(fitted) == 2 and all(t["BLOCK_K"] == 16 and t["BLOCK_N"] == 16 and t["num_stages"] == 1 for t in fitted)
+    assert all(t["TMA"] == tma for t in fitted)
 
 
 @interpreted

@@ -20,6 +20,7 @@ from kernel_wiring import (
     attention_kernel_off_and_on,
     decode_attention_kernel_off_and_on,
     experts_kernel_off_and_on,
+    inputs,
     interpreted,
     rel_err,
     ring_canvas,
@@ -66,7 +67,8 @@ def test_fused_moe_runs_only_for_inference_with_at_most_512_assignments_per_expe
     assert not use_fused_moe(x, ids, gate_up, kernel_devices=("cpu",))  # grad enabled: the kernel has no backward
 
 
-def test_busier_experts_get_the_tiles_measured_for_their_load():
+def test_busier_experts_get_the_tiles_measured_for_their_load(monkeypatch):
+    from dgemma.kernels import moe_tiles
     from dgemma.kernels.moe_tiles import (
         DIRECT_DOWN_TILE,
         DIRECT_GATE_UP_TILE,
@@ -79,8 +81,8 @@ def test_busier_experts_get_the_tiles_measured_for_their_load():
         tiles_for,
     )
 
-    def tail(tiles):  # every tile takes the tail passes' rows
-        return tuple(dict(t, TAIL_M=TAIL_ROWS) for t in tiles)
+    def tail(tiles):  # every tile takes the tail passes' rows, and loads with pointers
+        return tuple(dict(t, TAIL_M=TAIL_ROWS, TMA=False) for t in tiles)
 
     assert tiles_for(32 * 128, 128) == tail((GATE_UP_TILE, DOWN_TILE))  # a batch-2 canvas: the small-load tiles
     assert tiles_for(33 * 128, 128)[0]["BLOCK_M"] == 128
@@ -91,6 +93,12 @@ def test_busier_experts_get_the_tiles_measured_for_their_load():
     # A decoded token's experts, a program per assignment: their own tiles in bf16, the FP8 tiles in FP8.
     assert tiles_for(8, 128, direct=True) == tail((DIRECT_GATE_UP_TILE, DIRECT_DOWN_TILE))
     assert tiles_for(8, 128, fp8=True, direct=True) == tail((FP8_GATE_UP_TILE, FP8_DOWN_TILE))
+    # TMA loads (off by default) from a mean load per expert on, product by product.
+    monkeypatch.setattr(moe_tiles, "TMA_DOWN_FROM", 64)
+    assert [t["TMA"] for t in tiles_for(63 * 128, 128)] == [False, False]
+    assert [t["TMA"] for t in tiles_for(64 * 128, 128)] == [False, True]
+    monkeypatch.setattr(moe_tiles, "TMA_GATE_UP_FROM", 0)
+    assert [t["TMA"] for t in tiles_for(8, 128, direct=True)] == [True, False]
 
 
 def test_fused_norm_rope_runs_only_for_inference_with_matching_dtypes_and_power_of_two_head_dim():
@@ -239,6 +247,70 @@ def test_interpreted_fused_moe_with_a_program_per_assignment_matches_the_grouped
     assert rel_err(summed.float(), expected) < ULPS * torch.finfo(torch.float16).eps
 
 
+def spy_on_boxes(monkeypatch) -> list[tuple[int, int]]:
+    """The box shapes of the TMA descriptors the fused MoE builds, in the order it builds them."""
+    from dgemma.kernels import fused_moe
+
+    boxes, box = [], fused_moe._box
+
+    def spy(view, rows, cols, on):
+        if on:
+            boxes.append((rows, cols))
+        return box(view, rows, cols, on)
+
+    monkeypatch.setattr(fused_moe, "_box", spy)
+    return boxes
+
+
+@interpreted
+@pytest.mark.parametrize("n,h,i,e,k,tile", [
+    (37, 64, 48, 8, 2, dict(BLOCK_N=32, BLOCK_K=32)),  # gate boxes reach into up's rows, the last into the next expert
+    (300, 64, 32, 4, 2, dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, M_SPLITS=2, TAIL_M=32)),  # splits and tail passes
+    (300, 64, 32, 4, 2, dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, SWAP_AB=True)),  # weights as the first operand
+    (4, 64, 40, 4, 2, None),  # a program per assignment (DIRECT_MAX_ASSIGNMENTS), K past the boxes' edge
+])
+def test_interpreted_fused_moe_loads_through_tma_give_the_same_bits(n, h, i, e, k, tile, monkeypatch):
+    """`TMA`: the weight tiles and the down product's rows as descriptor boxes, instead of pointer loads. A box may
+    reach past the product's rows (into up's rows, the next expert's, the next group's): those columns and rows are
+    computed and never stored, so every stored row has the products of the pointer path, bit for bit."""
+    from dgemma.kernels import fused_moe
+
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n, h, generator=gen).half()
+    gate_up = (torch.randn(e, 2 * i, h, generator=gen) * h**-0.5).half()
+    down = (torch.randn(e, h, i, generator=gen) * i**-0.5).half()
+    weights, experts = torch.topk(torch.randn(n, e, generator=gen).softmax(-1), k)
+    if tile is None:
+        monkeypatch.setattr(fused_moe, "DIRECT_MAX_ASSIGNMENTS", n * k)
+    tiles = (tile, tile) if tile else fused_moe.tiles_for(n * k, e, direct=True)
+    plain = fused_moe.fused_moe_triton(x, weights, experts, gate_up, down, *tiles, combine=False)
+    boxes = spy_on_boxes(monkeypatch)
+    tma = fused_moe.fused_moe_triton(x, weights, experts, gate_up, down, *(dict(t, TMA=True) for t in tiles),
+                                     combine=False)
+    assert torch.equal(tma, plain)
+    expected_boxes = 4 if (tile or {}).get("TAIL_M") else 3  # gate/up weights; down weights, rows (and tail rows)
+    assert len(boxes) == expected_boxes, boxes
+
+
+@interpreted
+def test_interpreted_fused_moe_loads_with_pointers_where_tma_cannot_read_the_rows(monkeypatch):
+    """Rows of 36 halves (72 bytes) are not 16-byte aligned: the TMA tile falls back to pointer loads, same rows."""
+    from dgemma.kernels import fused_moe
+
+    gen = torch.Generator().manual_seed(0)
+    n, h, i, e, k = 20, 36, 40, 4, 2
+    x = torch.randn(n, h, generator=gen).half()
+    gate_up = (torch.randn(e, 2 * i, h, generator=gen) * h**-0.5).half()
+    down = (torch.randn(e, h, i, generator=gen) * i**-0.5).half()
+    weights, experts = torch.topk(torch.randn(n, e, generator=gen).softmax(-1), k)
+    tile = dict(BLOCK_N=16, BLOCK_K=16, TMA=True)
+    boxes = spy_on_boxes(monkeypatch)
+    got = fused_moe.fused_moe_triton(x, weights, experts, gate_up, down, tile, tile)
+    assert len(boxes) == 2  # down's weights [E * H, I] and rows [N * K, I] are 80-byte rows: those go through TMA
+    assert rel_err(got.float(), experts_loop(x, weights, experts, gate_up, down).float()) < \
+        ULPS * torch.finfo(torch.float16).eps
+
+
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_interpreted_combine_is_the_weighted_sum_of_each_tokens_rows(dtype):
@@ -333,10 +405,7 @@ def test_interpreted_model_with_the_kernels_is_as_accurate_as_eager(tiny_fp16, m
     (eager float16 is ~5% off float32 in relative L2), so the two float16 runs are compared through their
     distance to float32 (as tests/test_gpu.py compares with the reference), not with each other."""
     cfg = tiny_fp16.config
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, cfg.vocab_size, (1, 40), generator=gen)
-    canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=gen)
-    soft_logits = 3 * torch.randn(1, cfg.canvas_length, cfg.vocab_size, generator=gen)
+    prompt, canvas, soft_logits = inputs(cfg)
     fp32 = build_random_model("tiny", "float32", "cpu", seed=1, scale=InitScale(embed_std=1.0, perturb=0.1))
     _, truth = run(fp32, prompt, canvas, soft_logits)
     set_kernel_devices(tiny_fp16, ())
@@ -488,10 +557,7 @@ def test_interpreted_model_with_folds_into_the_output_kernel_computes_the_same_l
     count_calls(monkeypatch, calls, fused_moe, "combine_triton", "combine")
     count_calls(monkeypatch, calls, layers, "rms_norm", "norm")  # what RMSNorm modules call
     cfg = tiny_fp16.config
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, cfg.vocab_size, (1, 40), generator=gen)
-    canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=gen)
-    soft_logits = 3 * torch.randn(1, cfg.canvas_length, cfg.vocab_size, generator=gen)
+    prompt, canvas, soft_logits = inputs(cfg)
     model = copy.deepcopy(tiny_fp16)
     set_kernel_devices(model, ("cpu",))
     results, counts = [], []
@@ -507,6 +573,26 @@ def test_interpreted_model_with_folds_into_the_output_kernel_computes_the_same_l
     passes = 2  # the encoder's and the decoder's, every layer
     assert counts[1]["combine"] == counts[0]["combine"] - (passes * cfg.num_layers if combine else 0)
     assert counts[1]["norm"] == counts[0]["norm"] - (passes * cfg.num_layers if next_norm else 0)
+
+
+@interpreted
+def test_interpreted_model_with_tma_loads_in_the_experts_computes_the_same_logits(tiny_fp16, monkeypatch):
+    """`moe_tiles.TMA_GATE_UP_FROM` / `TMA_DOWN_FROM` at 0: every expert product of the encode + decode loads through
+    descriptors (3 a layer and pass, 4 with the down product's tail rows), and the logits and cache keep every bit."""
+    from dgemma.kernels import moe_tiles
+
+    cfg = tiny_fp16.config
+    prompt, canvas, soft_logits = inputs(cfg)
+    model = copy.deepcopy(tiny_fp16)
+    set_kernel_devices(model, ("cpu",))
+    cache, logits = run(model, prompt, canvas, soft_logits)
+    monkeypatch.setattr(moe_tiles, "TMA_GATE_UP_FROM", 0)
+    monkeypatch.setattr(moe_tiles, "TMA_DOWN_FROM", 0)
+    boxes = spy_on_boxes(monkeypatch)
+    tma_cache, tma_logits = run(model, prompt, canvas, soft_logits)
+    assert torch.equal(tma_logits, logits)
+    assert all(torch.equal(a, b) for a, b in zip(tma_cache.keys + tma_cache.values, cache.keys + cache.values))
+    assert len(boxes) >= 2 * cfg.num_layers * 3
 
 
 @interpreted

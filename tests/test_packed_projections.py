@@ -6,19 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_wiring import rel_err, run
+from kernel_wiring import inputs, rel_err, run
 
 from dgemma.checkpoint.random_init import InitScale, build_random_model
 
 SCALE = InitScale(embed_std=1.0, perturb=0.1)
-
-
-def inputs(cfg):
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, cfg.vocab_size, (1, 40), generator=gen)
-    canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=gen)
-    soft_logits = 3 * torch.randn(1, cfg.canvas_length, cfg.vocab_size, generator=gen)
-    return prompt, canvas, soft_logits
 
 
 def weight_bytes(model) -> int:

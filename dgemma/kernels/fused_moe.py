@@ -13,6 +13,11 @@ gathered copy of the inputs, a separate gelu*up pass and an un-permuting gather.
 - Both grids have a first axis of M_SPLITS programs (1 by default) that share an expert's tile and take its
   passes of BLOCK_M rows in turn: an expert just over one tile's rows is then read by two programs launched side by
   side (the second read can come from L2) instead of twice by one program in sequence. For tile sweeps.
+- With a tile's `TMA` (Hopper and later; `moe_tiles.TMA_*_FROM` switch it on by load), the weight tiles, and the
+  down product's rows (consecutive in the grouped order), are boxes of tensor descriptors built on the host: the
+  tensor-memory accelerator copies them to shared memory, and the threads do no address arithmetic for them. Boxes
+  may reach past a product's rows or columns; what they bring there is computed and never stored, so the stored rows
+  are the pointer loads' rows. Where a view is not 16-byte aligned the kernels load with pointers.
 - `combine` kernel, grid (token, H-tile): the weighted sum of a token's K rows in float32, one read of [N*K, H].
   It replaced a batched matmul of [N, 1, K] x [N, K, H], whose N products of one row each ran at a seventh of
   copy bandwidth (26 us a layer at a batch-1 step on an H200, 0.8 ms of the step).
@@ -44,6 +49,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from dgemma.kernels.gated_gelu import gelu_tanh as _gelu_tanh
 from dgemma.kernels.launch import launch, pdl_options, wait_for_inputs
@@ -77,6 +83,22 @@ def _load_weights(w_ptrs, w_n_mask, k_mask, EVEN_N: tl.constexpr, EVEN_K: tl.con
 
 
 @triton.jit
+def _weight_tile(w_ptrs, w_desc, w_row, k0, w_n_mask, k_mask, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                 SWAP_AB: tl.constexpr, TMA: tl.constexpr):
+    # The weight slice at K offset k0, as `_load_weights` gives it. With TMA, the [BLOCK_N, BLOCK_K] box of the
+    # flattened weights whose first row is w_row: the tensor-memory accelerator copies it to shared memory without
+    # the threads' address arithmetic, zeros past the tensor's edge. Rows past the product's N are another part's
+    # (up for gate, the next expert): their columns are computed and never stored.
+    if TMA:
+        w = w_desc.load([w_row, k0])
+        if not SWAP_AB:
+            w = tl.trans(w)
+    else:
+        w = _load_weights(w_ptrs + k0, w_n_mask, k_mask, EVEN_N, EVEN_K, SWAP_AB)
+    return w
+
+
+@triton.jit
 def _program_rows(pid, ends_ptr, experts_ptr, DIRECT: tl.constexpr):
     # (expert, first row, one past the last row) of the program's rows: expert pid's group in the sorted order, or
     # with DIRECT assignment pid alone (token-major), whose expert the routing chose.
@@ -92,10 +114,10 @@ def _program_rows(pid, ends_ptr, experts_ptr, DIRECT: tl.constexpr):
 
 
 @triton.jit
-def _gate_up_pass(m0, end, x_ptr, token_ptr, w_gate, w_up, w_n_mask, scale_ptr, e, offs_n, n_mask, offs_k, out_ptr,
-                  H, I, K_ROUTE, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _gate_up_pass(m0, end, x_ptr, token_ptr, w_gate, w_up, w_desc, w_row, w_n_mask, scale_ptr, e, offs_n, n_mask,
+                  offs_k, out_ptr, H, I, K_ROUTE, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SCALED: tl.constexpr, SWAP_AB: tl.constexpr,
-                  DIRECT: tl.constexpr):
+                  DIRECT: tl.constexpr, TMA: tl.constexpr):
     # Rows [m0, m0 + BLOCK_M) of expert e's group (those below `end`) times one gate and one up tile.
     rows = m0 + tl.arange(0, BLOCK_M)
     r_mask = rows < end
@@ -114,8 +136,8 @@ def _gate_up_pass(m0, end, x_ptr, token_ptr, w_gate, w_up, w_n_mask, scale_ptr, 
     for k0 in range(0, H, BLOCK_K):
         k_mask = (k0 + offs_k) < H
         a = _load_rows(a_ptrs + k0, r_mask, k_mask, EVEN_K)
-        wg = _load_weights(w_gate + k0, w_n_mask, k_mask, EVEN_N, EVEN_K, SWAP_AB)
-        wu = _load_weights(w_up + k0, w_n_mask, k_mask, EVEN_N, EVEN_K, SWAP_AB)
+        wg = _weight_tile(w_gate, w_desc, w_row, k0, w_n_mask, k_mask, EVEN_N, EVEN_K, SWAP_AB, TMA)
+        wu = _weight_tile(w_up, w_desc, w_row + I, k0, w_n_mask, k_mask, EVEN_N, EVEN_K, SWAP_AB, TMA)
         if SCALED:  # widen float8 to the activations' dtype: exact (e4m3 values are bf16 and fp16 values)
             wg = wg.to(dtype)
             wu = wu.to(dtype)
@@ -138,10 +160,10 @@ def _gate_up_pass(m0, end, x_ptr, token_ptr, w_gate, w_up, w_n_mask, scale_ptr, 
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w_ptr, scale_ptr, token_ptr, ends_ptr, experts_ptr, out_ptr, H, I, K_ROUTE,
+def _gate_up_kernel(x_ptr, w_ptr, scale_ptr, token_ptr, ends_ptr, experts_ptr, out_ptr, H, I, K_ROUTE, w_desc,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
                     EVEN_K: tl.constexpr, M_SPLITS: tl.constexpr, SCALED: tl.constexpr, SWAP_AB: tl.constexpr,
-                    TAIL_M: tl.constexpr, DIRECT: tl.constexpr, PDL: tl.constexpr):
+                    TAIL_M: tl.constexpr, DIRECT: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
     split = tl.program_id(0)
     pid_n = tl.program_id(2)
@@ -159,25 +181,28 @@ def _gate_up_kernel(x_ptr, w_ptr, scale_ptr, token_ptr, ends_ptr, experts_ptr, o
         w_gate = w_base + offs_n[None, :].to(tl.int64) * H + offs_k[:, None]
         w_n_mask = n_mask[None, :]
     w_up = w_gate + I * H
+    w_row = (e * 2 * I + pid_n * BLOCK_N).to(tl.int32)  # the gate tile's first row in the TMA view [E * 2I, H]
     for m0 in range(start + split * BLOCK_M, end, BLOCK_M * M_SPLITS):
         if TAIL_M > 0:
             if end - m0 <= TAIL_M:  # the group's last few rows: a shorter product wastes less
-                _gate_up_pass(m0, end, x_ptr, token_ptr, w_gate, w_up, w_n_mask, scale_ptr, e, offs_n, n_mask,
-                              offs_k, out_ptr, H, I, K_ROUTE, TAIL_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, SCALED,
-                              SWAP_AB, DIRECT)
+                _gate_up_pass(m0, end, x_ptr, token_ptr, w_gate, w_up, w_desc, w_row, w_n_mask, scale_ptr, e, offs_n,
+                              n_mask, offs_k, out_ptr, H, I, K_ROUTE, TAIL_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K,
+                              SCALED, SWAP_AB, DIRECT, TMA)
             else:
-                _gate_up_pass(m0, end, x_ptr, token_ptr, w_gate, w_up, w_n_mask, scale_ptr, e, offs_n, n_mask,
-                              offs_k, out_ptr, H, I, K_ROUTE, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, SCALED,
-                              SWAP_AB, DIRECT)
+                _gate_up_pass(m0, end, x_ptr, token_ptr, w_gate, w_up, w_desc, w_row, w_n_mask, scale_ptr, e, offs_n,
+                              n_mask, offs_k, out_ptr, H, I, K_ROUTE, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K,
+                              SCALED, SWAP_AB, DIRECT, TMA)
         else:
-            _gate_up_pass(m0, end, x_ptr, token_ptr, w_gate, w_up, w_n_mask, scale_ptr, e, offs_n, n_mask, offs_k,
-                          out_ptr, H, I, K_ROUTE, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, SCALED, SWAP_AB, DIRECT)
+            _gate_up_pass(m0, end, x_ptr, token_ptr, w_gate, w_up, w_desc, w_row, w_n_mask, scale_ptr, e, offs_n,
+                          n_mask, offs_k, out_ptr, H, I, K_ROUTE, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, SCALED,
+                          SWAP_AB, DIRECT, TMA)
 
 
 @triton.jit
-def _down_pass(m0, end, h_ptr, w_ptrs, w_n_mask, scale_ptr, e, dest_ptr, offs_n, n_mask, offs_k, out_ptr, H, I,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
-               EVEN_K: tl.constexpr, SCALED: tl.constexpr, SWAP_AB: tl.constexpr, DIRECT: tl.constexpr):
+def _down_pass(m0, end, h_ptr, a_desc, w_ptrs, w_desc, w_row, w_n_mask, scale_ptr, e, dest_ptr, offs_n, n_mask,
+               offs_k, out_ptr, H, I, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SCALED: tl.constexpr, SWAP_AB: tl.constexpr,
+               DIRECT: tl.constexpr, TMA: tl.constexpr):
     # Rows [m0, m0 + BLOCK_M) of expert e's group times one down tile, scattered to their token-major slots.
     rows = m0 + tl.arange(0, BLOCK_M)
     r_mask = rows < end
@@ -189,8 +214,11 @@ def _down_pass(m0, end, h_ptr, w_ptrs, w_n_mask, scale_ptr, e, dest_ptr, offs_n,
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):
         k_mask = (k0 + offs_k) < I
-        a = _load_rows(a_ptrs + k0, r_mask, k_mask, EVEN_K)
-        w = _load_weights(w_ptrs + k0, w_n_mask, k_mask, EVEN_N, EVEN_K, SWAP_AB)
+        if TMA:  # the pass's rows are consecutive: one box. Rows past the group are the next group's (or zeros),
+            a = a_desc.load([m0, k0])  # whose products are not stored
+        else:
+            a = _load_rows(a_ptrs + k0, r_mask, k_mask, EVEN_K)
+        w = _weight_tile(w_ptrs, w_desc, w_row, k0, w_n_mask, k_mask, EVEN_N, EVEN_K, SWAP_AB, TMA)
         if SCALED:
             w = w.to(dtype)
         if SWAP_AB:
@@ -210,10 +238,10 @@ def _down_pass(m0, end, h_ptr, w_ptrs, w_n_mask, scale_ptr, e, dest_ptr, offs_n,
 
 
 @triton.jit
-def _down_kernel(h_ptr, w_ptr, scale_ptr, dest_ptr, ends_ptr, experts_ptr, out_ptr, H, I, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                 M_SPLITS: tl.constexpr, SCALED: tl.constexpr, SWAP_AB: tl.constexpr, TAIL_M: tl.constexpr,
-                 DIRECT: tl.constexpr, PDL: tl.constexpr):
+def _down_kernel(h_ptr, w_ptr, scale_ptr, dest_ptr, ends_ptr, experts_ptr, out_ptr, H, I, w_desc, a_desc, a_tail_desc,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
+                 EVEN_K: tl.constexpr, M_SPLITS: tl.constexpr, SCALED: tl.constexpr, SWAP_AB: tl.constexpr,
+                 TAIL_M: tl.constexpr, DIRECT: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
     split = tl.program_id(0)
     pid_n = tl.program_id(2)
@@ -228,17 +256,21 @@ def _down_kernel(h_ptr, w_ptr, scale_ptr, dest_ptr, ends_ptr, experts_ptr, out_p
     else:
         w_ptrs = w_base + offs_n[None, :].to(tl.int64) * I + offs_k[:, None]  # [BK, BN]
         w_n_mask = n_mask[None, :]
+    w_row = (e * H + pid_n * BLOCK_N).to(tl.int32)  # the tile's first row in the TMA view [E * H, I]
     for m0 in range(start + split * BLOCK_M, end, BLOCK_M * M_SPLITS):
         if TAIL_M > 0:
-            if end - m0 <= TAIL_M:
-                _down_pass(m0, end, h_ptr, w_ptrs, w_n_mask, scale_ptr, e, dest_ptr, offs_n, n_mask, offs_k,
-                           out_ptr, H, I, TAIL_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, SCALED, SWAP_AB, DIRECT)
+            if end - m0 <= TAIL_M:  # the tail's rows come in boxes of their own height
+                _down_pass(m0, end, h_ptr, a_tail_desc, w_ptrs, w_desc, w_row, w_n_mask, scale_ptr, e, dest_ptr,
+                           offs_n, n_mask, offs_k, out_ptr, H, I, TAIL_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, SCALED,
+                           SWAP_AB, DIRECT, TMA)
             else:
-                _down_pass(m0, end, h_ptr, w_ptrs, w_n_mask, scale_ptr, e, dest_ptr, offs_n, n_mask, offs_k,
-                           out_ptr, H, I, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, SCALED, SWAP_AB, DIRECT)
+                _down_pass(m0, end, h_ptr, a_desc, w_ptrs, w_desc, w_row, w_n_mask, scale_ptr, e, dest_ptr, offs_n,
+                           n_mask, offs_k, out_ptr, H, I, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, SCALED, SWAP_AB,
+                           DIRECT, TMA)
         else:
-            _down_pass(m0, end, h_ptr, w_ptrs, w_n_mask, scale_ptr, e, dest_ptr, offs_n, n_mask, offs_k, out_ptr,
-                       H, I, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, SCALED, SWAP_AB, DIRECT)
+            _down_pass(m0, end, h_ptr, a_desc, w_ptrs, w_desc, w_row, w_n_mask, scale_ptr, e, dest_ptr, offs_n,
+                       n_mask, offs_k, out_ptr, H, I, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, SCALED, SWAP_AB,
+                       DIRECT, TMA)
 
 
 @triton.jit
@@ -337,19 +369,42 @@ def _grouped_rows(
     default_gate_up, default_down = tiles_for(assignments, num_experts, fp8=gate_up.element_size() == 1,
                                               direct=direct)
     # A tile may fix its rows per pass and programs per expert (tile sweeps); otherwise they follow the load.
-    t1 = _with_tail({"BLOCK_M": block_m, "M_SPLITS": 1, "SWAP_AB": False, "TAIL_M": 0,
+    w1, w2 = gate_up.view(-1, hidden), down.view(-1, inter)  # the TMA views: [E * 2I, H], [E * H, I]
+    t1 = _with_tail({"BLOCK_M": block_m, "M_SPLITS": 1, "SWAP_AB": False, "TAIL_M": 0, "TMA": False,
                      **_fit(tile_gate_up or default_gate_up, inter, hidden)})
+    t1["TMA"] = t1["TMA"] and _tma_readable(w1)
     launch(_gate_up_kernel, lambda t: (t["M_SPLITS"], programs, triton.cdiv(inter, t["BLOCK_N"])), t1, TILE_BLOCKS,
-           x, gate_up, gate_up_scale, token_of, ends, flat_experts, hidden_act, hidden, inter, k, SCALED=scaled,
+           x, gate_up, gate_up_scale, token_of, ends, flat_experts, hidden_act, hidden, inter, k,
+           per_tile=lambda t: {"w_desc": _box(w1, t["BLOCK_N"], t["BLOCK_K"], t["TMA"])}, SCALED=scaled,
            DIRECT=direct, EVEN_N=inter % t1["BLOCK_N"] == 0, EVEN_K=hidden % t1["BLOCK_K"] == 0,
            **pdl_options(x.device, len(x)))
     out = torch.empty((assignments, hidden), dtype=x.dtype, device=x.device)  # token-major
-    t2 = _with_tail({"BLOCK_M": block_m, "M_SPLITS": 1, "SWAP_AB": False, "TAIL_M": 0,
+    t2 = _with_tail({"BLOCK_M": block_m, "M_SPLITS": 1, "SWAP_AB": False, "TAIL_M": 0, "TMA": False,
                      **_fit(tile_down or default_down, hidden, inter)})
+    t2["TMA"] = t2["TMA"] and _tma_readable(w2, hidden_act)
+
+    def down_boxes(t: dict) -> dict:  # the down tile's descriptors: its weights, its rows, its tail's rows
+        return {"w_desc": _box(w2, t["BLOCK_N"], t["BLOCK_K"], t["TMA"]),
+                "a_desc": _box(hidden_act, t["BLOCK_M"], t["BLOCK_K"], t["TMA"]),
+                "a_tail_desc": _box(hidden_act, t["TAIL_M"], t["BLOCK_K"], t["TMA"] and t["TAIL_M"] > 0)}
+
     launch(_down_kernel, lambda t: (t["M_SPLITS"], programs, triton.cdiv(hidden, t["BLOCK_N"])), t2, TILE_BLOCKS,
-           hidden_act, down, down_scale, order, ends, flat_experts, out, hidden, inter, SCALED=scaled, DIRECT=direct,
-           EVEN_N=hidden % t2["BLOCK_N"] == 0, EVEN_K=inter % t2["BLOCK_K"] == 0, **pdl_options(x.device, len(x)))
+           hidden_act, down, down_scale, order, ends, flat_experts, out, hidden, inter, per_tile=down_boxes,
+           SCALED=scaled, DIRECT=direct, EVEN_N=hidden % t2["BLOCK_N"] == 0, EVEN_K=inter % t2["BLOCK_K"] == 0,
+           **pdl_options(x.device, len(x)))
     return out
+
+
+def _tma_readable(*views: torch.Tensor) -> bool:
+    """Whether the tensor-memory accelerator can read these row-major 2-D views: 16-byte aligned starts and rows.
+    Where it cannot, the kernels load with pointers: the same products."""
+    return all(v.numel() > 0 and v.data_ptr() % 16 == 0 and v.stride(0) * v.element_size() % 16 == 0 for v in views)
+
+
+def _box(view: torch.Tensor, rows: int, cols: int, on: bool) -> TensorDescriptor | None:
+    """A descriptor that reads `view` [R, C] in boxes of [rows, cols] (zeros past its edges); None where `on` is
+    false (the kernel then loads with pointers, or takes no tail pass)."""
+    return TensorDescriptor(view, list(view.shape), list(view.stride()), [rows, cols]) if on else None
 
 
 def fused_moe_triton(

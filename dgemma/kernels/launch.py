@@ -54,20 +54,26 @@ def smaller_tiles(tile: dict, blocks: tuple[str, ...]) -> Iterator[dict]:
         yield current
 
 
-def launch(kernel, grid: Callable[[dict], tuple], tile: dict, blocks: tuple[str, ...], *args, **constants) -> dict:
-    """kernel[grid(t)](*args, **constants, **t) with t = `tile` or, if that does not fit in this GPU's shared
-    memory, the first of `smaller_tiles(tile, blocks)` that does. Returns the tile that ran; raises the first
+def launch(kernel, grid: Callable[[dict], tuple], tile: dict, blocks: tuple[str, ...], *args,
+           per_tile: Callable[[dict], dict] | None = None, **constants) -> dict:
+    """kernel[grid(t)](*args, **per_tile(t), **constants, **t) with t = `tile` or, if that does not fit in this
+    GPU's shared memory, the first of `smaller_tiles(tile, blocks)` that does. `per_tile`: the arguments that follow
+    the tile (tensor descriptors, whose boxes are the tile's blocks). Returns the tile that ran; raises the first
     OutOfResources if none fits."""
     device = torch.cuda.current_device() if torch.cuda.is_available() else -1
     key = (id(kernel), device, tuple(sorted(tile.items())))
+
+    def run(t: dict) -> None:
+        kernel[grid(t)](*args, **(per_tile(t) if per_tile else {}), **constants, **t)
+
     fitted = _FITTED.get(key)
     if fitted is not None:
-        kernel[grid(fitted)](*args, **constants, **fitted)
+        run(fitted)
         return fitted
     first_error = None
     for candidate in (tile, *smaller_tiles(tile, blocks)):
         try:
-            kernel[grid(candidate)](*args, **constants, **candidate)
+            run(candidate)
         except OutOfResources as exc:
             first_error = first_error or exc
             continue

@@ -71,6 +71,17 @@ DIRECT_GATE_UP_TILE = dict(GATE_UP_TILE, BLOCK_N=32)
 DIRECT_DOWN_TILE = dict(DOWN_TILE)
 
 
+# Loads through Hopper's tensor-memory accelerator (`fused_moe` TMA): each weight tile, and the down product's rows
+# (consecutive in the grouped order), copied to shared memory as one box by the TMA unit instead of by every thread's
+# address arithmetic and `cp.async`. Per product, from this many mean assignments per expert on (0: every load,
+# decoded tokens included; None: never). SGLang measured TMA for its down product at 45 -> 81% of the compute roofline
+# on 8K-token prefills; here the down product of 8 canvases runs at 57% of copy bandwidth and the gate/up at 72%
+# (twenty-second session's profile). Prepared on a CPU, off, not measured: `scripts/moe_kernel_sweep.py --tma`, then
+# `scripts/flags_ab.py` with `dgemma.kernels.moe_tiles.TMA_DOWN_FROM=0` and the like.
+TMA_GATE_UP_FROM: float | None = None
+TMA_DOWN_FROM: float | None = None
+
+
 def tiles_for(assignments: int, num_experts: int, fp8: bool = False, direct: bool = False) -> tuple[dict, dict]:
     """(gate_up tile, down tile) for a call with this many token-expert assignments; `fp8`: one-byte weights;
     `direct`: a program per assignment (bf16 only has tiles of its own)."""
@@ -81,4 +92,5 @@ def tiles_for(assignments: int, num_experts: int, fp8: bool = False, direct: boo
     if per_expert > 32:
         tiles = next(((g, d) for limit, g, d in (FP8_LARGE_TILES if fp8 else LARGE_TILES) if per_expert <= limit),
                      tiles)
-    return tuple(dict(t, TAIL_M=TAIL_ROWS) for t in tiles)
+    tma = [start is not None and per_expert >= start for start in (TMA_GATE_UP_FROM, TMA_DOWN_FROM)]
+    return tuple(dict(t, TAIL_M=TAIL_ROWS, TMA=on) for t, on in zip(tiles, tma))
