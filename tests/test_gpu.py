@@ -391,6 +391,28 @@ def test_fused_moe_tma_loads_give_the_pointer_loads_rows_on_gpu(monkeypatch):
             assert rel_err(tma, plain) < 2**-9, (n, label, rel_err(tma, plain), torch.equal(tma, plain))
 
 
+def test_a_decoded_tokens_experts_with_the_down_weights_prefetched_give_the_same_bits_on_gpu(monkeypatch):
+    """`PREFETCH_DOWN`: the gate/up programs send the down weights towards L2, which writes nothing: the direct path's
+    rows keep every bit (1 and 4 tokens of the released shapes, bf16 and FP8)."""
+    from dgemma.kernels import fused_moe
+    from dgemma.model.fp8 import quantize_rows
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    h, i, e, k = 2816, 704, 128, 8
+    gate_up = (torch.randn(e, 2 * i, h, device="cuda", generator=gen) * h**-0.5).to(torch.bfloat16)
+    down = (torch.randn(e, h, i, device="cuda", generator=gen) * i**-0.5).to(torch.bfloat16)
+    (g8, gs), (d8, ds) = quantize_rows(gate_up), quantize_rows(down)
+    for n in (1, 4):
+        x = torch.randn(n, h, device="cuda", generator=gen).to(torch.bfloat16)
+        weights, experts = torch.topk(torch.randn(n, e, device="cuda", generator=gen).softmax(-1), k)
+        for gu, dn, scales in ((gate_up, down, None), (g8, d8, (gs, ds))):
+            rows = []
+            for prefetch in (False, True):
+                monkeypatch.setattr(fused_moe, "PREFETCH_DOWN", prefetch)
+                rows.append(fused_moe.fused_moe_triton(x, weights, experts, gu, dn, scales=scales, combine=False))
+            assert torch.equal(rows[0], rows[1]), (n, scales is not None)
+
+
 def test_fused_moe_with_fp8_weights_matches_the_dequantized_experts_on_gpu():
     """FP8 weights widened in the kernel and scaled per row compute the dequantized weights' products: within bf16
     rounding of torch._grouped_mm over the dequantized bf16 weights (relative L2 < 1%), for the small-load and the
