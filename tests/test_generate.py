@@ -108,6 +108,74 @@ def test_fixed_steps_when_adaptive_stopping_is_off(model):
     assert r.stats.forwards_per_canvas == [10, 10, 10]
 
 
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_a_canvas_of_fixed_steps_reads_the_device_once_at_its_last_step(model, monkeypatch, adaptive):
+    """With adaptive stopping off no row can stop early, so the host reads nothing until a canvas's last step (its
+    argmax): the steps before are only queued, and on a GPU they run back to back. The tokens are the same as when
+    every step is read; with adaptive stopping on, every step is read."""
+    from dgemma.engine import denoisers
+
+    params = SamplingParams(seed=0, **dict(PARAMS, adaptive_stopping=adaptive, ignore_eos=True))
+    prompt = prompts(1)[0]
+    reads, tolist = [], torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(tuple(t.shape)) or tolist(t))
+    r = Request("r", prompt, params)
+    steps = run(model, [r], max_num_seqs=1)
+    denoised = sum(r.stats.forwards_per_canvas)
+    if adaptive:
+        assert len(reads) >= denoised
+    else:
+        assert r.stats.forwards_per_canvas == [10, 10, 10] and steps >= denoised
+        assert reads == [(CANVAS,)] * 3  # one argmax per canvas, nothing else
+        monkeypatch.setattr(denoisers, "must_read", lambda requests: True)
+        every = Request("r", prompt, params)
+        run(model, [every], max_num_seqs=1)
+        assert every.output_ids == r.output_ids
+
+
+def test_the_graphed_step_reads_its_results_only_when_the_host_needs_them():
+    """`GraphDenoiser.step` (CUDA graphs; a stand-in graph here): rows of fixed steps before their canvas's last
+    step return at once, with nothing read from the device; a canvas's last step, a row that may stop early, or a
+    row that wants drafts reads the stop flags (and the argmax of the rows that need it)."""
+    from dgemma.engine.denoisers import GraphDenoiser
+
+    class Graph:  # the GraphedDenoiser's interface: step() queues a replay; stop and argmax are device results
+        def __init__(self):
+            self.stop, self.argmax = Spied(torch.zeros(4, dtype=torch.bool)), Spied(torch.zeros(4, CANVAS).long())
+
+        def step(self, rows, knobs, committed=None):
+            return max(rows) + 1
+
+    class Spied:  # a device tensor whose reads are counted
+        def __init__(self, t):
+            self.t, self.reads = t, 0
+
+        def __getitem__(self, index):
+            self.reads += 1
+            return self.t[index]
+
+        def index_select(self, dim, index):
+            self.reads += 1
+            return self.t.index_select(dim, index)
+
+    denoiser = object.__new__(GraphDenoiser)
+    denoiser.model, denoiser.graph = build_random_model("tiny", dtype="float32"), Graph()
+
+    def request(row, remaining, adaptive_stopping=False, want_drafts=False):
+        r = Request(str(row), [3, 4], SamplingParams(seed=row, adaptive_stopping=adaptive_stopping), want_drafts)
+        r.row, r.remaining_steps, r.seed = row, remaining, row  # as the engine sets them on admission
+        return r
+
+    stop, argmax = denoiser.step([request(0, 5), request(1, 3)])
+    assert stop == [False, False] and argmax == [None, None]
+    assert denoiser.graph.stop.reads == denoiser.graph.argmax.reads == 0
+    for needs in (request(1, 1), request(1, 3, adaptive_stopping=True), request(1, 3, want_drafts=True)):
+        denoiser.graph = Graph()
+        stop, argmax = denoiser.step([request(0, 5), needs])
+        assert denoiser.graph.stop.reads == 1 and stop == [False, False]
+        assert argmax[0] is None and (argmax[1] is not None) == (needs.remaining_steps == 1 or needs.want_drafts)
+
+
 def test_adaptive_stopping_ends_canvases_early(model):
     r = Request("r", prompts(1)[0], SamplingParams(seed=0, **dict(PARAMS, ignore_eos=True)))
     run(model, [r], max_num_seqs=1)

@@ -24,6 +24,14 @@ def step_temperature(r: Request) -> float:
     return r.params.temperature_at(r.remaining_steps) * (r.params.temperature or 1.0)
 
 
+def must_read(requests: list[Request]) -> bool:
+    """Whether the host needs this step's results: a row that may stop early (adaptive stopping), a canvas's last
+    step (its argmax is committed), or drafts. Otherwise the step is only queued: the host goes on to schedule and
+    launch the next one while the device computes it, so a canvas's steps run back to back without a host gap (a
+    canvas of fixed steps syncs once, at its last)."""
+    return any(r.params.adaptive_stopping or r.remaining_steps == 1 or r.want_drafts for r in requests)
+
+
 class EagerDenoiser:
     def __init__(self, model: DiffusionGemma, cache: KVCache):
         self.model, self.cache = model, cache
@@ -67,13 +75,15 @@ class EagerDenoiser:
         result = self.sampler.step(logits, temperature, [r.params.temperature == 0 for r in requests], bound,
                                    [r.generator for r in requests], soft_embedding=self.model.soft_embedding)
         del logits
-        never = torch.zeros((), dtype=torch.bool, device=device)
-        stop = torch.stack([
-            stable_and_confident(r.history, result.argmax[i], result.mean_entropy[i],
-                                 r.params.stability_threshold, r.params.confidence_threshold)
-            if r.params.adaptive_stopping else never
-            for i, r in enumerate(requests)
-        ]).tolist()  # the one host sync of a step: the scheduler must know which rows stopped
+        stop = [False] * len(requests)
+        if any(r.params.adaptive_stopping for r in requests):
+            never = torch.zeros((), dtype=torch.bool, device=device)
+            stop = torch.stack([
+                stable_and_confident(r.history, result.argmax[i], result.mean_entropy[i],
+                                     r.params.stability_threshold, r.params.confidence_threshold)
+                if r.params.adaptive_stopping else never
+                for i, r in enumerate(requests)
+            ]).tolist()  # the one host sync of a step: the scheduler must know which rows stopped
         argmax_lists: list[list[int] | None] = []
         for i, r in enumerate(requests):
             argmax = result.argmax[i]
@@ -117,6 +127,8 @@ class GraphDenoiser:
                           p.stability_threshold))
         rows = [r.row for r in requests]
         b = self.graph.step(rows, knobs, committed)
+        if not must_read(requests):  # no row can stop (the graph's `stop` stays false): nothing to wait for
+            return [False] * len(requests), [None] * len(requests)
         stop_all = self.graph.stop[:b].tolist()  # the one host sync of a step
         stop = [stop_all[row] for row in rows]
         wanted = [i for i, r in enumerate(requests) if stop[i] or r.remaining_steps == 1 or r.want_drafts]

@@ -10,7 +10,9 @@ When every canvas of the step is the first after a canvas committed by the previ
 in lock-step), the committed canvases are encoded by the denoising forward itself (`_fusable`): one read of the
 weights instead of two.
 
-The same code runs on CPU and GPU; requests come and go between steps.
+The same code runs on CPU and GPU; requests come and go between steps. A step whose results the host does not need
+(no row can stop early, none ends its canvas, none wants drafts: `denoisers.must_read`) is only queued, so the host
+schedules the next one while the device computes it.
 """
 
 from __future__ import annotations
