@@ -131,7 +131,7 @@ def decoder_step_ms(model: DiffusionGemma, batch: int, prefix_len: int, repeats:
 
         def graphed_step():
             b = graph.step(rows, knobs)
-            graph.stop[:b].tolist()  # the engine's one host sync per step
+            graph.stop[:b].tolist()  # the engine's sync after a step whose results it reads (adaptive stopping)
 
         return timed_ms(graphed_step, device, repeats=repeats)
     sampler = EntropyBoundSampler()
@@ -145,7 +145,7 @@ def decoder_step_ms(model: DiffusionGemma, batch: int, prefix_len: int, repeats:
             logits.sum().item()
             return
         result = sampler.step(logits, temperature, [False] * batch, bound, gens, soft_embedding=model.soft_embedding)
-        result.mean_entropy.tolist()  # the engine's one host sync per step
+        result.mean_entropy.tolist()  # the engine's sync after a step whose results it reads (adaptive stopping)
 
     return timed_ms(step, device, repeats=repeats)
 
