@@ -115,16 +115,24 @@ def time_each(run_fused, label: str, in_use: tuple[dict, dict], tiles: list[dict
         print(f"  {label} {tile}: {t*1e3:.0f} us (both kernels)", flush=True)
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) for --tma, with TMA loads, at light loads (at most 32 assignments per
-# expert) and busier ones. The TMA unit takes the copies' address arithmetic off the threads (fewer registers: 236
-# instead of 242 for down's 128x256x64 tile on sm_90), so wider or deeper tiles than the pointer loads' may pay;
-# some use at most ~100 KB of shared memory, so that two programs share an SM and one's stores overlap the other's
-# loads.
-TMA_GATE_UP_CANDIDATES = {False: [(64, 128, 4, 5), (128, 128, 4, 3), (32, 128, 4, 4), (64, 64, 4, 4)],
-                          True: [(128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 8, 4), (64, 64, 4, 2)]}
-TMA_DOWN_CANDIDATES = {False: [(128, 128, 4, 4), (256, 64, 4, 4), (128, 64, 4, 6), (64, 128, 4, 4)],
-                       True: [(256, 128, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (256, 32, 8, 6),
-                              (128, 64, 4, 3)]}
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, SWAP_AB) for --tma, with TMA loads, at light loads (at most 32
+# assignments per expert) and busier ones. The TMA unit takes the copies' address arithmetic off the threads (fewer
+# registers: 236 instead of 242 for down's 128x256x64 tile on sm_90), so wider or deeper tiles than the pointer
+# loads' may pay; some use at most ~100 KB of shared memory, so that two programs share an SM and one's stores
+# overlap the other's loads. At light loads the tiles in use have fewer than 64 rows, so their products are mma.sync
+# fed by ldmatrix from shared memory; with SWAP_AB the weights (64 or more output columns) are the product's first
+# operand and the products become wgmma reading both operands where TMA put them (no ldmatrix, no cp.async in the
+# down kernel's PTX for sm_90).
+TMA_GATE_UP_CANDIDATES = {False: [(64, 128, 4, 5, False), (128, 128, 4, 3, False), (32, 128, 4, 4, False),
+                                  (64, 64, 4, 4, False), (64, 128, 4, 4, True), (128, 128, 4, 3, True)],
+                          True: [(128, 64, 8, 3, False), (64, 128, 8, 3, False), (64, 64, 8, 4, False),
+                                 (64, 64, 4, 2, False), (128, 64, 8, 3, True)]}
+TMA_DOWN_CANDIDATES = {False: [(128, 128, 4, 4, False), (256, 64, 4, 4, False), (128, 64, 4, 6, False),
+                               (64, 128, 4, 4, False), (128, 64, 4, 4, True), (256, 64, 4, 4, True),
+                               (128, 128, 4, 4, True)],
+                       True: [(256, 128, 8, 2, False), (128, 64, 8, 3, False), (128, 128, 8, 3, False),
+                              (256, 64, 8, 3, False), (256, 32, 8, 6, False), (128, 64, 4, 3, False),
+                              (256, 64, 8, 4, True)]}
 
 
 def sweep_tma(run_fused, n: int) -> None:
@@ -138,7 +146,8 @@ def sweep_tma(run_fused, n: int) -> None:
     for label, base, candidates in (("gate_up", gate_up, TMA_GATE_UP_CANDIDATES[busy]),
                                     ("down", down, TMA_DOWN_CANDIDATES[busy])):
         time_each(run_fused, label, (gate_up, down), [
-            dict(base, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, TMA=True) for bn, bk, nw, ns in candidates])
+            dict(base, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, SWAP_AB=swap, TMA=True)
+            for bn, bk, nw, ns, swap in candidates])
 
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, SWAP_AB): one-byte weights want about twice the K of the bf16 tiles per

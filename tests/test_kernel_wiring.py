@@ -266,13 +266,14 @@ def spy_on_boxes(monkeypatch) -> list[tuple[int, int]]:
 
 
 @interpreted
-@pytest.mark.parametrize("n,h,i,e,k,tile", [
-    (37, 64, 48, 8, 2, dict(BLOCK_N=32, BLOCK_K=32)),  # gate boxes reach into up's rows, the last into the next expert
-    (300, 64, 32, 4, 2, dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, M_SPLITS=2, TAIL_M=32)),  # splits and tail passes
-    (300, 64, 32, 4, 2, dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, SWAP_AB=True)),  # weights as the first operand
-    (4, 64, 40, 4, 2, None),  # a program per assignment (DIRECT_MAX_ASSIGNMENTS), K past the boxes' edge
+@pytest.mark.parametrize("n,h,i,e,k,tile,direct", [
+    (37, 64, 48, 8, 2, dict(BLOCK_N=32, BLOCK_K=32), False),  # gate boxes reach into up's rows, the last further
+    (300, 64, 32, 4, 2, dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, M_SPLITS=2, TAIL_M=32), False),  # splits, tails
+    (300, 64, 32, 4, 2, dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, SWAP_AB=True), False),  # weights first
+    (4, 64, 40, 4, 2, None, True),  # a program per assignment (DIRECT_MAX_ASSIGNMENTS), K past the boxes' edge
+    (4, 64, 40, 4, 2, dict(BLOCK_N=32, BLOCK_K=32, SWAP_AB=True), True),  # ... with the weights first
 ])
-def test_interpreted_fused_moe_loads_through_tma_give_the_same_bits(n, h, i, e, k, tile, monkeypatch):
+def test_interpreted_fused_moe_loads_through_tma_give_the_same_bits(n, h, i, e, k, tile, direct, monkeypatch):
     """`TMA`: the weight tiles and the down product's rows as descriptor boxes, instead of pointer loads. A box may
     reach past the product's rows (into up's rows, the next expert's, the next group's): those columns and rows are
     computed and never stored, so every stored row has the products of the pointer path, bit for bit."""
@@ -283,7 +284,7 @@ def test_interpreted_fused_moe_loads_through_tma_give_the_same_bits(n, h, i, e, 
     gate_up = (torch.randn(e, 2 * i, h, generator=gen) * h**-0.5).half()
     down = (torch.randn(e, h, i, generator=gen) * i**-0.5).half()
     weights, experts = torch.topk(torch.randn(n, e, generator=gen).softmax(-1), k)
-    if tile is None:
+    if direct:
         monkeypatch.setattr(fused_moe, "DIRECT_MAX_ASSIGNMENTS", n * k)
     tiles = (tile, tile) if tile else fused_moe.tiles_for(n * k, e, direct=True)
     plain = fused_moe.fused_moe_triton(x, weights, experts, gate_up, down, *tiles, combine=False)
