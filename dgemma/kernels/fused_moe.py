@@ -52,7 +52,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from dgemma.kernels.gated_gelu import gelu_tanh as _gelu_tanh
-from dgemma.kernels.launch import launch, pdl_options, prefetch_to_l2, wait_for_inputs
+from dgemma.kernels.launch import hopper_or_later, launch, pdl_options, prefetch_to_l2, wait_for_inputs
 from dgemma.kernels.moe_tiles import tiles_for
 from dgemma.kernels.routing import group_by_expert_triton
 
@@ -411,9 +411,10 @@ def _grouped_rows(
 
 
 def _tma_readable(*views: torch.Tensor) -> bool:
-    """Whether the tensor-memory accelerator can read these row-major 2-D views: 16-byte aligned starts and rows.
-    Where it cannot, the kernels load with pointers: the same products."""
-    return all(v.numel() > 0 and v.data_ptr() % 16 == 0 and v.stride(0) * v.element_size() % 16 == 0 for v in views)
+    """Whether the tensor-memory accelerator can read these row-major 2-D views: a Hopper GPU (or the interpreter,
+    on a CPU), 16-byte aligned starts and rows. Where it cannot, the kernels load with pointers: the same products."""
+    return all((v.device.type != "cuda" or hopper_or_later(v.device)) and v.numel() > 0 and v.data_ptr() % 16 == 0
+               and v.stride(0) * v.element_size() % 16 == 0 for v in views)
 
 
 def _box(view: torch.Tensor, rows: int, cols: int, on: bool) -> TensorDescriptor | None:

@@ -96,18 +96,25 @@ PDL_MAX_ROWS = 256
 
 
 @functools.cache
-def _pdl_capable(device_index: int) -> bool:
+def _capability_9(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+def hopper_or_later(device: torch.device) -> bool:
+    """Whether `device` is a CUDA GPU of compute capability 9.0 or later: programmatic dependent launch, the
+    tensor-memory accelerator (TMA) and its bulk prefetches."""
+    if device.type != "cuda":
+        return False
+    return _capability_9(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def pdl_options(device: torch.device, rows: int) -> dict:
     """The PDL constant and launch option of a kernel that calls `wait_for_inputs(PDL)` before it reads another
     kernel's output or stores anything, for a call over `rows` tokens: on for CUDA devices of compute capability 9.0
     and later (while `PDL`, up to PDL_MAX_ROWS rows), off elsewhere (the Triton interpreter included)."""
-    if not (PDL and rows <= PDL_MAX_ROWS and device.type == "cuda"):
-        return {"PDL": False}
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return {"PDL": True, "launch_pdl": True} if _pdl_capable(index) else {"PDL": False}
+    if PDL and rows <= PDL_MAX_ROWS and hopper_or_later(device):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
 
 
 @triton.jit
