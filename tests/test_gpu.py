@@ -265,6 +265,18 @@ def test_one_launch_of_the_head_norms_changes_no_result_on_gpu(monkeypatch):
                                              [SLIDING, FULL]))
 
 
+def test_queued_steps_change_no_token_on_gpu(monkeypatch):
+    """`denoisers.must_read`: a graphed engine whose fixed-steps canvases are queued (read once, at their last step)
+    gives the tokens of one that reads every step, for two requests in one batch: the host's writes between steps
+    (knobs, bounds, new canvases) are ordered on the stream behind the steps still running."""
+    from dgemma.engine import denoisers
+
+    queued, every_step = denoisers.must_read, lambda requests: True
+    off, on = results_off_and_on(lambda on: monkeypatch.setattr(denoisers, "must_read", queued if on else every_step),
+                                 [SLIDING, FULL])
+    assert on["tokens"] == off["tokens"] and all(len(t) == 512 for t in off["tokens"])
+
+
 def test_the_activation_in_the_down_product_changes_no_result_on_gpu(monkeypatch):
     """`layers.GELU_IN_GEMV`: a decoded token's dense MLP computes gelu_tanh(gate) * up inside its down product, with
     the activation kernel's roundings (and its libdevice tanh), so graphed AR tokens keep every bit; canvases do not
