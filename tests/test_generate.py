@@ -176,6 +176,28 @@ def test_the_graphed_step_reads_its_results_only_when_the_host_needs_them():
         assert argmax[0] is None and (argmax[1] is not None) == (needs.remaining_steps == 1 or needs.want_drafts)
 
 
+def test_the_wait_for_queued_steps_counts_as_their_denoising_not_as_the_next_prefill(model, monkeypatch):
+    """A prompt encoded while another request's steps are queued first waits for those steps: that wait is the queued
+    request's denoising time, and the new request's prefill time is its encode alone. (A sleep stands in for the
+    device finishing its work: each wait takes 100 ms.)"""
+    import time
+
+    engine = Engine(model, SchedulerConfig(canvas_length=CANVAS, max_model_len=512, max_num_seqs=2))
+    monkeypatch.setattr(engine, "_sync", lambda: time.sleep(0.1))
+    fixed = SamplingParams(seed=0, **dict(PARAMS, adaptive_stopping=False, ignore_eos=True))
+    first, second = Request("a", prompts(1)[0], fixed), Request("b", prompts(1, seed=1)[0], fixed)
+    engine.add_request(first)
+    for _ in range(3):  # the prompt's encode, then two queued steps
+        engine.step()
+    assert engine._queued == {first}
+    denoised = first.stats.denoise_ms
+    engine.add_request(second)
+    engine.step()  # the second prompt's encode (after the wait), then a queued step of both
+    assert first.stats.denoise_ms - denoised >= 100  # the wait for its queued steps
+    assert 100 <= second.stats.prefill_ms < 190  # its encode's own wait only
+    assert engine._queued == {first, second}
+
+
 def test_adaptive_stopping_ends_canvases_early(model):
     r = Request("r", prompts(1)[0], SamplingParams(seed=0, **dict(PARAMS, ignore_eos=True)))
     run(model, [r], max_num_seqs=1)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dgemma.engine import denoisers
 from dgemma.engine.denoisers import GraphDenoiser, make_denoiser, resolve_seed
 from dgemma.engine.request import Phase, Request, RequestOutput
 from dgemma.engine.scheduler import EncodeWork, Scheduler, SchedulerConfig, StepPlan
@@ -80,6 +81,9 @@ class Engine:
             self.prefill = GraphedPrefill(model, self.cache, chunks, pool) if chunks else None
         self.last_step = StepStats()
         self.total_steps = 0
+        # Requests of the steps queued since the host last waited for the device (`denoisers.must_read`): the
+        # device time a wait then spends finishing those steps is theirs, not the wait's caller's.
+        self._queued: set[Request] = set()
 
     # ------------------------------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -142,7 +146,19 @@ class Engine:
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)
 
+    def _finish_queued_steps(self) -> None:
+        """Wait for the queued steps, and count the wait as their requests' denoising time."""
+        if not self._queued:
+            return
+        start = time.perf_counter()
+        self._sync()
+        waited_ms = (time.perf_counter() - start) * 1e3
+        for r in self._queued:
+            r.stats.denoise_ms += waited_ms
+        self._queued.clear()
+
     def _encode(self, works: list[EncodeWork]) -> None:
+        self._finish_queued_steps()  # so that the encode's time below is the encode's alone
         start = time.perf_counter()
         c = self.model_config.canvas_length
         graphed = [w for w in works if self.canvas_encoder is not None and not w.is_prompt and w.num_tokens == c]
@@ -200,6 +216,10 @@ class Engine:
         requests = sorted(requests, key=lambda r: r.row)  # contiguous rows are read in place, without a gather
         fused_ids = torch.tensor([committed[r] for r in requests]) if committed else None  # [B, C]
         stop, argmaxes = self.denoiser.step(requests, fused_ids)
+        if denoisers.must_read(requests):  # its results were read: the device is done with every step before
+            self._queued.clear()
+        else:
+            self._queued.update(requests)
         outputs = []
         now = time.perf_counter()
         elapsed_ms = (now - start) * 1e3
