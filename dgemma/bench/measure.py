@@ -107,9 +107,13 @@ def encoded_prefix(model: DiffusionGemma, rows: int, prefix_len: int, capacity: 
 
 @torch.no_grad()
 def decoder_step_ms(model: DiffusionGemma, batch: int, prefix_len: int, repeats: int = 5,
-                    forward_only: bool = False, chunk: int = SchedulerConfig.max_prefill_tokens) -> float:
-    """One whole denoising step (decoder forward, sampler, self-conditioning input) for `batch` canvases;
-    with `forward_only`, the decoder forward alone (what the reference's step time measures).
+                    forward_only: bool = False, chunk: int = SchedulerConfig.max_prefill_tokens,
+                    queued: int = 0) -> float:
+    """One whole denoising step (decoder forward, sampler, self-conditioning input) for `batch` canvases, its
+    results read as after a step of adaptive stopping (launch, device time, the host's wait); with `queued` (CUDA
+    graphs), that many steps launched back to back and read once, per step: a canvas of fixed steps as the engine
+    runs it (`denoisers.must_read`), the host's work hidden behind the device's. With `forward_only`, the decoder
+    forward alone (what the reference's step time measures).
 
     The cache is the engine's for an encoder budget of `chunk` tokens per step (the serving default): the prefix
     is encoded in chunks of that many tokens, and sliding layers keep a ring sized for them."""
@@ -133,6 +137,13 @@ def decoder_step_ms(model: DiffusionGemma, batch: int, prefix_len: int, repeats:
             b = graph.step(rows, knobs)
             graph.stop[:b].tolist()  # the engine's sync after a step whose results it reads (adaptive stopping)
 
+        def queued_steps():
+            for _ in range(queued - 1):
+                graph.step(rows, knobs)
+            graphed_step()
+
+        if queued:
+            return timed_ms(queued_steps, device, repeats=repeats) / queued
         return timed_ms(graphed_step, device, repeats=repeats)
     sampler = EntropyBoundSampler()
     gens = [torch.Generator(device=device).manual_seed(i) for i in range(batch)]
