@@ -81,8 +81,8 @@ def test_busier_experts_get_the_tiles_measured_for_their_load(monkeypatch):
         tiles_for,
     )
 
-    def tail(tiles):  # every tile takes the tail passes' rows, and loads with pointers
-        return tuple(dict(t, TAIL_M=TAIL_ROWS, TMA=False) for t in tiles)
+    def tail(tiles):  # every tile takes the tail passes' rows; TMA where its tile asks for it
+        return tuple(dict(t, TAIL_M=TAIL_ROWS, TMA=t.get("TMA", False)) for t in tiles)
 
     assert tiles_for(32 * 128, 128) == tail((GATE_UP_TILE, DOWN_TILE))  # a batch-2 canvas: the small-load tiles
     assert tiles_for(33 * 128, 128)[0]["BLOCK_M"] == 128
@@ -92,13 +92,14 @@ def test_busier_experts_get_the_tiles_measured_for_their_load(monkeypatch):
     assert LARGE_TILES[-1][0] == FUSED_MOE_MAX_ASSIGNMENTS_PER_EXPERT  # every load the model sends has a tile
     # A decoded token's experts, a program per assignment: their own tiles in bf16, the FP8 tiles in FP8.
     assert tiles_for(8, 128, direct=True) == tail((DIRECT_GATE_UP_TILE, DIRECT_DOWN_TILE))
+    assert [t["TMA"] for t in tiles_for(8, 128, direct=True)] == [False, True]  # measured: the down product only
     assert tiles_for(8, 128, fp8=True, direct=True) == tail((FP8_GATE_UP_TILE, FP8_DOWN_TILE))
     # TMA loads (off by default) from a mean load per expert on, product by product.
     monkeypatch.setattr(moe_tiles, "TMA_DOWN_FROM", 64)
     assert [t["TMA"] for t in tiles_for(63 * 128, 128)] == [False, False]
     assert [t["TMA"] for t in tiles_for(64 * 128, 128)] == [False, True]
     monkeypatch.setattr(moe_tiles, "TMA_GATE_UP_FROM", 0)
-    assert [t["TMA"] for t in tiles_for(8, 128, direct=True)] == [True, False]
+    assert [t["TMA"] for t in tiles_for(8, 128, direct=True)] == [True, True]
 
 
 def test_fused_norm_rope_runs_only_for_inference_with_matching_dtypes_and_power_of_two_head_dim():

@@ -67,8 +67,12 @@ TAIL_ROWS = 32
 # (2026-12-08): AR 290.5 / 290.5 -> 291.5 / 291.2 tok/s; then three rounds, 290.4 / 290.3 / 290.4 -> 291.4 / 291.0 /
 # 291.1. The other 15 knobs (8 warps, K 64 or 256, other down tiles, the few-row products' rows, K and warps,
 # flash decoding's slices) tied or lost. Neither tile spills on sm_90 (`scripts/kernel_spills.py`).
+# The down tile: TMA loads with the weights as the product's first operand (wgmma fed by TMA; no ldmatrix, no
+# cp.async on sm_90). `bash scripts/tma_ab.sh ar`, one H100 (lease K, 2026-12-08), three rounds of 384 tokens: AR
+# 291.0 / 291.2 / 291.4 -> 294.9 / 295.1 / 295.0 tok/s; TMA alone 293.5 / 292.8 / 293.0, TMA in both products
+# 293.4 / 293.4 / 293.4.
 DIRECT_GATE_UP_TILE = dict(GATE_UP_TILE, BLOCK_N=32)
-DIRECT_DOWN_TILE = dict(DOWN_TILE)
+DIRECT_DOWN_TILE = dict(DOWN_TILE, SWAP_AB=True, TMA=True)
 
 
 # Loads through Hopper's tensor-memory accelerator (`fused_moe` TMA): each weight tile, and the down product's rows
@@ -93,4 +97,4 @@ def tiles_for(assignments: int, num_experts: int, fp8: bool = False, direct: boo
         tiles = next(((g, d) for limit, g, d in (FP8_LARGE_TILES if fp8 else LARGE_TILES) if per_expert <= limit),
                      tiles)
     tma = [start is not None and per_expert >= start for start in (TMA_GATE_UP_FROM, TMA_DOWN_FROM)]
-    return tuple(dict(t, TAIL_M=TAIL_ROWS, TMA=on) for t, on in zip(tiles, tma))
+    return tuple(dict(t, TAIL_M=TAIL_ROWS, TMA=on or t.get("TMA", False)) for t, on in zip(tiles, tma))
