@@ -61,32 +61,27 @@ def report(label: str, fn, args: tuple[dict, dict], const: dict, warps: int, sta
     ptx = compiled.asm["ptx"]
     copies = f"{len(re.findall(r'cp[.]async[.](?:ca|cg)', ptx))} cp.async"
     tma = len(re.findall(r"cp[.]async[.]bulk[.]tensor", ptx))
-    prefetches = len(re.findall(r"cp[.]async[.]bulk[.]prefetch[.]L2", ptx))
     print(f"  {label:64s} {warps} warps  {regs.group(1) if regs else '?':>3s} regs  spills "
           f"{spill.group(1) if spill else '?':>5s} B st / {spill.group(2) if spill else '?':>5s} B ld  "
-          f"smem {compiled.metadata.shared // 1024} KB  {copies}{f', {tma} TMA' if tma else ''}"
-          f"{f', {prefetches} L2 prefetch' if prefetches else ''}", flush=True)
+          f"smem {compiled.metadata.shared // 1024} KB  {copies}{f', {tma} TMA' if tma else ''}", flush=True)
 
 
 def products() -> None:
     print("few-row products (decoded tokens; 4 warps)")
-    gemv_sig = signature("x_ptr w_ptr y_ptr N K stride_x stride_y M BLOCK_N BLOCK_K PDL PRELOAD GATED LIBDEVICE",
+    gemv_sig = signature("x_ptr w_ptr y_ptr N K stride_x stride_y M BLOCK_N BLOCK_K PDL PRELOAD",
                          {"N": "i32", "K": "i32", "stride_x": "i32", "stride_y": "i32"}, "N K stride_x stride_y")
-    base = dict(BLOCK_N=gemv.BLOCK_N, PDL=True, PRELOAD=True, GATED=False, LIBDEVICE=True)
+    base = dict(BLOCK_N=gemv.BLOCK_N, PDL=True, PRELOAD=True)
     for m in (1, 4):
         report(f"gemv, {m} row(s), K <= 4096", gemv._gemv_kernel, gemv_sig, dict(base, M=m, BLOCK_K=4096),
                gemv.NUM_WARPS)
-        report(f"gemv of gelu(gate) * up (`layers.GELU_IN_GEMV`), {m} row(s)", gemv._gemv_kernel, gemv_sig,
-               dict(base, M=m, BLOCK_K=4096, GATED=True), gemv.NUM_WARPS)
 
 
 def moe() -> None:
-    print("fused MoE at the tiles `tiles_for` picks (26b-a4b, bf16)")
+    print("fused MoE at the tiles `tiles_for` picks (26b-a4b, bf16; * the loads in use)")
     types = {"scale_ptr": "*bf16", "token_ptr": "*i64", "dest_ptr": "*i64", "ends_ptr": "*i32",
              "experts_ptr": "*i64", "H": "i32", "I": "i32", "K_ROUTE": "i32"}
     flags = "BLOCK_M BLOCK_N BLOCK_K EVEN_N EVEN_K M_SPLITS SCALED SWAP_AB TAIL_M DIRECT TMA PDL"
-    names = {"gate/up": f"x_ptr w_ptr scale_ptr token_ptr ends_ptr experts_ptr out_ptr H I K_ROUTE w_desc down_ptr "
-                        f"{flags} PREFETCH",
+    names = {"gate/up": f"x_ptr w_ptr scale_ptr token_ptr ends_ptr experts_ptr out_ptr H I K_ROUTE w_desc {flags}",
              "down": f"h_ptr w_ptr scale_ptr dest_ptr ends_ptr experts_ptr out_ptr H I w_desc a_desc a_tail_desc "
                      f"{flags}"}
     for tokens, what in ((1, "a decoded token"), (256, "a batch-1 canvas"), (1024, "4 canvases"),
@@ -95,10 +90,7 @@ def moe() -> None:
         direct = assignments <= fused_moe.DIRECT_MAX_ASSIGNMENTS  # a program per assignment, 16-row tiles
         for name, fn, tile, n, k in zip(("gate/up", "down"), (fused_moe._gate_up_kernel, fused_moe._down_kernel),
                                         tiles_for(assignments, E, direct=direct), (I, H), (H, I)):
-            # The pointer loads in use, the TMA loads prepared (`moe_tiles.TMA_*`), and for a decoded token's gate/up
-            # the down weights' L2 prefetch prepared (`fused_moe.PREFETCH_DOWN`).
-            prefetch = (False, True) if direct and name == "gate/up" else (False,)
-            for tma, pf in ((tma, pf) for pf in prefetch for tma in (False, True) if not (pf and tma)):
+            for tma in (False, True):  # pointer loads and TMA loads; the tile says which is in use
                 t = fused_moe._with_tail({"BLOCK_M": 16 if direct else fused_moe._block_m(assignments, E),
                                           "M_SPLITS": 1, "SWAP_AB": False, "TAIL_M": 0, **tile, "TMA": tma})
                 warps, stages = t.pop("num_warps"), t.pop("num_stages")
@@ -108,12 +100,12 @@ def moe() -> None:
                          if d in names[name] and tma and r > 0}
                 sig = signature(names[name], {**types, **{d: "constexpr" for d in boxes}, **descs}, "H I")
                 const = dict(t, EVEN_N=n % t["BLOCK_N"] == 0, EVEN_K=k % t["BLOCK_K"] == 0, SCALED=False,
-                             DIRECT=direct, PDL=tokens <= 256, PREFETCH=pf,
-                             **{d: None for d in boxes if d not in descs})
+                             DIRECT=direct, PDL=tokens <= 256, **{d: None for d in boxes if d not in descs})
                 const = {c: v for c, v in const.items() if c in sig[0]}
                 shape = "x".join(str(t[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-                extra = ", TMA" if tma else ", down to L2" if pf else ""
-                report(f"{name}, {what}: {shape}, {stages} stages{extra}", fn, sig, const, warps, stages)
+                extra = (", weights first" if t["SWAP_AB"] else "") + (", TMA" if tma else "")
+                mark = "*" if tma == tile["TMA"] else " "  # the loads in use
+                report(f"{mark}{name}, {what}: {shape}, {stages} st{extra}", fn, sig, const, warps, stages)
 
 
 def attention() -> None:

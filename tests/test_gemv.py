@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_wiring import count_calls, interpreted, rel_err, spy_on_kernels
+from kernel_wiring import count_calls, interpreted, rel_err
 
 from dgemma.model import layers
 from dgemma.model.layers import linear, use_gemv
@@ -75,88 +75,30 @@ def test_interpreted_few_row_products_equal_f_linear(rows, n, k, dtype, monkeypa
     assert (got.double() - want).abs().max() <= (1e-5 if dtype == torch.float32 else 2e-3) * want.abs().max()
 
 
-def tiny_model():
-    """The tiny preset in float32 with its projections packed, as inference packs them."""
-    from dgemma.checkpoint.random_init import InitScale, build_random_model
-
-    model = build_random_model("tiny", "float32", "cpu", seed=1, scale=InitScale(embed_std=1.0, perturb=0.1))
-    model.pack_projections()
-    return model
-
-
-def last_token_logits(model, calls: dict[str, int]) -> torch.Tensor:
-    """Logits of a 12-token prompt's last token, encoded alone after the other 11 (an autoregressive step); every
-    count in `calls` is zeroed before that token, so they count that token's calls only."""
-    from dgemma.model.attention import AttentionBatch
-    from dgemma.model.kv_cache import KVCache
-
-    cfg = model.config
-    prompt = torch.randint(3, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
-    cache = KVCache(cfg, 1, 16, model.dtype, "cpu")
-    with torch.no_grad():
-        model.encode(prompt[:, :11], AttentionBatch.for_encoder([0], [0], [11], cfg.sliding_window, cache), cache)
-        calls.update(dict.fromkeys(calls, 0))
-        hidden = model.encode(prompt[:, 11:], AttentionBatch.for_encoder([0], [11], [1], cfg.sliding_window, cache),
-                              cache)
-        return model.logits(hidden[:, 0])
-
-
 @interpreted
 def test_interpreted_token_by_token_forward_runs_every_dense_product_through_the_kernel(monkeypatch):
     """One token of the tiny model's encoder (autoregressive decoding) with the kernels on: q/k/v, o, the dense MLP's
     gate/up and down, the router and the LM head each run as the few-row kernel, and the logits are those of the
     eager products."""
+    from dgemma.checkpoint.random_init import InitScale, build_random_model
     from dgemma.kernels import gemv
+    from dgemma.model.attention import AttentionBatch
+    from dgemma.model.kv_cache import KVCache
 
-    model = tiny_model()
+    model = build_random_model("tiny", "float32", "cpu", seed=1, scale=InitScale(embed_std=1.0, perturb=0.1))
+    model.pack_projections()
+    cfg = model.config
+    prompt = torch.randint(3, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     calls = {}
     count_calls(monkeypatch, calls, gemv, "gemv_triton", "gemv")
-    model.set_kernel_devices(())
-    eager = last_token_logits(model, calls)
-    model.set_kernel_devices(("cpu",))
-    kernels = last_token_logits(model, calls)
-    assert calls["gemv"] == 5 * model.config.num_layers + 1  # q/k/v, o, MLP gate/up and down, router; the LM head
-    assert rel_err(kernels, eager) < 1e-5
-
-
-def test_a_gated_input_must_hold_gate_and_up_halves():
-    pytest.importorskip("triton")
-    from dgemma.kernels.gemv import gemv_triton
-
-    with pytest.raises(ValueError, match="gated input needs \\[..., 2K\\] rows"):
-        gemv_triton(torch.randn(1, 15), weights(8, 7), gated=True)
-    with pytest.raises(ValueError, match="contiguous \\[N, 8\\] weight"):
-        gemv_triton(torch.randn(1, 16), weights(8, 16), gated=True)  # the weight's K is half the input's width
-
-
-@interpreted
-@pytest.mark.parametrize("rows,n,k", [(1, 37, 100), (3, 64, 300), (4, 5, 16)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_interpreted_gated_products_equal_the_activation_kernel_then_the_product(rows, n, k, dtype, monkeypatch):
-    """`gated=True` computes gelu_tanh(gate) * up while loading, with the activation kernel's two roundings: the same
-    bits as `gelu_mul_triton` followed by the plain product, for ragged N and K and K over several loads."""
-    from dgemma.kernels import gemv
-    from dgemma.kernels.gated_gelu import gelu_mul_triton
-
-    if k == 300:
-        monkeypatch.setattr(gemv, "MAX_BLOCK_K", 64)
-    gate_up = (torch.randn(rows, 2 * k, generator=torch.Generator().manual_seed(2)) * 3).to(dtype)
-    w = weights(n, k, dtype)
-    got = gemv.gemv_triton(gate_up, w, gated=True)
-    assert got.shape == (rows, n) and got.dtype == dtype
-    assert torch.equal(got, gemv.gemv_triton(gelu_mul_triton(gate_up), w))
-
-
-@interpreted
-def test_interpreted_token_with_the_activation_in_the_down_product_changes_no_logit(monkeypatch):
-    """`layers.GELU_IN_GEMV` on one token of the tiny model: every layer's dense MLP runs its down projection on the
-    packed gate/up rows, no activation kernel runs, and the logits keep every bit."""
-    model = tiny_model()
-    model.set_kernel_devices(("cpu",))
-    calls = spy_on_kernels(monkeypatch)
-    separate = last_token_logits(model, calls)
-    assert calls["gelu_mul"] == model.config.num_layers
-    monkeypatch.setattr(layers, "GELU_IN_GEMV", True)
-    folded = last_token_logits(model, calls)
-    assert calls["gelu_mul"] == 0
-    assert torch.equal(folded, separate)
+    logits = []
+    for devices in ((), ("cpu",)):
+        model.set_kernel_devices(devices)
+        cache = KVCache(cfg, 1, 16, model.dtype, "cpu")
+        with torch.no_grad():
+            model.encode(prompt[:, :11], AttentionBatch.for_encoder([0], [0], [11], cfg.sliding_window, cache), cache)
+            hidden = model.encode(prompt[:, 11:], AttentionBatch.for_encoder([0], [11], [1], cfg.sliding_window,
+                                                                             cache), cache)
+            logits.append(model.logits(hidden[:, 0]))
+    assert calls["gemv"] == 5 * cfg.num_layers + 1  # q/k/v, o, MLP gate/up and down, router; the LM head
+    assert rel_err(logits[1], logits[0]) < 1e-5

@@ -277,24 +277,6 @@ def test_queued_steps_change_no_token_on_gpu(monkeypatch):
     assert on["tokens"] == off["tokens"] and all(len(t) == 512 for t in off["tokens"])
 
 
-def test_the_activation_in_the_down_product_changes_no_result_on_gpu(monkeypatch):
-    """`layers.GELU_IN_GEMV`: a decoded token's dense MLP computes gelu_tanh(gate) * up inside its down product, with
-    the activation kernel's roundings (and its libdevice tanh), so graphed AR tokens keep every bit; canvases do not
-    take the few-row kernel, so the logits, cache and engine tokens are unchanged too. Then the kernel alone at the
-    released shape (2112 inputs, 2816 outputs), 1 and 4 rows: the same bf16 bits as the two kernels."""
-    from dgemma.kernels.gated_gelu import gelu_mul_triton
-    from dgemma.kernels.gemv import gemv_triton
-    from dgemma.model import layers
-
-    assert_bit_identical(*results_off_and_on(lambda on: monkeypatch.setattr(layers, "GELU_IN_GEMV", on),
-                                             [SLIDING, FULL]))
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    w = (torch.randn(2816, 2112, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
-    for rows in (1, 4):
-        gate_up = (torch.randn(rows, 2 * 2112, device="cuda", generator=gen) * 3).to(torch.bfloat16)
-        assert torch.equal(gemv_triton(gate_up, w, gated=True), gemv_triton(gelu_mul_triton(gate_up), w))
-
-
 def test_few_row_products_match_f_linear_in_bf16_on_gpu():
     """`dgemma.kernels.gemv` on every dense shape of an autoregressive token of the released model, 1 and 4 rows:
     float32 sums of the same bf16 products as F.linear in another order, so the outputs differ by the final bf16
@@ -401,28 +383,6 @@ def test_fused_moe_tma_loads_give_the_pointer_loads_rows_on_gpu(monkeypatch):
             tma = fused_moe.fused_moe_triton(x, weights, experts, gu, dn, *(dict(t, TMA=True) for t in tiles),
                                              scales=scales, combine=False).float()
             assert rel_err(tma, plain) < 2**-9, (n, label, rel_err(tma, plain), torch.equal(tma, plain))
-
-
-def test_a_decoded_tokens_experts_with_the_down_weights_prefetched_give_the_same_bits_on_gpu(monkeypatch):
-    """`PREFETCH_DOWN`: the gate/up programs send the down weights towards L2, which writes nothing: the direct path's
-    rows keep every bit (1 and 4 tokens of the released shapes, bf16 and FP8)."""
-    from dgemma.kernels import fused_moe
-    from dgemma.model.fp8 import quantize_rows
-
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    h, i, e, k = 2816, 704, 128, 8
-    gate_up = (torch.randn(e, 2 * i, h, device="cuda", generator=gen) * h**-0.5).to(torch.bfloat16)
-    down = (torch.randn(e, h, i, device="cuda", generator=gen) * i**-0.5).to(torch.bfloat16)
-    (g8, gs), (d8, ds) = quantize_rows(gate_up), quantize_rows(down)
-    for n in (1, 4):
-        x = torch.randn(n, h, device="cuda", generator=gen).to(torch.bfloat16)
-        weights, experts = torch.topk(torch.randn(n, e, device="cuda", generator=gen).softmax(-1), k)
-        for gu, dn, scales in ((gate_up, down, None), (g8, d8, (gs, ds))):
-            rows = []
-            for prefetch in (False, True):
-                monkeypatch.setattr(fused_moe, "PREFETCH_DOWN", prefetch)
-                rows.append(fused_moe.fused_moe_triton(x, weights, experts, gu, dn, scales=scales, combine=False))
-            assert torch.equal(rows[0], rows[1]), (n, scales is not None)
 
 
 def test_fused_moe_with_fp8_weights_matches_the_dequantized_experts_on_gpu():

@@ -13,7 +13,7 @@ gathered copy of the inputs, a separate gelu*up pass and an un-permuting gather.
 - Both grids have a first axis of M_SPLITS programs (1 by default) that share an expert's tile and take its
   passes of BLOCK_M rows in turn: an expert just over one tile's rows is then read by two programs launched side by
   side (the second read can come from L2) instead of twice by one program in sequence. For tile sweeps.
-- With a tile's `TMA` (Hopper and later; `moe_tiles.TMA_*_FROM` switch it on by load), the weight tiles, and the
+- With a tile's `TMA` (Hopper and later; a decoded token's down tile has it), the weight tiles, and the
   down product's rows (consecutive in the grouped order), are boxes of tensor descriptors built on the host: the
   tensor-memory accelerator copies them to shared memory, and the threads do no address arithmetic for them. Boxes
   may reach past a product's rows or columns; what they bring there is computed and never stored, so the stored rows
@@ -52,7 +52,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from dgemma.kernels.gated_gelu import gelu_tanh as _gelu_tanh
-from dgemma.kernels.launch import hopper_or_later, launch, pdl_options, prefetch_to_l2, wait_for_inputs
+from dgemma.kernels.launch import hopper_or_later, launch, pdl_options, wait_for_inputs
 from dgemma.kernels.moe_tiles import tiles_for
 from dgemma.kernels.routing import group_by_expert_triton
 
@@ -161,10 +161,9 @@ def _gate_up_pass(m0, end, x_ptr, token_ptr, w_gate, w_up, w_desc, w_row, w_n_ma
 
 @triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, scale_ptr, token_ptr, ends_ptr, experts_ptr, out_ptr, H, I, K_ROUTE, w_desc,
-                    down_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, M_SPLITS: tl.constexpr, SCALED: tl.constexpr,
-                    SWAP_AB: tl.constexpr, TAIL_M: tl.constexpr, DIRECT: tl.constexpr, TMA: tl.constexpr,
-                    PREFETCH: tl.constexpr, PDL: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
+                    EVEN_K: tl.constexpr, M_SPLITS: tl.constexpr, SCALED: tl.constexpr, SWAP_AB: tl.constexpr,
+                    TAIL_M: tl.constexpr, DIRECT: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
     split = tl.program_id(0)
     pid_n = tl.program_id(2)
@@ -197,12 +196,6 @@ def _gate_up_kernel(x_ptr, w_ptr, scale_ptr, token_ptr, ends_ptr, experts_ptr, o
             _gate_up_pass(m0, end, x_ptr, token_ptr, w_gate, w_up, w_desc, w_row, w_n_mask, scale_ptr, e, offs_n,
                           n_mask, offs_k, out_ptr, H, I, K_ROUTE, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_N, EVEN_K, SCALED,
                           SWAP_AB, DIRECT, TMA)
-    if PREFETCH:  # its reads done, the program sends a share of its expert's down weights [H, I] towards L2
-        share = tl.cdiv(tl.cdiv(H * I, tl.num_programs(2)), 16) * 16  # elements; programs of one assignment
-        first = pid_n * share
-        count = tl.minimum(share, H * I - first)
-        if count > 0:
-            prefetch_to_l2(down_ptr + e.to(tl.int64) * H * I + first, count)
 
 
 @triton.jit
@@ -330,13 +323,6 @@ TILE_BLOCKS = ("BLOCK_K", "BLOCK_N", "BLOCK_M")  # what `launch` may halve where
 DIRECT_MAX_ASSIGNMENTS = 32
 
 
-# Whether a decoded token's gate/up programs, once their reads are done, send their expert's down weights towards L2
-# (`launch.prefetch_to_l2`; a share each, 90 KB at the released shapes), so the down kernel after them reads L2
-# instead of waiting for memory after the kernel boundary. Only the direct path: a canvas's products already stream at
-# ~93% of copy bandwidth. Prepared on a CPU, off, not measured (`scripts/tma_ab.sh`, variant prefetch_down).
-PREFETCH_DOWN = False
-
-
 def _block_m(assignments: int, num_experts: int) -> int:
     """Rows per tile: about twice the mean tokens per expert, so most experts take one pass over their weights."""
     return max(16, min(64, triton.next_power_of_2(max(1, 2 * assignments // num_experts))))
@@ -389,9 +375,8 @@ def _grouped_rows(
     t1["TMA"] = t1["TMA"] and _tma_readable(w1)
     launch(_gate_up_kernel, lambda t: (t["M_SPLITS"], programs, triton.cdiv(inter, t["BLOCK_N"])), t1, TILE_BLOCKS,
            x, gate_up, gate_up_scale, token_of, ends, flat_experts, hidden_act, hidden, inter, k,
-           per_tile=lambda t: {"w_desc": _box(w1, t["BLOCK_N"], t["BLOCK_K"], t["TMA"])}, down_ptr=down,
+           per_tile=lambda t: {"w_desc": _box(w1, t["BLOCK_N"], t["BLOCK_K"], t["TMA"])},
            SCALED=scaled, DIRECT=direct, EVEN_N=inter % t1["BLOCK_N"] == 0, EVEN_K=hidden % t1["BLOCK_K"] == 0,
-           PREFETCH=PREFETCH_DOWN and direct and x.device.type == "cuda" and _tma_readable(down.view(num_experts, -1)),
            **pdl_options(x.device, len(x)))
     out = torch.empty((assignments, hidden), dtype=x.dtype, device=x.device)  # token-major
     t2 = _with_tail({"BLOCK_M": block_m, "M_SPLITS": 1, "SWAP_AB": False, "TAIL_M": 0, "TMA": False,

@@ -102,7 +102,7 @@ def _capability_9(device_index: int) -> bool:
 
 def hopper_or_later(device: torch.device) -> bool:
     """Whether `device` is a CUDA GPU of compute capability 9.0 or later: programmatic dependent launch, the
-    tensor-memory accelerator (TMA) and its bulk prefetches."""
+    tensor-memory accelerator (TMA)."""
     if device.type != "cuda":
         return False
     return _capability_9(device.index if device.index is not None else torch.cuda.current_device())
@@ -125,16 +125,3 @@ def wait_for_inputs(PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
-
-
-@triton.jit
-def prefetch_to_l2(ptr, count):
-    """Start `count` elements from `ptr` (16-byte aligned, count * element size a multiple of 16) on their way from
-    memory to L2, for a kernel launched after this one: one bulk prefetch by the program's first thread, which
-    returns at once (Hopper's `cp.async.bulk.prefetch.L2`; nothing is written, so results cannot change). Compiled
-    code only: the Triton interpreter runs no PTX."""
-    nbytes = count * (ptr.dtype.element_ty.primitive_bitwidth // 8)
-    tl.inline_asm_elementwise(
-        "{ .reg .pred first; .reg .b32 tid; mov.u32 tid, %tid.x; setp.eq.u32 first, tid, 0; "
-        "@first cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r", [ptr, nbytes], dtype=tl.int32, is_pure=False, pack=1)

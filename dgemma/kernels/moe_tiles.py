@@ -77,11 +77,11 @@ DIRECT_DOWN_TILE = dict(DOWN_TILE, SWAP_AB=True, TMA=True)
 
 # Loads through Hopper's tensor-memory accelerator (`fused_moe` TMA): each weight tile, and the down product's rows
 # (consecutive in the grouped order), copied to shared memory as one box by the TMA unit instead of by every thread's
-# address arithmetic and `cp.async`. Per product, from this many mean assignments per expert on (0: every load,
-# decoded tokens included; None: never). SGLang measured TMA for its down product at 45 -> 81% of the compute roofline
-# on 8K-token prefills; here the down product of 8 canvases runs at 57% of copy bandwidth and the gate/up at 72%
-# (twenty-second session's profile). Prepared on a CPU, off, not measured: `scripts/moe_kernel_sweep.py --tma`, then
-# `scripts/flags_ab.py` with `dgemma.kernels.moe_tiles.TMA_DOWN_FROM=0` and the like.
+# address arithmetic and `cp.async`. A tile may ask for it (DIRECT_DOWN_TILE above); these switch it on per product
+# from this many mean assignments per expert on (0: every load; None: never). One H100 (2026-12-08, `bash
+# scripts/tma_ab.sh steps`, two rounds): step b1 22.36 / 22.59 ms by default, 22.42 / 22.40 with TMA in the down
+# product, 22.53 / 22.46 in both; b8 54.78 / 55.07, 54.65 / 54.81, 54.86 / 55.26: ties, so canvases keep pointer
+# loads. (SGLang measured TMA in its down product at 45 -> 81% of its roofline on 8K-token prefills.)
 TMA_GATE_UP_FROM: float | None = None
 TMA_DOWN_FROM: float | None = None
 

@@ -48,11 +48,6 @@ class RMSNorm(nn.Module):
 # device; 0: always F.linear. `python scripts/flags_ab.py`, one H100, one process, two rounds (2026-12-07): AR at
 # batch 1 236.1 / 237.2 -> 241.8 / 241.7 tok/s without PDL, 248.5 / 247.9 -> 256.7 / 256.9 with it.
 GEMV_MAX_ROWS = 4
-# Whether the dense MLP's down projection on those few rows computes gelu_tanh(gate) * up as it loads them
-# (`gemv_triton(gated=True)`), bit-identical to the activation kernel it replaces, one launch fewer a layer.
-# Prepared on a CPU (2026-12-08), not yet measured: off until an A/B on a GPU, `python scripts/flags_ab.py --rounds 3
-# --batches "" --ar-tokens 384 --variant "default:" --variant "gelu_in_gemv:dgemma.model.layers.GELU_IN_GEMV=True"`.
-GELU_IN_GEMV = False
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, kernel_devices: tuple[str, ...] = ("cuda",)) -> torch.Tensor:
@@ -125,14 +120,9 @@ class GatedMLP(nn.Module):
         if still_packed(self.packed, [self.gate_proj, self.up_proj]):
             gate_up = linear(x, self.packed, self.kernel_devices)  # [..., 2I]
             if use_gelu_mul_kernel(gate_up, self.kernel_devices):
-                down = self.down_proj.weight
-                if GELU_IN_GEMV and use_gemv(gate_up, down, self.kernel_devices):
-                    from dgemma.kernels.gemv import gemv_triton  # Triton: imported only where it runs
+                from dgemma.kernels.gated_gelu import gelu_mul_triton  # Triton: imported only where it runs
 
-                    return gemv_triton(gate_up, down, gated=True)
-                from dgemma.kernels.gated_gelu import gelu_mul_triton
-
-                return linear(gelu_mul_triton(gate_up), down, self.kernel_devices)
+                return linear(gelu_mul_triton(gate_up), self.down_proj.weight, self.kernel_devices)
             gate, up = gate_up.chunk(2, dim=-1)  # [..., I] each
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
